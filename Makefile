@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -> create .venv, install, run the offline end-to-end job (no network needed)
+#   make test   -> create .venv, install, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines: a local CPU build of torch. On a GPU machine: `make TORCH_SPEC=torch demo` (or preinstall torch).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0 mlxtend==0.25.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/demo.py
+
+test: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,30 @@
+"""fdbpl_hf: Faster Distillation-Based Prompt Learning (arXiv 2505.18053) on the Hugging Face stack."""
+
+from .config import FDBPLConfig
+from .modeling import FDBPLCLIPModel, FDBPLOutput, get_fdbpl_model
+from .prompts import FDBPLPromptLearner
+from .ril import (
+    CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_ril_table,
+    dense_teacher_logits, load_ril_table, push_ril_table, ril_metadata,
+)
+from .version import __version__
+
+__all__ = [
+    "FDBPLConfig",
+    "FDBPLCLIPModel",
+    "FDBPLOutput",
+    "FDBPLPromptLearner",
+    "get_fdbpl_model",
+    "build_ril_table",
+    "push_ril_table",
+    "load_ril_table",
+    "ril_metadata",
+    "RILDataset",
+    "dense_teacher_logits",
+    "RegionSpec",
+    "Teacher",
+    "CLIPTeacher",
+    "CallableTeacher",
+    "EnsembleTeacher",
+    "__version__",
+]

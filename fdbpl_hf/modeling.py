@@ -1,0 +1,316 @@
+"""`FDBPLCLIPModel`: a frozen `transformers.CLIPModel` driven by learnable positive/negative prompts."""
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel
+from transformers.utils import ModelOutput
+
+from .config import FDBPLConfig
+from .prompts import FDBPLPromptLearner
+
+_SIGNATURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
+
+
+@dataclass
+class FDBPLOutput(ModelOutput):
+    """What the losses need from one forward pass.
+
+    `pos_logits`/`neg_logits`: `[B, C]` = logit_scale x cosine(image, class prompt).
+    `image_features`: `[B, P]`; `pos_text_features`/`neg_text_features`: `[C, P]`. Features are
+    projected but not normalised, like `CLIPModel.get_*_features(...).pooler_output`.
+    """
+
+    pos_logits: Optional[torch.Tensor] = None
+    neg_logits: Optional[torch.Tensor] = None
+    image_features: Optional[torch.Tensor] = None
+    pos_text_features: Optional[torch.Tensor] = None
+    neg_text_features: Optional[torch.Tensor] = None
+    logit_scale: Optional[torch.Tensor] = None
+
+
+def base_model_signature(clip: CLIPModel) -> dict:
+    """Shape facts of a CLIP text tower; two models with different facts can't share an adapter."""
+    text = clip.config.text_config
+    sig = {key: getattr(text, key) for key in _SIGNATURE_KEYS}
+    sig["projection_dim"] = clip.config.projection_dim
+    return sig
+
+
+def _model_name(clip: CLIPModel) -> str:
+    return getattr(clip.config, "_name_or_path", None) or getattr(clip, "name_or_path", "") or ""
+
+
+def _short_name(name: Optional[str]) -> str:
+    return os.path.basename(os.path.normpath(name)) if name else ""
+
+
+class _ClassPrompts:
+    """Token ids of `[SOS] <ctx slots + class name> . [EOS]` for one class list, padded to its longest."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx_mask: torch.Tensor):
+        self.input_ids, self.attention_mask, self.ctx_mask = input_ids, attention_mask, ctx_mask
+
+    def to(self, device: torch.device) -> "_ClassPrompts":
+        if self.input_ids.device == device:
+            return self
+        return _ClassPrompts(self.input_ids.to(device), self.attention_mask.to(device), self.ctx_mask.to(device))
+
+
+class FDBPLCLIPModel(nn.Module):
+    """A frozen CLIP plus an `FDBPLPromptLearner` (the only trainable and saved part).
+
+    Build one with `get_fdbpl_model(clip, config, tokenizer)` or load a trained adapter with
+    `FDBPLCLIPModel.from_pretrained(clip, adapter_id, tokenizer=tokenizer)`.
+
+    The learnable context is injected by a forward hook on the text token embedding, at fixed
+    positions: CLIP's own forward (and its EOS pooling) runs unchanged, and CLIP called directly
+    (e.g. as a teacher) is unaffected.
+    """
+
+    # Trainer reads this on checkpoint reload; the wrapper is not a PreTrainedModel.
+    _keys_to_ignore_on_save = None
+
+    def __init__(self, clip_model: CLIPModel, prompts: FDBPLPromptLearner, tokenizer,
+                 check_base_model: bool = True):
+        super().__init__()
+        if not isinstance(clip_model, CLIPModel):
+            raise TypeError(f"expected a transformers.CLIPModel, got {type(clip_model).__name__}")
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required (the one of the base CLIP model)")
+        _check_compatible(clip_model, prompts.config, check_base_model)
+        self.clip = clip_model
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        self.prompts = prompts.to(clip_model.device)
+        self.tokenizer = tokenizer
+        self.class_names: Optional[list[str]] = None
+        self._placeholder_id = _single_token_id(tokenizer, prompts.config.placeholder_token)
+        self._prompt_cache: dict[tuple[str, ...], _ClassPrompts] = {}
+        self._active: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        embedding = clip_model.text_model.embeddings.token_embedding
+        self._hook = embedding.register_forward_hook(self._inject_context)
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def fdbpl_config(self) -> FDBPLConfig:
+        return self.prompts.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompts.ctx_pos.device
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def train(self, mode: bool = True) -> "FDBPLCLIPModel":
+        super().train(mode)
+        self.clip.eval()  # the backbone is frozen: never switch on its dropout
+        return self
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def set_class_names(self, class_names: Sequence[str]) -> None:
+        """Classes `forward` scores when it is not given any (the trainer sets the training classes)."""
+        self._tokenize(class_names)  # validates now rather than at the first batch
+        self.class_names = list(class_names)
+
+    def _tokenize(self, class_names: Sequence[str]) -> _ClassPrompts:
+        if isinstance(class_names, str):
+            raise TypeError("class_names must be a list of strings, not a single string")
+        key = tuple(class_names)
+        cached = self._prompt_cache.get(key)
+        if cached is None:
+            cached = self._build_prompts(key)
+            if len(self._prompt_cache) > 64:
+                self._prompt_cache.clear()
+            self._prompt_cache[key] = cached
+        return cached.to(self.device)
+
+    def _build_prompts(self, class_names: tuple[str, ...]) -> _ClassPrompts:
+        if len(class_names) == 0:
+            raise ValueError("class_names is empty: give at least one class name")
+        cfg, tok = self.fdbpl_config, self.tokenizer
+        n_ctx, slot = cfg.n_ctx, self._placeholder_id
+        max_len = self.clip.config.text_config.max_position_embeddings
+        period = tok(".", add_special_tokens=False)["input_ids"]
+        rows, masks = [], []
+        for name in class_names:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"class names must be non-empty strings, got {name!r}")
+            if cfg.class_token_position == "end":
+                body = [slot] * n_ctx + tok(f"{name}.", add_special_tokens=False)["input_ids"]
+                mask = [1] * n_ctx + [0] * (len(body) - n_ctx)
+            else:
+                name_ids = tok(name, add_special_tokens=False)["input_ids"]
+                before = 0 if cfg.class_token_position == "front" else n_ctx // 2
+                body = [slot] * before + name_ids + [slot] * (n_ctx - before) + period
+                mask = [1] * before + [0] * len(name_ids) + [1] * (n_ctx - before) + [0] * len(period)
+            ids = [tok.bos_token_id] + body + [tok.eos_token_id]
+            if len(ids) > max_len:
+                raise ValueError(
+                    f"the prompt for class {name!r} is {len(ids)} tokens long ({n_ctx} context tokens "
+                    f"+ the class name), more than the text encoder's {max_len}: shorten the class name"
+                )
+            rows.append(ids)
+            masks.append([0] + mask + [0])
+        length = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        ctx_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, (ids, mask) in enumerate(zip(rows, masks)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            ctx_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        return _ClassPrompts(input_ids, attention, ctx_mask)
+
+    def _inject_context(self, module, args, output):
+        if self._active is None:
+            return None
+        ctx, mask = self._active
+        input_ids = args[0]
+        if input_ids.shape != mask.shape:
+            raise RuntimeError("FDBPL context injection got token ids it did not prepare")
+        rows = ctx.to(output.dtype).reshape(-1, output.shape[-1])
+        return output.masked_scatter(mask.unsqueeze(-1), rows)
+
+    def _encode(self, prompts: _ClassPrompts, contexts: torch.Tensor) -> torch.Tensor:
+        """Text features `[len(contexts) * C, P]`: every class under each context in `contexts`."""
+        n_ctx_sets, num_classes = contexts.shape[0], prompts.input_ids.shape[0]
+        ids = prompts.input_ids.repeat(n_ctx_sets, 1)
+        attention = prompts.attention_mask.repeat(n_ctx_sets, 1)
+        mask = prompts.ctx_mask.repeat(n_ctx_sets, 1)
+        per_row = contexts.repeat_interleave(num_classes, dim=0)
+        self._active = (per_row, mask)
+        try:
+            return self.clip.get_text_features(input_ids=ids, attention_mask=attention).pooler_output
+        finally:
+            self._active = None
+
+    def get_text_features(self, class_names: Sequence[str], negative: bool = False) -> torch.Tensor:
+        """Projected (not normalised) text features `[C, projection_dim]` of the prompted classes."""
+        ctx = self.prompts.ctx_neg if negative else self.prompts.ctx_pos
+        return self._encode(self._tokenize(class_names), ctx.unsqueeze(0))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features `[B, projection_dim]`; no gradient (the image tower is frozen)."""
+        with torch.no_grad():
+            return self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, class_names: Optional[Sequence[str]] = None,
+                image_features: Optional[torch.Tensor] = None) -> FDBPLOutput:
+        """Positive and negative logits of a batch of images against `class_names`.
+
+        Give either `pixel_values` or precomputed `image_features` (e.g. from a feature cache).
+        """
+        names = class_names if class_names is not None else self.class_names
+        if names is None:
+            raise ValueError("no class names: pass class_names= or call set_class_names() first")
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("give pixel_values or image_features")
+            image_features = self.get_image_features(pixel_values)
+        prompts = self._tokenize(names)
+        text = self._encode(prompts, self.prompts.contexts())
+        pos_text, neg_text = text.chunk(2, dim=0)
+        scale = self.logit_scale
+        image_n = F.normalize(image_features.float(), dim=-1)
+        pos_logits = scale * image_n @ F.normalize(pos_text.float(), dim=-1).t()
+        neg_logits = scale * image_n @ F.normalize(neg_text.float(), dim=-1).t()
+        return FDBPLOutput(pos_logits=pos_logits, neg_logits=neg_logits, image_features=image_features,
+                           pos_text_features=pos_text, neg_text_features=neg_text, logit_scale=scale)
+
+    # ---- persistence (only the adapter) ------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Write the adapter only: `config.json`, `model.safetensors`, `README.md`."""
+        return self.prompts.save_pretrained(save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Publish the adapter (a few KB) to the Hub; takes `ModelHubMixin.push_to_hub` arguments."""
+        return self.prompts.push_to_hub(repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, clip_model: CLIPModel, path_or_repo_id: str | os.PathLike, tokenizer=None, *,
+                        revision: Optional[str] = None, token=None, cache_dir=None, local_files_only: bool = False,
+                        check_base_model: bool = True) -> "FDBPLCLIPModel":
+        """Load an adapter from a folder or Hub repo onto `clip_model`.
+
+        The adapter must have been trained on the same base model: a different text width or
+        shape, or a different model name, raises (`check_base_model=False` skips the name check).
+        """
+        prompts = FDBPLPromptLearner.from_pretrained(
+            str(path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        if tokenizer is None:
+            tokenizer = _tokenizer_for(clip_model)
+        return cls(clip_model, prompts, tokenizer, check_base_model=check_base_model)
+
+
+def _tokenizer_for(clip_model: CLIPModel):
+    name = _model_name(clip_model)
+    if not name:
+        raise ValueError("pass tokenizer=: the CLIP model has no name or path to load its tokenizer from")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _single_token_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"placeholder_token {word!r} must be one token for this tokenizer, got {len(ids)}")
+    return ids[0]
+
+
+def _check_compatible(clip: CLIPModel, config: FDBPLConfig, check_name: bool) -> None:
+    width = clip.config.text_config.hidden_size
+    if config.context_dim != width:
+        raise ValueError(
+            f"adapter context width {config.context_dim} does not match the base model's text width {width}: "
+            f"this adapter was trained on a different CLIP (base model {config.base_model_name_or_path!r})"
+        )
+    if config.base_model_signature:
+        found = base_model_signature(clip)
+        diff = {k: (v, found.get(k)) for k, v in config.base_model_signature.items() if found.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
+            raise ValueError(f"adapter was trained on a different base model ({detail})")
+    stored, actual = _short_name(config.base_model_name_or_path), _short_name(_model_name(clip))
+    if check_name and stored and actual and stored != actual:
+        raise ValueError(
+            f"adapter was trained on {config.base_model_name_or_path!r} but the model is {_model_name(clip)!r}; "
+            "pass check_base_model=False if they are the same weights under another name"
+        )
+
+
+def get_fdbpl_model(clip_model: CLIPModel, config: Optional[FDBPLConfig] = None, tokenizer=None) -> FDBPLCLIPModel:
+    """Wrap a CLIP model with fresh FDBPL prompts, initialised from `config.positive_init`/`negative_init`.
+
+    Mirrors `peft.get_peft_model`: the CLIP model is frozen, only the two contexts train.
+    """
+    if tokenizer is None:
+        tokenizer = _tokenizer_for(clip_model)
+    config = copy.deepcopy(config) if config is not None else FDBPLConfig()
+    config.context_dim = clip_model.config.text_config.hidden_size
+    config.base_model_signature = base_model_signature(clip_model)
+    if not config.base_model_name_or_path:
+        config.base_model_name_or_path = _model_name(clip_model) or None
+    prompts = FDBPLPromptLearner(config)
+    embedding = clip_model.text_model.embeddings.token_embedding.weight
+    with torch.no_grad():
+        for param, init in ((prompts.ctx_pos, config.positive_init), (prompts.ctx_neg, config.negative_init)):
+            if init is None:
+                continue
+            ids = tokenizer(init, add_special_tokens=False)["input_ids"]
+            if len(ids) != config.n_ctx:
+                raise ValueError(f"init text {init!r} is {len(ids)} tokens but n_ctx is {config.n_ctx}: "
+                                 "make them agree or pass init=None for a random init")
+            param.copy_(embedding[torch.tensor(ids, device=embedding.device)].float())
+    return FDBPLCLIPModel(clip_model, prompts, tokenizer)

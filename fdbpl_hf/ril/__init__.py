@@ -1,0 +1,14 @@
+"""Region Information Lookup tables: build (teacher, offline), publish (Hub), replay (training)."""
+
+from .build import build_ril_table
+from .publish import push_ril_table
+from .regions import RegionSpec
+from .replay import RILDataset, dense_teacher_logits
+from .table import check_table_matches, load_ril_table, ril_metadata
+from .teachers import CallableTeacher, CLIPTeacher, EnsembleTeacher, Teacher
+
+__all__ = [
+    "build_ril_table", "push_ril_table", "load_ril_table", "ril_metadata", "check_table_matches",
+    "RILDataset", "dense_teacher_logits", "RegionSpec",
+    "Teacher", "CLIPTeacher", "CallableTeacher", "EnsembleTeacher",
+]

@@ -1,0 +1,311 @@
+"""`build_ril_table`: run the teacher once, offline, over M random regions of every image."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from typing import Optional, Sequence
+
+import datasets
+import numpy as np
+import torch
+
+from .regions import RegionSpec, image_to_tensor, normalize, region_rng, render_region, sample_regions
+from .table import (
+    FILL_RULES, METADATA_FILE, TABLE_FORMAT, attach_metadata, build_key, decode_image, describe_source,
+    library_version, load_ril_table, table_features,
+)
+from .teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Teacher, as_teacher
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NUM_REGIONS = 500
+DEFAULT_TOP_K = 20
+
+
+def resolve_class_names(dataset: datasets.Dataset, label_column: Optional[str],
+                        class_names: Optional[Sequence[str]]) -> list[str]:
+    if class_names is not None:
+        names = list(class_names)
+    else:
+        feature = dataset.features.get(label_column) if label_column else None
+        if not isinstance(feature, datasets.ClassLabel):
+            raise ValueError(
+                f"label column {label_column!r} is {feature!r}, not a datasets.ClassLabel, so the class "
+                "names are unknown: pass class_names=[...] or cast the column, e.g. "
+                f"dataset.cast_column({label_column!r}, datasets.ClassLabel(names=[...]))"
+            )
+        names = list(feature.names)
+    if not names:
+        raise ValueError("the class list is empty")
+    if len(set(names)) != len(names):
+        raise ValueError("class names must be unique")
+    return names
+
+
+class _RegionLabeler:
+    """The `datasets.map` function: images in, `num_regions` labelled regions per image out."""
+
+    def __init__(self, teacher: Teacher, spec: RegionSpec, num_regions: int, top_k: int, seed: int,
+                 image_column: str, offset: int, teacher_batch_size: int, device: Optional[str],
+                 index_dtype: np.dtype):
+        self.teacher, self.spec, self.num_regions, self.top_k = teacher, spec, num_regions, top_k
+        self.seed, self.image_column, self.offset = seed, image_column, offset
+        self.teacher_batch_size, self.device, self.index_dtype = teacher_batch_size, device, index_dtype
+
+    def _device_for(self, rank: Optional[int]) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        if rank is not None and torch.cuda.is_available():
+            return torch.device(f"cuda:{rank % torch.cuda.device_count()}")
+        return self.teacher.device
+
+    def __call__(self, batch: dict, indices: list[int], rank: Optional[int] = None) -> dict:
+        device = self._device_for(rank)
+        if self.teacher.device != device:
+            self.teacher.to(device)
+        jobs, boxes, flips = [], [], []
+        for item, index in zip(batch[self.image_column], indices):
+            row = index + self.offset
+            image = image_to_tensor(decode_image(item, row)).to(device)
+            b, f = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
+                                  region_rng(self.seed, row))
+            boxes.append(b)
+            flips.append(f)
+            jobs.extend((image, b[r], bool(f[r]), row) for r in range(self.num_regions))
+        top_idx, top_val = [], []
+        mean, std = self.teacher.image_mean, self.teacher.image_std
+        with torch.inference_mode():
+            for start in range(0, len(jobs), self.teacher_batch_size):
+                chunk = jobs[start : start + self.teacher_batch_size]
+                pixels = normalize(torch.stack([render_region(img, box, flip, self.spec) for img, box, flip, _ in chunk]),
+                                   mean, std)
+                logits = self.teacher(pixels)
+                if logits.ndim != 2 or logits.shape != (len(chunk), self.teacher.num_classes):
+                    raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}, expected "
+                                     f"({len(chunk)}, {self.teacher.num_classes})")
+                finite = torch.isfinite(logits).all(-1)
+                if not bool(finite.all()):
+                    bad = chunk[int((~finite).nonzero()[0])][3]
+                    raise ValueError(f"the teacher produced NaN or inf logits on a region of source row {bad}")
+                values, idx = torch.log_softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
+                top_idx.append(idx.cpu().numpy().astype(self.index_dtype))
+                top_val.append(values.cpu().numpy().astype(np.float16))
+        if not jobs:
+            return {"box": [], "flip": [], "topk_indices": [], "topk_logits": []}
+        return {
+            "box": np.concatenate(boxes),
+            "flip": np.concatenate(flips),
+            "topk_indices": np.concatenate(top_idx),
+            "topk_logits": np.concatenate(top_val),
+        }
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def default_table_dir(key: str) -> str:
+    from huggingface_hub.constants import HF_HOME
+
+    return os.path.join(HF_HOME, "fdbpl_hf", "ril_tables", key)
+
+
+def build_ril_table(
+    dataset: datasets.Dataset,
+    teacher,
+    *,
+    num_regions: int = DEFAULT_NUM_REGIONS,
+    top_k: Optional[int] = None,
+    seed: int = 0,
+    class_names: Optional[Sequence[str]] = None,
+    template: str | Sequence[str] = "a photo of a {}.",
+    teacher_tokenizer=None,
+    teacher_input_size: Optional[int] = None,
+    teacher_image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    teacher_image_std: Sequence[float] = OPENAI_CLIP_STD,
+    teacher_name: Optional[str] = None,
+    teacher_revision: Optional[str] = None,
+    region_spec: Optional[RegionSpec] = None,
+    image_column: str = "image",
+    label_column: Optional[str] = "label",
+    source_id: Optional[str] = None,
+    source_revision: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    images_per_batch: int = 4,
+    teacher_batch_size: int = 256,
+    shard_size: int = 1000,
+    num_proc: Optional[int] = None,
+    device: Optional[str] = None,
+    fill: str = "mr",
+) -> datasets.Dataset:
+    """Build the Region Information Lookup table of `dataset` with `teacher`.
+
+    Each image gets `num_regions` RandomResizedCrop regions (seeded by `seed` and its row), the
+    teacher scores each region once, and the table keeps the top-`top_k` log-probabilities with
+    the crop geometry. The work runs through `datasets.Dataset.map(batched=True)` shard by shard;
+    finished shards live under `<output_dir>.incomplete` until the whole table is written to
+    `output_dir`, so a killed build resumes where it stopped, and a half-built table never loads.
+
+    Args:
+        dataset: an image-classification `datasets.Dataset` (an `Image` column and a label column).
+        teacher: a `transformers.CLIPModel` (scored with `template` prompts; pass
+            `teacher_tokenizer`), a `fdbpl_hf.ril.Teacher`, or a callable
+            `pixel_values -> logits [B, C]` (pass `teacher_input_size`).
+        num_regions: M, regions per image (paper: 500).
+        top_k: K, teacher classes kept per region (paper: 20); default min(20, number of classes).
+        output_dir: where the finished table goes; default a cache folder named by the settings,
+            so calling again with the same inputs returns the cached table.
+        images_per_batch: images per `map` batch; `teacher_batch_size`: regions per teacher call.
+        shard_size: images per resumable shard.
+        num_proc: `map` worker processes (`with_rank=True`: worker r uses GPU r); under
+            `accelerate launch`/torchrun each process builds every world_size-th shard instead.
+        fill: how training rebuilds dense logits ("mr": top-K then min - 10; "dense": needs K = C).
+
+    Returns:
+        the table as a `datasets.Dataset` (memory-mapped), its metadata under `ril_metadata(table)`.
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+    for column in (image_column, label_column):
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(f"column {column!r} is not in the dataset (columns: {dataset.column_names})")
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        raise ValueError(f"column {image_column!r} is {dataset.features[image_column]!r}, not a datasets.Image")
+    if not isinstance(num_regions, int) or num_regions < 1:
+        raise ValueError(f"num_regions must be a positive integer, got {num_regions!r}")
+    names = resolve_class_names(dataset, label_column, class_names)
+    if top_k is None:
+        top_k = min(DEFAULT_TOP_K, len(names))
+    if not isinstance(top_k, int) or not 1 <= top_k <= len(names):
+        raise ValueError(f"top_k must be between 1 and the number of classes ({len(names)}), got {top_k!r}")
+    if fill not in FILL_RULES:
+        raise ValueError(f"fill must be one of {FILL_RULES}, got {fill!r}")
+    if fill == "dense" and top_k != len(names):
+        raise ValueError(f"fill='dense' stores every class: top_k must equal the class count {len(names)}")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+
+    teacher = as_teacher(teacher, names, teacher_tokenizer, template, teacher_input_size,
+                         teacher_image_mean, teacher_image_std)
+    if teacher_name:
+        teacher.name = teacher_name
+    if teacher_revision:
+        teacher.revision = teacher_revision
+    spec = region_spec or RegionSpec(output_size=teacher.input_size)
+    if spec.output_size != teacher.input_size:
+        raise ValueError(f"region_spec.output_size {spec.output_size} differs from the teacher's input size "
+                         f"{teacher.input_size}")
+
+    metadata = {
+        "format": TABLE_FORMAT,
+        "num_regions": num_regions,
+        "top_k": top_k,
+        "seed": seed,
+        "fill": fill,
+        "values": "log_softmax",
+        "class_names": names,
+        "teacher": teacher.describe(),
+        "regions": spec.to_dict(),
+        "source": describe_source(dataset, image_column, label_column, source_id, source_revision),
+        "layout": "row = image_index * num_regions + region",
+    }
+    key = build_key(metadata)
+    metadata.update(build_key=key, library_version=library_version())
+    output_dir = os.path.abspath(output_dir or default_table_dir(key))
+
+    done = _existing_table(output_dir, key)
+    if done is not None:
+        logger.info("RIL table already built at %s", output_dir)
+        return done
+
+    rank, world = _dist_info()
+    work = output_dir + ".incomplete"
+    if rank == 0:
+        _prepare_workdir(work, metadata)
+    _barrier()
+
+    features = table_features(top_k, len(names))
+    index_dtype = np.dtype(features["topk_indices"].feature.dtype)
+    num_shards = math.ceil(len(dataset) / shard_size)
+    source = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    for shard in range(rank, num_shards, world):
+        shard_dir = os.path.join(work, f"shard-{shard:05d}")
+        if os.path.isdir(shard_dir):
+            logger.info("RIL shard %d/%d already built, skipping", shard + 1, num_shards)
+            continue
+        start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
+        labeler = _RegionLabeler(teacher, spec, num_regions, top_k, seed, image_column, start,
+                                 teacher_batch_size, device, index_dtype)
+        part = source.select(range(start, stop)).map(
+            labeler, batched=True, batch_size=images_per_batch, with_indices=True, with_rank=num_proc is not None,
+            remove_columns=[image_column], features=features, num_proc=num_proc, keep_in_memory=True,
+            new_fingerprint=f"ril-{key}-{shard}", desc=f"RIL shard {shard + 1}/{num_shards}",
+        )
+        tmp = shard_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        part.save_to_disk(tmp)
+        os.replace(tmp, shard_dir)  # a shard exists only once fully written
+
+    _barrier()
+    if rank == 0:
+        _assemble(work, output_dir, num_shards, metadata)
+    _barrier()
+    return load_ril_table(output_dir)
+
+
+def _existing_table(output_dir: str, key: str) -> Optional[datasets.Dataset]:
+    meta_path = os.path.join(output_dir, METADATA_FILE)
+    if not os.path.exists(output_dir):
+        return None
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"output_dir {output_dir} exists but is not an RIL table; choose another folder")
+    with open(meta_path, encoding="utf-8") as f:
+        existing = json.load(f)
+    if existing.get("build_key") != key:
+        raise ValueError(f"output_dir {output_dir} already holds an RIL table built with other settings "
+                         f"(teacher {existing['teacher']['name']}, M={existing['num_regions']}, "
+                         f"K={existing['top_k']}, seed {existing['seed']}); delete it or pick another folder")
+    return load_ril_table(output_dir)
+
+
+def _prepare_workdir(work: str, metadata: dict) -> None:
+    build_file = os.path.join(work, "build.json")
+    if os.path.isfile(build_file):
+        with open(build_file, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous.get("build_key") != metadata["build_key"]:
+            raise ValueError(f"{work} holds an interrupted build with other settings; delete it to start over")
+        logger.info("resuming the interrupted RIL build in %s", work)
+        return
+    os.makedirs(work, exist_ok=True)
+    with open(build_file, "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2, sort_keys=True)
+
+
+def _assemble(work: str, output_dir: str, num_shards: int, metadata: dict) -> None:
+    parts = [datasets.load_from_disk(os.path.join(work, f"shard-{s:05d}")) for s in range(num_shards)]
+    table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    staging = os.path.join(work, "table")
+    shutil.rmtree(staging, ignore_errors=True)
+    attach_metadata(table, metadata)
+    table.save_to_disk(os.path.join(staging, "data"))
+    data_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(staging) for f in fs)
+    regions = len(table)
+    final = dict(metadata, complete=True, stats={"num_rows": regions, "disk_bytes": data_bytes,
+                                                 "bytes_per_region": data_bytes / max(regions, 1)})
+    with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump(final, f, indent=2, sort_keys=True)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    os.replace(staging, output_dir)  # the table appears whole, or not at all
+    shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,127 @@
+"""Region sampling and exact replay: the geometry shared by the table builder and the trainer.
+
+A region is a crop box normalised to the image (top, left, height, width in [0, 1]) stored as
+uint16 fixed point (x / 65535: uniform 1.5e-5 precision, better than fp16 near 1), plus a
+horizontal-flip flag. The builder crops from the *decoded stored* box, so replay reproduces the
+teacher's pixels by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+BOX_SCALE = 65535
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """How regions are drawn and rendered (RandomResizedCrop semantics).
+
+    `output_size` is the teacher's input size; a student must share it to replay the table.
+    """
+
+    output_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    interpolation: str = "bicubic"
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.output_size < 1:
+            raise ValueError(f"output_size must be positive, got {self.output_size}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RegionSpec":
+        d = dict(d)
+        d["scale"], d["ratio"] = tuple(d["scale"]), tuple(d["ratio"])
+        return cls(**d)
+
+
+def region_rng(seed: int, image_index: int) -> np.random.Generator:
+    """The generator of one image's regions: depends only on (seed, row), not on batching or ranks."""
+    return np.random.default_rng([seed, image_index])
+
+
+def sample_regions(height: int, width: int, num_regions: int, spec: RegionSpec,
+                   rng: np.random.Generator, attempts: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """`num_regions` RandomResizedCrop boxes as uint16 `[M, 4]` (top, left, h, w) and flips `[M]`."""
+    area = height * width
+    shape = (num_regions, attempts)
+    target = area * rng.uniform(spec.scale[0], spec.scale[1], size=shape)
+    aspect = np.exp(rng.uniform(math.log(spec.ratio[0]), math.log(spec.ratio[1]), size=shape))
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.argmax(axis=1)
+    pick = np.arange(num_regions)
+    h, w, ok = h[pick, first], w[pick, first], valid[pick, first]
+    # Fallback when no attempt fits: the central crop at the closest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < spec.ratio[0]:
+        fw, fh = width, int(round(width / spec.ratio[0]))
+    elif in_ratio > spec.ratio[1]:
+        fh, fw = height, int(round(height * spec.ratio[1]))
+    else:
+        fw, fh = width, height
+    h = np.where(ok, h, max(fh, 1))
+    w = np.where(ok, w, max(fw, 1))
+    top_u, left_u = rng.random(num_regions), rng.random(num_regions)
+    top = np.where(ok, np.floor(top_u * (height - h + 1)), (height - h) // 2)
+    left = np.where(ok, np.floor(left_u * (width - w + 1)), (width - w) // 2)
+    flips = rng.random(num_regions) < spec.flip_prob
+    boxes = np.stack([top / height, left / width, h / height, w / width], axis=1)
+    return np.rint(boxes * BOX_SCALE).astype(np.uint16), flips
+
+
+def decode_box(box, height: int, width: int) -> tuple[int, int, int, int]:
+    """Stored uint16 box -> integer pixel box (top, left, h, w), clipped inside the image."""
+    t, l, h, w = (float(v) / BOX_SCALE for v in box)
+    top = min(int(round(t * height)), height - 1)
+    left = min(int(round(l * width)), width - 1)
+    bh = max(1, min(int(round(h * height)), height - top))
+    bw = max(1, min(int(round(w * width)), width - left))
+    return top, left, bh, bw
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 `[3, H, W]`. Grayscale, palette, CMYK and alpha images become RGB
+    (alpha is dropped, as PIL's `convert("RGB")` does)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def render_region(image: torch.Tensor, box, flip: bool, spec: RegionSpec) -> torch.Tensor:
+    """Crop, resize and flip one region of a uint8 `[3, H, W]` image -> float `[3, S, S]` in [0, 1]."""
+    _, height, width = image.shape
+    top, left, h, w = decode_box(box, height, width)
+    crop = image[:, top : top + h, left : left + w].unsqueeze(0).float()
+    size = (spec.output_size, spec.output_size)
+    out = F.interpolate(crop, size=size, mode=spec.interpolation, align_corners=False,
+                        antialias=spec.antialias and (h > size[0] or w > size[1]))
+    out = out.clamp_(0, 255).squeeze(0).div_(255)
+    return out.flip(-1) if flip else out
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """Per-channel normalisation of `[..., 3, S, S]` pixels in [0, 1]."""
+    mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    return (pixels - mean_t) / std_t

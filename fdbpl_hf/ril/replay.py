@@ -1,0 +1,124 @@
+"""Replay at training time: stored regions rendered on the source images, soft labels read from the table."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import datasets
+import numpy as np
+import torch
+
+from .regions import RegionSpec, image_to_tensor, normalize, render_region
+from .table import FILL_RULES, check_table_matches, decode_image, ril_metadata
+
+MR_FILL_GAP = 10.0
+
+
+def dense_teacher_logits(topk_indices: torch.Tensor, topk_logits: torch.Tensor, num_classes: int,
+                         fill: str = "mr") -> torch.Tensor:
+    """Rebuild dense `[B, C]` teacher logits from top-K indices and values.
+
+    "mr" (marginal re-norm): the K values at their classes, every other class at
+    (smallest kept value - 10); "dense": the table holds every class (K = C).
+    """
+    if fill not in FILL_RULES:
+        raise ValueError(f"fill must be one of {FILL_RULES}, got {fill!r}")
+    if topk_indices.shape != topk_logits.shape or topk_indices.ndim != 2:
+        raise ValueError(f"topk_indices {tuple(topk_indices.shape)} and topk_logits {tuple(topk_logits.shape)} "
+                         "must both be [B, K]")
+    k = topk_indices.shape[1]
+    if k > num_classes:
+        raise ValueError(f"top-K {k} exceeds num_classes {num_classes}")
+    values = topk_logits.float()
+    index = topk_indices.long()
+    if fill == "dense":
+        if k != num_classes:
+            raise ValueError(f"fill='dense' needs K = C, got K={k} for {num_classes} classes")
+        out = torch.empty(values.shape[0], num_classes, dtype=values.dtype, device=values.device)
+    else:
+        floor = values.min(dim=-1, keepdim=True).values - MR_FILL_GAP
+        out = floor.expand(-1, num_classes).clone()
+    return out.scatter_(1, index, values)
+
+
+class RILDataset(torch.utils.data.Dataset):
+    """A torch `Dataset` over a source image dataset and its RIL table.
+
+    Item i at epoch e is region `perm_i[e mod M]` of image i, rendered exactly as the teacher
+    saw it (same box, flip, size and interpolation) and normalised for the student. Items are
+    dicts with `pixel_values` `[3, S, S]`, `topk_indices` `[K]`, `topk_logits` `[K]`, `labels`
+    (the source label, or -1) and `region`.
+
+    The table is checked against the dataset (row count and content fingerprint), against
+    `class_names` and against the student's `image_size`; any difference raises.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, table: datasets.Dataset, *, image_mean: Sequence[float],
+                 image_std: Sequence[float], image_size: Optional[int] = None,
+                 class_names: Optional[Sequence[str]] = None, epoch: int = 0,
+                 image_column: Optional[str] = None, label_column: Optional[str] = None,
+                 metadata: Optional[dict] = None, verify: bool = True):
+        self.metadata = metadata if metadata is not None else ril_metadata(table)
+        src = self.metadata["source"]
+        self.image_column = image_column or src["image_column"]
+        self.label_column = label_column if label_column is not None else src.get("label_column")
+        if self.label_column not in dataset.column_names:
+            self.label_column = None
+        if verify:
+            check_table_matches(self.metadata, dataset=dataset, image_column=self.image_column,
+                                label_column=self.label_column, class_names=class_names, image_size=image_size)
+        else:
+            check_table_matches(self.metadata, class_names=class_names, image_size=image_size)
+        self.spec = RegionSpec.from_dict(self.metadata["regions"])
+        self.num_regions = int(self.metadata["num_regions"])
+        self.seed = int(self.metadata["seed"])
+        self.class_names = list(self.metadata["class_names"])
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        columns = [self.image_column] + ([self.label_column] if self.label_column else [])
+        self.source = dataset.select_columns(columns).cast_column(self.image_column, datasets.Image(decode=False))
+        self.table = table.with_format("numpy")
+        self.epoch = epoch
+
+    @classmethod
+    def from_processor(cls, dataset, table, image_processor, **kwargs) -> "RILDataset":
+        """Take the student's normalisation and size from its `CLIPImageProcessor`."""
+        size = image_processor.crop_size["height"] if getattr(image_processor, "crop_size", None) else None
+        return cls(dataset, table, image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+                   image_size=kwargs.pop("image_size", size), **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def fill(self) -> str:
+        return self.metadata["fill"]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose which stored region each image replays (Trainer/accelerate call this each epoch)."""
+        self.epoch = int(epoch)
+
+    def region_for(self, index: int, epoch: Optional[int] = None) -> int:
+        e = self.epoch if epoch is None else epoch
+        # Each image has its own seeded permutation, so every epoch shows it a new region.
+        perm = np.random.default_rng([self.seed, index, 1]).permutation(self.num_regions)
+        return int(perm[e % self.num_regions])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        region = self.region_for(index)
+        row = self.table[index * self.num_regions + region]
+        item = self.source[index]
+        image = image_to_tensor(decode_image(item[self.image_column], index))
+        pixels = render_region(image, row["box"], bool(row["flip"]), self.spec)
+        label = item[self.label_column] if self.label_column else -1
+        return {
+            "pixel_values": normalize(pixels, self.image_mean, self.image_std),
+            "topk_indices": torch.from_numpy(row["topk_indices"].astype(np.int64)),
+            "topk_logits": torch.from_numpy(row["topk_logits"].astype(np.float32)),
+            "labels": torch.tensor(-1 if label is None else int(label)),
+            "region": torch.tensor(region),
+        }

@@ -1,0 +1,186 @@
+"""Teachers: anything that maps a batch of normalised region pixels to class logits.
+
+The table stores logits, not features, so any model can teach: a `transformers.CLIPModel` with
+one hand-crafted template per dataset (the paper's ViT-L/14 setting), an arbitrary callable,
+or an ensemble that averages its members' distributions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Teacher:
+    """Base class. Subclasses set `input_size`, `image_mean`, `image_std`, `num_classes` and
+    implement `logits(pixel_values) -> [B, C]`."""
+
+    input_size: int
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
+    num_classes: int
+    name: str = "teacher"
+    revision: Optional[str] = None
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.logits(pixel_values)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def to(self, device) -> "Teacher":
+        return self
+
+    def describe(self) -> dict:
+        """What the table's metadata records about this teacher."""
+        return {"type": type(self).__name__, "name": self.name, "revision": self.revision,
+                "input_size": self.input_size, "image_mean": list(self.image_mean),
+                "image_std": list(self.image_std), "num_classes": self.num_classes}
+
+
+class CLIPTeacher(Teacher):
+    """A frozen `CLIPModel` classifying with `template.format(class_name)` prompts.
+
+    Text features are computed once, here. Logits = logit_scale x cosine (100 x cos for OpenAI CLIP).
+    `templates` may hold several templates, whose normalised features are averaged (CLIP's
+    prompt ensembling).
+    """
+
+    def __init__(self, clip_model, tokenizer, class_names: Sequence[str], templates: str | Sequence[str] = "a photo of a {}.",
+                 image_mean: Sequence[float] = OPENAI_CLIP_MEAN, image_std: Sequence[float] = OPENAI_CLIP_STD,
+                 name: Optional[str] = None, revision: Optional[str] = None):
+        self.model = clip_model.eval().requires_grad_(False)
+        self.templates = [templates] if isinstance(templates, str) else list(templates)
+        if any("{}" not in t for t in self.templates):
+            raise ValueError(f"each template needs a '{{}}' for the class name, got {self.templates}")
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.input_size = clip_model.config.vision_config.image_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.name = name or getattr(clip_model.config, "_name_or_path", "") or "CLIPModel"
+        self.revision = revision
+        self.logit_scale = float(clip_model.logit_scale.exp())
+        with torch.no_grad():
+            feats = []
+            for template in self.templates:
+                tokens = tokenizer([template.format(c) for c in self.class_names], padding=True,
+                                   return_tensors="pt").to(clip_model.device)
+                feats.append(F.normalize(clip_model.get_text_features(**tokens).pooler_output.float(), dim=-1))
+            self.text_features = F.normalize(torch.stack(feats).mean(0), dim=-1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def to(self, device) -> "CLIPTeacher":
+        self.model.to(device)
+        self.text_features = self.text_features.to(device)
+        return self
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        image = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.model.dtype)).pooler_output
+        return self.logit_scale * F.normalize(image.float(), dim=-1) @ self.text_features.t()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "templates": self.templates, "logit_scale": self.logit_scale}
+
+
+class CallableTeacher(Teacher):
+    """Wraps `fn(pixel_values [B, 3, S, S]) -> logits [B, C]` with its input size and normalisation."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], num_classes: int, input_size: int,
+                 image_mean: Sequence[float] = OPENAI_CLIP_MEAN, image_std: Sequence[float] = OPENAI_CLIP_STD,
+                 name: Optional[str] = None, revision: Optional[str] = None, device="cpu"):
+        self.fn = fn
+        self.num_classes, self.input_size = num_classes, input_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.revision = revision
+        self._device = torch.device(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device) -> "CallableTeacher":
+        if isinstance(self.fn, torch.nn.Module):
+            self.fn.to(device)
+        self._device = torch.device(device)
+        return self
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.fn(pixel_values.to(self.device)).float()
+
+
+class EnsembleTeacher(Teacher):
+    """Averages the members' class distributions; its "logits" are the log of that average.
+
+    Members must agree on class count and input size; each keeps its own normalisation.
+    """
+
+    def __init__(self, members: Sequence[Teacher], weights: Optional[Sequence[float]] = None):
+        if len(members) < 1:
+            raise ValueError("an ensemble needs at least one teacher")
+        sizes = {m.input_size for m in members}
+        counts = {m.num_classes for m in members}
+        if len(sizes) != 1 or len(counts) != 1:
+            raise ValueError(f"ensemble members disagree: input sizes {sorted(sizes)}, class counts {sorted(counts)}")
+        self.members = list(members)
+        w = torch.tensor(weights if weights is not None else [1.0] * len(members), dtype=torch.float32)
+        self.weights = w / w.sum()
+        self.input_size, self.num_classes = sizes.pop(), counts.pop()
+        # Pixels arrive unnormalised-by-member: the builder renders [0, 1] pixels with identity
+        # normalisation and each member normalises for itself.
+        self.image_mean, self.image_std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        self.name = " + ".join(m.name for m in self.members)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def to(self, device) -> "EnsembleTeacher":
+        for m in self.members:
+            m.to(device)
+        return self
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        from .regions import normalize
+
+        probs = 0
+        for weight, member in zip(self.weights.tolist(), self.members):
+            x = normalize(pixel_values, member.image_mean, member.image_std)
+            probs = probs + weight * member.logits(x).float().softmax(-1)
+        return probs.clamp_min(1e-12).log()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "members": [m.describe() for m in self.members],
+                "weights": self.weights.tolist()}
+
+
+def as_teacher(teacher, class_names: Sequence[str], tokenizer=None, template: str | Sequence[str] = "a photo of a {}.",
+               input_size: Optional[int] = None, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD) -> Teacher:
+    """Turn what the user passed (a Teacher, a CLIPModel, or a callable) into a `Teacher`."""
+    from transformers import CLIPModel
+
+    if isinstance(teacher, Teacher):
+        if teacher.num_classes != len(class_names):
+            raise ValueError(f"teacher scores {teacher.num_classes} classes but the dataset has {len(class_names)}")
+        return teacher
+    if isinstance(teacher, CLIPModel):
+        if tokenizer is None:
+            raise ValueError("a CLIPModel teacher needs its tokenizer: pass teacher_tokenizer=")
+        return CLIPTeacher(teacher, tokenizer, class_names, template, image_mean, image_std)
+    if callable(teacher):
+        if input_size is None:
+            raise ValueError("a callable teacher needs teacher_input_size= (the region size it expects)")
+        return CallableTeacher(teacher, len(class_names), input_size, image_mean, image_std)
+    raise TypeError(f"cannot use {type(teacher).__name__} as a teacher: give a CLIPModel, a Teacher or a callable")

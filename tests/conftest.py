@@ -1,0 +1,60 @@
+# ---- BEGIN fake Hub bootstrap (keep at the very top of this file) ------------------------------
+# huggingface_hub, transformers and datasets read HF_ENDPOINT / HF_HOME / HF_TOKEN / HF_HUB_DISABLE_XET
+# into module-level constants *when they are first imported* (e.g. HUGGINGFACE_CO_URL_TEMPLATE).
+# So the loopback FakeHub must be started and the environment configured here, before any test
+# module (or anything below) imports an HF library; otherwise traffic would go to huggingface.co.
+import atexit
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hub_server import FakeHub, configure_env  # noqa: E402
+
+_HF_HOME = tempfile.mkdtemp(prefix="fdbpl_hf_home_")
+FAKE_HUB = FakeHub().start()
+configure_env(FAKE_HUB.url, _HF_HOME)
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+atexit.register(FAKE_HUB.stop)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fake_hub():
+    """The session's FakeHub, emptied (no repos, empty request log) before each test."""
+    FAKE_HUB.reset()
+    yield FAKE_HUB
+# ---- END fake Hub bootstrap ----------------------------------------------------------------------
+
+
+# ---- shared model / data fixtures -----------------------------------------------------------------
+import torch  # noqa: E402
+
+from fdbpl_hf.offline import clip_config, clip_tokenizer, load_digits  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """OpenAI CLIP's real 49,408-token tokenizer, rebuilt offline."""
+    return clip_tokenizer()
+
+
+def make_clip(size: str = "tiny", seed: int = 0, **kwargs):
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    return CLIPModel(clip_config(size, **kwargs)).eval()
+
+
+@pytest.fixture
+def tiny_clip():
+    return make_clip("tiny")
+
+
+@pytest.fixture(scope="session")
+def digits_small():
+    """30 real MNIST digits (3 per class), `image` + `ClassLabel` columns."""
+    return load_digits(num_per_class=3)

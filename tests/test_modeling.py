@@ -1,0 +1,118 @@
+"""The dual-prompt CLIP adapter: the correctness anchor, gradients, shapes and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_clip
+
+from fdbpl_hf import FDBPLCLIPModel, FDBPLConfig, get_fdbpl_model
+
+NAMES = ["cat", "golden retriever", "x-ray", "yahoo!", "St. Bernard's dog", "a"]
+
+
+def reference_features(clip, tokenizer, texts):
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return clip.get_text_features(**tokens).pooler_output
+
+
+@pytest.mark.parametrize("eos_token_id", [49407, 2])  # 2 = legacy configs pooling at argmax
+def test_anchor_tiny(tokenizer, eos_token_id):
+    clip = make_clip("tiny")
+    if eos_token_id == 2:
+        clip.text_model.eos_token_id = 2
+    model = get_fdbpl_model(clip, FDBPLConfig(), tokenizer)
+    with torch.no_grad():
+        ours = model.get_text_features(NAMES)
+    ref = reference_features(clip, tokenizer, [f"a photo of a {c}." for c in NAMES])
+    assert ours.shape == (len(NAMES), clip.config.projection_dim)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_anchor_real_size_vit_b32(tokenizer):
+    clip = make_clip("vit-b-32")
+    model = get_fdbpl_model(clip, FDBPLConfig(), tokenizer)
+    names = ["tabby cat", "Boeing 737-800", "x-ray"]
+    with torch.no_grad():
+        ours = model.get_text_features(names)
+    ref = reference_features(clip, tokenizer, [f"a photo of a {c}." for c in names])
+    assert ours.shape == (3, 512)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_negative_prompt_anchor(tiny_clip, tokenizer):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    with torch.no_grad():
+        ours = model.get_text_features(NAMES, negative=True)
+    ref = reference_features(tiny_clip, tokenizer, [f"a photo of no {c}." for c in NAMES])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("position,template", [("front", "{} a photo of a."), ("middle", "a photo {} of a.")])
+def test_class_token_positions(tiny_clip, tokenizer, position, template):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(class_token_position=position), tokenizer)
+    with torch.no_grad():
+        ours = model.get_text_features(["cat", "golden retriever"])
+    ref = reference_features(tiny_clip, tokenizer, [template.format(c) for c in ["cat", "golden retriever"]])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_prompts_padded_to_longest_not_77(tiny_clip, tokenizer):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    prompts = model._tokenize(["cat", "dog"])
+    # [SOS] + 4 ctx + "cat" + "." + [EOS]
+    assert prompts.input_ids.shape == (2, 8)
+    assert prompts.ctx_mask.sum(1).tolist() == [4, 4]
+
+
+def test_forward_logits_and_gradients(tiny_clip, tokenizer):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    model.train()
+    pixels = torch.randn(5, 3, 32, 32)
+    out = model(pixels, class_names=NAMES)
+    assert out.pos_logits.shape == out.neg_logits.shape == (5, len(NAMES))
+    expected = tiny_clip.logit_scale.exp() * F.normalize(out.image_features, dim=-1) @ F.normalize(
+        out.pos_text_features, dim=-1).t()
+    torch.testing.assert_close(out.pos_logits, expected)
+    (out.pos_logits.logsumexp(-1).mean() + out.neg_logits.logsumexp(-1).mean()).backward()
+    assert model.prompts.ctx_pos.grad is not None and model.prompts.ctx_pos.grad.abs().sum() > 0
+    assert model.prompts.ctx_neg.grad is not None and model.prompts.ctx_neg.grad.abs().sum() > 0
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["prompts.ctx_pos", "prompts.ctx_neg"]
+    assert not tiny_clip.training  # the frozen backbone stays in eval mode
+
+
+def test_hook_is_inert_outside_the_wrapper(tiny_clip, tokenizer):
+    before = reference_features(tiny_clip, tokenizer, ["X X X X cat."])
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(positive_init=None, negative_init=None), tokenizer)
+    model.get_text_features(["cat"])
+    after = reference_features(tiny_clip, tokenizer, ["X X X X cat."])
+    torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+
+def test_set_class_names_used_by_forward(tiny_clip, tokenizer):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    with pytest.raises(ValueError, match="no class names"):
+        model(torch.randn(1, 3, 32, 32))
+    model.set_class_names(["cat", "dog"])
+    assert model(torch.randn(1, 3, 32, 32)).pos_logits.shape == (1, 2)
+
+
+def test_bad_input(tiny_clip, tokenizer):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        model.get_text_features([])
+    with pytest.raises(TypeError, match="list of strings"):
+        model.get_text_features("cat")
+    with pytest.raises(ValueError, match="non-empty strings"):
+        model.get_text_features(["cat", ""])
+    short = make_clip("tiny", max_position_embeddings=12)
+    short_model = get_fdbpl_model(short, FDBPLConfig(), tokenizer)
+    with pytest.raises(ValueError, match="more than the text encoder's 12"):
+        short_model.get_text_features(["a very long class name that cannot possibly fit"])
+    with pytest.raises(ValueError, match="is 3 tokens but n_ctx is 4"):
+        get_fdbpl_model(tiny_clip, FDBPLConfig(positive_init="a photo of"), tokenizer)
+    with pytest.raises(ValueError, match="class_token_position"):
+        FDBPLConfig(class_token_position="left")
+    with pytest.raises(TypeError, match="CLIPModel"):
+        FDBPLCLIPModel(torch.nn.Linear(2, 2), model.prompts, tokenizer)

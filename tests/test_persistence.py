@@ -1,0 +1,100 @@
+"""Adapter persistence: KB-sized files, exact restore, Hub round trip, refusals."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_clip
+from safetensors.torch import load_file
+
+from fdbpl_hf import FDBPLCLIPModel, FDBPLConfig, get_fdbpl_model
+
+
+def trained_like(model):
+    with torch.no_grad():
+        model.prompts.ctx_pos.add_(torch.randn_like(model.prompts.ctx_pos))
+        model.prompts.ctx_neg.mul_(-2.0)
+    return model
+
+
+def test_save_writes_only_the_adapter(tokenizer, tmp_path):
+    clip = make_clip("vit-b-32")
+    model = trained_like(get_fdbpl_model(clip, FDBPLConfig(base_model_name_or_path="openai/clip-vit-base-patch32"),
+                                         tokenizer))
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["README.md", "config.json", "model.safetensors"]
+    weights = load_file(tmp_path / "model.safetensors")
+    assert set(weights) == {"ctx_pos", "ctx_neg"} and weights["ctx_pos"].shape == (4, 512)
+    total = sum(os.path.getsize(tmp_path / f) for f in files)
+    assert total < 32_000, total  # two 4 x 512 contexts, not a CLIP
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["base_model_name_or_path"] == "openai/clip-vit-base-patch32"
+    assert config["context_dim"] == 512 and config["n_ctx"] == 4
+    card = (tmp_path / "README.md").read_text()
+    assert "base_model: openai/clip-vit-base-patch32" in card
+    assert "arxiv.org/abs/2505.18053" in card and "FDBPLCLIPModel.from_pretrained" in card
+
+
+def test_from_pretrained_restores_exactly(tiny_clip, tokenizer, tmp_path):
+    model = trained_like(get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer))
+    model.save_pretrained(tmp_path)
+    fresh = make_clip("tiny")  # same seed: the same base weights, loaded afresh
+    loaded = FDBPLCLIPModel.from_pretrained(fresh, tmp_path, tokenizer=tokenizer)
+    assert torch.equal(loaded.prompts.ctx_pos, model.prompts.ctx_pos)
+    assert torch.equal(loaded.prompts.ctx_neg, model.prompts.ctx_neg)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(pixels, class_names=["cat", "dog"]), loaded(pixels, class_names=["cat", "dog"])
+    torch.testing.assert_close(a.pos_logits, b.pos_logits, atol=0, rtol=0)
+    torch.testing.assert_close(a.neg_logits, b.neg_logits, atol=0, rtol=0)
+
+
+def test_push_and_pull_through_the_hub(fake_hub, tiny_clip, tokenizer, tmp_path):
+    model = trained_like(get_fdbpl_model(tiny_clip, FDBPLConfig(base_model_name_or_path="tiny-clip"), tokenizer))
+    model.push_to_hub("tester/fdbpl-adapter")
+    assert sorted(fake_hub.list_files("tester/fdbpl-adapter")) == [
+        ".gitattributes", "README.md", "config.json", "model.safetensors"]
+    card = fake_hub.read_file("tester/fdbpl-adapter", "README.md").decode()
+    assert "hf_fake_token" not in card and "base_model: tiny-clip" in card
+    tiny_clip.config._name_or_path = "tiny-clip"
+    loaded = FDBPLCLIPModel.from_pretrained(tiny_clip, "tester/fdbpl-adapter", tokenizer=tokenizer)
+    assert torch.equal(loaded.prompts.ctx_pos, model.prompts.ctx_pos)
+    assert torch.equal(loaded.prompts.ctx_neg, model.prompts.ctx_neg)
+
+
+def test_refuses_mismatched_base_models(tiny_clip, tokenizer, tmp_path):
+    get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer).save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="context width 32 does not match the base model's text width 64"):
+        FDBPLCLIPModel.from_pretrained(make_clip("small"), tmp_path / "tiny", tokenizer=tokenizer)
+    deeper = make_clip("tiny")
+    deeper_cfg = deeper.config
+    deeper_cfg.text_config.num_hidden_layers = 3
+    from transformers import CLIPModel
+
+    with pytest.raises(ValueError, match="num_hidden_layers: adapter 2 vs model 3"):
+        FDBPLCLIPModel.from_pretrained(CLIPModel(deeper_cfg), tmp_path / "tiny", tokenizer=tokenizer)
+    named = get_fdbpl_model(tiny_clip, FDBPLConfig(base_model_name_or_path="org/clip-a"), tokenizer)
+    named.save_pretrained(tmp_path / "named")
+    other = make_clip("tiny")
+    other.config._name_or_path = "org/clip-b"
+    with pytest.raises(ValueError, match="trained on 'org/clip-a'"):
+        FDBPLCLIPModel.from_pretrained(other, tmp_path / "named", tokenizer=tokenizer)
+    FDBPLCLIPModel.from_pretrained(other, tmp_path / "named", tokenizer=tokenizer, check_base_model=False)
+    other.config._name_or_path = "/local/copy/of/clip-a"  # same model, other place: accepted
+    FDBPLCLIPModel.from_pretrained(other, tmp_path / "named", tokenizer=tokenizer)
+
+
+def test_never_unpickles(tiny_clip, tokenizer, tmp_path):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    model.save_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save(model.prompts.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        FDBPLCLIPModel.from_pretrained(tiny_clip, tmp_path, tokenizer=tokenizer)
+
+
+def test_config_is_forward_compatible():
+    cfg = FDBPLConfig.from_dict({"n_ctx": 8, "positive_init": None, "a_future_option": 1})
+    assert cfg.n_ctx == 8 and not hasattr(cfg, "a_future_option")
