@@ -64,6 +64,10 @@ class _RegionLabeler:
         return self.teacher.device
 
     def __call__(self, batch: dict, indices: list[int], rank: Optional[int] = None) -> dict:
+        if rank is not None and torch.get_num_threads() > 1 and not torch.cuda.is_available():
+            # A forked CPU worker inherits the parent's OpenMP pool, which can deadlock: one
+            # thread per worker (num_proc workers already use the cores).
+            torch.set_num_threads(1)
         device = self._device_for(rank)
         if self.teacher.device != device:
             self.teacher.to(device)

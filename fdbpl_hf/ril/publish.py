@@ -95,7 +95,7 @@ def push_ril_table(table: datasets.Dataset, repo_id: str, config_name: Optional[
                          re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     card.text = text
-    tags = set(card.data.tags or []) | {"fdbpl", "ril-table", "knowledge-distillation"}
-    card.data.tags = sorted(tags)
+    tags = set(card.data.get("tags") or []) | {"fdbpl", "ril-table", "knowledge-distillation"}
+    card.data["tags"] = sorted(tags)
     card.push_to_hub(repo_id, repo_type="dataset", token=token, commit_message=f"Describe RIL config {config_name}")
     return config_name

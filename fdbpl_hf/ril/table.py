@@ -95,6 +95,12 @@ def load_ril_table(path_or_repo_id: str, config_name: Optional[str] = None, *, r
     refuses to load.
     """
     path = str(path_or_repo_id)
+    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        if os.path.isdir(path + ".incomplete"):
+            raise ValueError(f"the RIL table at {path} was never finished (its build was interrupted); "
+                             "call build_ril_table with the same arguments to resume it")
+        raise FileNotFoundError(f"no RIL table at {path}")
     if os.path.isdir(path):
         meta_path = os.path.join(path, METADATA_FILE)
         if not os.path.isfile(meta_path):

@@ -1,0 +1,280 @@
+"""RIL tables: build, determinism, exact replay, resume after a kill, publishing, bad input."""
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import make_clip
+from PIL import Image
+
+from fdbpl_hf import (
+    CallableTeacher, CLIPTeacher, EnsembleTeacher, RILDataset, build_ril_table, dense_teacher_logits,
+    load_ril_table, push_ril_table, ril_metadata,
+)
+from fdbpl_hf.offline import DIGIT_NAMES
+from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+M, K = 6, 4
+
+
+@pytest.fixture(scope="module")
+def teacher_clip():
+    return make_clip("tiny", seed=1)
+
+
+def build(ds, teacher_clip, tokenizer, out, **kw):
+    kw = {"num_regions": M, "top_k": K, "teacher_tokenizer": tokenizer, "output_dir": str(out), **kw}
+    return build_ril_table(ds, teacher_clip, **kw)
+
+
+def replay(ds, table, **kw):
+    return RILDataset(ds, table, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, **kw)
+
+
+def test_table_layout_and_metadata(digits_small, teacher_clip, tokenizer, tmp_path):
+    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t", template="a photo of the digit {}.")
+    assert len(table) == len(digits_small) * M
+    f = table.features
+    assert (f["box"].feature.dtype, f["box"].length) == ("uint16", 4)
+    assert f["flip"].dtype == "bool"
+    assert (f["topk_indices"].feature.dtype, f["topk_indices"].length) == ("int16", K)
+    assert (f["topk_logits"].feature.dtype, f["topk_logits"].length) == ("float16", K)
+    meta = ril_metadata(table)
+    assert meta["num_regions"] == M and meta["top_k"] == K and meta["seed"] == 0 and meta["fill"] == "mr"
+    assert meta["class_names"] == DIGIT_NAMES
+    assert meta["teacher"]["templates"] == ["a photo of the digit {}."]
+    assert meta["teacher"]["logit_scale"] == pytest.approx(float(teacher_clip.logit_scale.exp()))
+    assert meta["regions"]["output_size"] == 32 and meta["regions"]["scale"] == [0.08, 1.0]
+    assert meta["source"]["num_rows"] == 30 and len(meta["source"]["fingerprint"]) == 32
+    assert meta["library_version"] and meta["complete"]
+    rows = table.with_format("numpy")[:]
+    assert (rows["topk_logits"] <= 0).all()  # log-probabilities
+    assert (np.diff(rows["topk_logits"].astype(np.float32), axis=1) <= 0).all()  # sorted top-K
+    boxes = rows["box"].astype(np.float64) / 65535
+    assert (boxes[:, 2] > 0).all() and (boxes[:, 0] + boxes[:, 2] <= 1 + 1e-4).all()
+    assert 0 < rows["flip"].mean() < 1
+
+
+def test_deterministic_and_cached(digits_small, teacher_clip, tokenizer, tmp_path):
+    a = build(digits_small, teacher_clip, tokenizer, tmp_path / "a", shard_size=7)
+    b = build(digits_small, teacher_clip, tokenizer, tmp_path / "b", shard_size=30, images_per_batch=3)
+    assert a.data.equals(b.data)  # independent of sharding and batching
+    c = build(digits_small, teacher_clip, tokenizer, tmp_path / "c", seed=1)
+    assert not np.array_equal(a.with_format("numpy")["box"], c.with_format("numpy")["box"])
+    again = build(digits_small, teacher_clip, tokenizer, tmp_path / "a", shard_size=7)
+    assert again.data.equals(a.data)
+    with pytest.raises(ValueError, match="other settings"):
+        build(digits_small, teacher_clip, tokenizer, tmp_path / "a", seed=5)
+
+
+def test_num_proc_gives_the_same_table(digits_small, teacher_clip, tokenizer, tmp_path):
+    a = build(digits_small, teacher_clip, tokenizer, tmp_path / "a")
+    b = build(digits_small, teacher_clip, tokenizer, tmp_path / "b", num_proc=2)
+    assert a.data.equals(b.data)
+
+
+def test_replay_reproduces_the_teacher(digits_small, teacher_clip, tokenizer, tmp_path):
+    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
+    data = replay(digits_small, table, image_size=32, class_names=DIGIT_NAMES)
+    teacher = CLIPTeacher(teacher_clip, tokenizer, DIGIT_NAMES)
+    regions_seen = set()
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        for i in (0, 7, 29):
+            item = data[i]
+            regions_seen.add((i, int(item["region"])))
+            with torch.no_grad():
+                logp = torch.log_softmax(teacher(item["pixel_values"][None]), -1)[0]
+            top = logp.topk(K)
+            assert torch.equal(top.indices, item["topk_indices"])
+            # stored as float16: relative rounding 2^-11
+            torch.testing.assert_close(item["topk_logits"], top.values, rtol=2e-3, atol=1e-3)
+            assert item["labels"] == digits_small[i]["label"]
+    assert len(regions_seen) == 9  # a new region every epoch
+    # the permutation visits every region once per M epochs
+    assert sorted(data.region_for(5, e) for e in range(M)) == list(range(M))
+
+
+def test_dense_teacher_logits():
+    idx = torch.tensor([[2, 0], [1, 3]])
+    val = torch.tensor([[-0.1, -2.5], [-0.3, -1.0]])
+    out = dense_teacher_logits(idx, val, 4)
+    expected = torch.tensor([[-2.5, -12.5, -0.1, -12.5], [-11.0, -0.3, -11.0, -1.0]])
+    torch.testing.assert_close(out, expected)
+    logits = torch.randn(3, 5)
+    top = torch.log_softmax(logits, -1).topk(5)
+    dense = dense_teacher_logits(top.indices, top.values, 5, fill="dense")
+    torch.testing.assert_close(dense.softmax(-1), logits.softmax(-1))
+    with pytest.raises(ValueError, match="K = C"):
+        dense_teacher_logits(idx, val, 4, fill="dense")
+    with pytest.raises(ValueError, match="exceeds"):
+        dense_teacher_logits(idx, val, 1)
+
+
+def test_table_refuses_the_wrong_partner(digits_small, teacher_clip, tokenizer, tmp_path):
+    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
+    other = digits_small.select(list(range(29, -1, -1)))  # same rows, other order
+    with pytest.raises(ValueError, match="fingerprint"):
+        replay(other, table)
+    with pytest.raises(ValueError, match="source rows: table 30 vs dataset 20"):
+        replay(digits_small.select(range(20)), table)
+    with pytest.raises(ValueError, match="class count: table 10 vs given 5"):
+        replay(digits_small, table, class_names=DIGIT_NAMES[:5])
+    renamed = list(DIGIT_NAMES)
+    renamed[3] = "3"
+    with pytest.raises(ValueError, match="#3: 'three' vs '3'"):
+        replay(digits_small, table, class_names=renamed)
+    with pytest.raises(ValueError, match="table regions are 32px .* vs student 224px"):
+        replay(digits_small, table, image_size=224)
+    with pytest.raises(ValueError, match="no RIL metadata"):
+        replay(digits_small, datasets.Dataset.from_dict({"box": [[0, 0, 1, 1]]}))
+
+
+def _crash_script(out_dir: str, kill_at_row: int, calls_file: str) -> str:
+    return textwrap.dedent(f"""
+        import os, signal, sys, torch
+        from fdbpl_hf import build_ril_table
+        from fdbpl_hf.offline import load_digits
+        ds = load_digits(num_per_class=3)
+        def teacher(pixels):
+            with open({calls_file!r}, "a") as f:
+                f.write(f"{{len(pixels)}}\\n")
+            torch.manual_seed(0)
+            return pixels.mean(dim=(2, 3)) @ torch.arange(30.0).view(3, 10)
+        kill_at = {kill_at_row}
+        import fdbpl_hf.ril.build as b
+        original = b._RegionLabeler.__call__
+        def guarded(self, batch, indices, rank=None):
+            if kill_at >= 0 and self.offset + indices[0] >= kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # as a crash or an OOM-killer would
+            return original(self, batch, indices, rank)
+        b._RegionLabeler.__call__ = guarded
+        build_ril_table(ds, teacher, teacher_input_size=16, num_regions=4, top_k=3,
+                        output_dir={out_dir!r}, shard_size=8, images_per_batch=4)
+        print("DONE")
+    """)
+
+
+def test_killed_build_resumes_without_recomputing(tmp_path):
+    out, calls = str(tmp_path / "table"), str(tmp_path / "calls.txt")
+    script = tmp_path / "build.py"
+    script.write_text(_crash_script(out, kill_at_row=20, calls_file=calls))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == -9, run.stderr[-2000:]
+    assert not os.path.exists(out)  # nothing that loads as a table
+    with pytest.raises(ValueError):
+        load_ril_table(out)
+    finished = sorted(d for d in os.listdir(out + ".incomplete") if d.startswith("shard-") and "tmp" not in d)
+    assert finished == ["shard-00000", "shard-00001"]  # rows 0-15 done; 16-19 died with the process
+    regions_before = sum(int(x) for x in open(calls).read().split())
+
+    script.write_text(_crash_script(out, kill_at_row=-1, calls_file=calls))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "DONE" in run.stdout, run.stderr[-2000:]
+    regions_after = sum(int(x) for x in open(calls).read().split()) - regions_before
+    assert regions_after == (30 - 16) * 4  # only the unfinished shards ran again
+    assert not os.path.exists(out + ".incomplete")
+
+    clean_out = str(tmp_path / "clean")
+    script.write_text(_crash_script(clean_out, kill_at_row=-1, calls_file=str(tmp_path / "c2.txt")))
+    subprocess.run([sys.executable, str(script)], check=True, capture_output=True, timeout=300)
+    assert load_ril_table(out).data.equals(load_ril_table(clean_out).data)
+
+
+def test_publish_round_trip(fake_hub, digits_small, teacher_clip, tokenizer, tmp_path):
+    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
+    table2 = build(digits_small, teacher_clip, tokenizer, tmp_path / "t2", num_regions=3, top_k=10)
+    name = push_ril_table(table, "tester/digits-ril")
+    name2 = push_ril_table(table2, "tester/digits-ril")
+    assert name == f"clipmodel_k{K}_m{M}" and name2 == "clipmodel_k10_m3"
+    assert sorted(datasets.get_dataset_config_names("tester/digits-ril")) == sorted([name, name2])
+    rows = datasets.load_dataset("tester/digits-ril", name, split="train", cache_dir=str(tmp_path / "c1"))
+    assert rows.features == table.features
+    assert rows.data.table.select(table.column_names).equals(table.data.table)
+    loaded = load_ril_table("tester/digits-ril", name2, cache_dir=str(tmp_path / "c2"))
+    assert ril_metadata(loaded)["top_k"] == 10 and loaded.data.table.equals(table2.data.table)
+    replay(digits_small, loaded, class_names=DIGIT_NAMES)[0]  # usable for training as is
+    card = fake_hub.read_file("tester/digits-ril", "README.md", repo_type="dataset").decode()
+    assert f"Config `{name}`" in card and f"Config `{name2}`" in card
+    assert "| regions per image (M) | 6 |" in card and "| top-K | 4 |" in card
+    assert "load_ril_table" in card and "hf_fake_token" not in card
+    push_ril_table(table, "tester/digits-ril")  # re-push: the section is replaced, not duplicated
+    card = fake_hub.read_file("tester/digits-ril", "README.md", repo_type="dataset").decode()
+    assert card.count(f"Config `{name}`") == 1
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_dataset(images, labels, names=("a", "b")):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(names))})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def test_odd_images_are_converted(teacher_clip, tokenizer, tmp_path):
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8), mode="L"),
+        Image.fromarray(rng.integers(0, 255, (20, 50, 4), dtype=np.uint8), mode="RGBA"),
+        Image.fromarray(rng.integers(0, 255, (3, 2, 3), dtype=np.uint8), mode="RGB"),  # smaller than a region
+        Image.fromarray(rng.integers(0, 255, (1, 1), dtype=np.uint8), mode="L"),
+    ]
+    ds = image_dataset(images, [0, 1, 0, 1])
+    table = build(ds, teacher_clip, tokenizer, tmp_path / "t", top_k=2)
+    item = replay(ds, table)[2]
+    assert item["pixel_values"].shape == (3, 32, 32) and torch.isfinite(item["pixel_values"]).all()
+
+
+def test_bad_input_fails_clearly(teacher_clip, tokenizer, tmp_path, digits_small):
+    good = _png(Image.new("RGB", (8, 8)))
+    corrupt = image_dataset([{"bytes": good, "path": None}, {"bytes": b"not an image", "path": None}], [0, 1])
+    with pytest.raises(ValueError, match="row 1 of the source dataset: the image cannot be decoded"):
+        build(corrupt, teacher_clip, tokenizer, tmp_path / "a", top_k=2)
+    truncated = image_dataset([{"bytes": good[: len(good) // 2], "path": None}], [0])
+    with pytest.raises(ValueError, match="row 0 .* cannot be decoded"):
+        build(truncated, teacher_clip, tokenizer, tmp_path / "b", top_k=2)
+    with pytest.raises(ValueError, match="top_k must be between 1 and the number of classes \\(10\\), got 11"):
+        build(digits_small, teacher_clip, tokenizer, tmp_path / "c", top_k=11)
+    with pytest.raises(ValueError, match="num_regions must be a positive integer, got 0"):
+        build(digits_small, teacher_clip, tokenizer, tmp_path / "d", num_regions=0)
+    plain = digits_small.cast_column("label", datasets.Value("int64"))
+    with pytest.raises(ValueError, match="not a datasets.ClassLabel"):
+        build(plain, teacher_clip, tokenizer, tmp_path / "e")
+    table = build(plain, teacher_clip, tokenizer, tmp_path / "e2", class_names=DIGIT_NAMES)
+    assert ril_metadata(table)["class_names"] == DIGIT_NAMES
+    with pytest.raises(ValueError, match="column 'img' is not in the dataset"):
+        build(digits_small, teacher_clip, tokenizer, tmp_path / "f", image_column="img")
+    nan_teacher = CallableTeacher(lambda x: torch.full((len(x), 10), float("nan")), 10, 16)
+    with pytest.raises(ValueError, match="NaN or inf logits on a region of source row 0"):
+        build_ril_table(digits_small, nan_teacher, num_regions=2, output_dir=str(tmp_path / "g"))
+    wrong = CallableTeacher(lambda x: torch.zeros(len(x), 7), 10, 16)
+    with pytest.raises(ValueError, match="logits of shape \\(60, 7\\), expected \\(60, 10\\)"):
+        build_ril_table(digits_small, wrong, num_regions=2, output_dir=str(tmp_path / "h"), images_per_batch=30)
+    with pytest.raises(ValueError, match="teacher_input_size"):
+        build_ril_table(digits_small, lambda x: x, output_dir=str(tmp_path / "i"))
+    assert not any(p.name.endswith(".incomplete") and any(p.iterdir()) and (p / "shard-00000").exists()
+                   for p in tmp_path.iterdir() if p.name in {"a.incomplete", "b.incomplete"})
+
+
+def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_path):
+    t1 = CLIPTeacher(make_clip("tiny", seed=1), tokenizer, DIGIT_NAMES)
+    t2 = CLIPTeacher(make_clip("tiny", seed=2), tokenizer, DIGIT_NAMES)
+    ensemble = EnsembleTeacher([t1, t2])
+    pixels = torch.rand(3, 3, 32, 32)
+    from fdbpl_hf.ril.regions import normalize
+
+    norm = normalize(pixels, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    with torch.no_grad():
+        expected = (t1(norm).softmax(-1) + t2(norm).softmax(-1)) / 2
+        torch.testing.assert_close(ensemble(pixels).exp(), expected)
+    table = build_ril_table(digits_small, ensemble, num_regions=2, top_k=3, output_dir=str(tmp_path / "e"))
+    assert len(ril_metadata(table)["teacher"]["members"]) == 2
