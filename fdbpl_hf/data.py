@@ -38,7 +38,9 @@ __all__ = [
     "kept_class_ids",
     "make_base_novel",
     "make_base_novel_test",
+    "resolve_dataset",
     "subset_classes",
+    "training_set",
 ]
 
 SPLIT_FORMAT_VERSION = 1
@@ -532,3 +534,58 @@ def get_dataset_info(name: str) -> DatasetInfo:
     if key in _ALIASES:
         return DATASETS[_ALIASES[key]]
     raise KeyError(f"unknown dataset {name!r}; registered: {sorted(DATASETS)} (or use DatasetInfo.custom)")
+
+
+def resolve_dataset(dataset: "str | DatasetInfo") -> DatasetInfo:
+    """A registry name, a `DatasetInfo`, or any Hub id / local folder (as a custom dataset)."""
+    if isinstance(dataset, DatasetInfo):
+        return dataset
+    try:
+        return get_dataset_info(dataset)
+    except KeyError:
+        if os.path.isdir(dataset):
+            return DatasetInfo.custom(name=dataset, loader=lambda split, **kw: _load_local(dataset, split))
+        return DatasetInfo.custom(name=dataset, hub_id=dataset)
+
+
+def _load_local(path: str, split: str | None):
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        return loaded[split or "train"]
+    return loaded
+
+
+def training_set(dataset: "str | DatasetInfo", *, num_shots: int | None = 16, seed: int = 1, classes: str = "base",
+                 split: str | None = None, revision: str | None = None) -> dict[str, Any]:
+    """The training images of one protocol run, built the same way by every script.
+
+    `classes="base"`: few-shot rows of the base classes (base-to-novel); `"all"`: few-shot rows
+    of every class (cross-dataset). `num_shots=None` keeps every row of those classes. Returns
+    `dataset` (relabelled 0..m-1), `class_names` (cleaned for prompts), `template`, `info`, and
+    `few_shot_split` (the chosen rows, to save with the results).
+    """
+    if classes not in ("base", "all"):
+        raise ValueError(f"classes must be 'base' or 'all', got {classes!r}")
+    info = resolve_dataset(dataset)
+    full = info.load(split or info.train_split, revision=revision) if info.loader is None else info.load(split)
+    label = info.label_column
+    names = _class_names(full, label)
+    ids = base_novel_split(names, info.exclude_classes)[0] if classes == "base" else kept_class_ids(
+        names, info.exclude_classes)
+    if num_shots is None:
+        split_record = None
+        rows = full
+    else:
+        split_record = FewShotSplit.create(full, num_shots, seed, label, classes=ids, dataset_id=info.hub_id,
+                                           config=info.config, split=split or info.train_split, revision=revision)
+        rows = split_record.apply(full)
+    return {
+        "dataset": subset_classes(rows, ids, label),
+        "class_names": info.clean_class_names([names[i] for i in ids]),
+        "class_ids": ids,
+        "template": info.template,
+        "info": info,
+        "few_shot_split": split_record,
+    }

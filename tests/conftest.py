@@ -58,3 +58,20 @@ def tiny_clip():
 def digits_small():
     """30 real MNIST digits (3 per class), `image` + `ClassLabel` columns."""
     return load_digits(num_per_class=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tokenizer):
+    """A tiny teacher and student CLIP saved like Hub checkpoints (model, tokenizer, processor)."""
+    from fdbpl_hf.offline import image_processor_for
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for name, seed in (("teacher", 1), ("student", 2)):
+        clip = make_clip("tiny", seed=seed)
+        path = str(root / name)
+        clip.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        image_processor_for(clip.config).save_pretrained(path)
+        paths[name] = path
+    return paths

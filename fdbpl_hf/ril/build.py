@@ -7,13 +7,14 @@ import logging
 import math
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import datasets
 import numpy as np
 import torch
 
-from .regions import RegionSpec, image_to_tensor, normalize, region_rng, render_region, sample_regions
+from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .table import (
     FILL_RULES, METADATA_FILE, TABLE_FORMAT, attach_metadata, build_key, decode_image, describe_source,
     library_version, load_ril_table, table_features,
@@ -80,32 +81,77 @@ class _RegionLabeler:
             boxes.append(b)
             flips.append(f)
             jobs.extend((image, b[r], bool(f[r]), row) for r in range(self.num_regions))
-        top_idx, top_val = [], []
-        mean, std = self.teacher.image_mean, self.teacher.image_std
-        with torch.inference_mode():
-            for start in range(0, len(jobs), self.teacher_batch_size):
-                chunk = jobs[start : start + self.teacher_batch_size]
-                pixels = normalize(torch.stack([render_region(img, box, flip, self.spec) for img, box, flip, _ in chunk]),
-                                   mean, std)
-                logits = self.teacher(pixels)
-                if logits.ndim != 2 or logits.shape != (len(chunk), self.teacher.num_classes):
-                    raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}, expected "
-                                     f"({len(chunk)}, {self.teacher.num_classes})")
-                finite = torch.isfinite(logits).all(-1)
-                if not bool(finite.all()):
-                    bad = chunk[int((~finite).nonzero()[0])][3]
-                    raise ValueError(f"the teacher produced NaN or inf logits on a region of source row {bad}")
-                values, idx = torch.log_softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
-                top_idx.append(idx.cpu().numpy().astype(self.index_dtype))
-                top_val.append(values.cpu().numpy().astype(np.float16))
         if not jobs:
             return {"box": [], "flip": [], "topk_indices": [], "topk_logits": []}
+        top_idx, top_val = [], []
+        chunks = [jobs[start : start + self.teacher_batch_size]
+                  for start in range(0, len(jobs), self.teacher_batch_size)]
+        # Crops of chunk k + 1 are rendered in a background thread while the teacher scores chunk k
+        # (torch ops release the GIL), so cropping costs no teacher time.
+        with _ChunkRenderer(self.spec, self.teacher.image_mean, self.teacher.image_std,
+                            single_thread=device.type == "cpu") as renderer:
+            pending = renderer.submit(chunks[0])
+            for k, chunk in enumerate(chunks):
+                pixels = pending.result()
+                pending = renderer.submit(chunks[k + 1]) if k + 1 < len(chunks) else None
+                with torch.inference_mode():
+                    logits = self.teacher(pixels)
+                    del pixels
+                    if logits.ndim != 2 or logits.shape != (len(chunk), self.teacher.num_classes):
+                        raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}, expected "
+                                         f"({len(chunk)}, {self.teacher.num_classes})")
+                    finite = torch.isfinite(logits).all(-1)
+                    if not bool(finite.all()):
+                        bad = chunk[int((~finite).nonzero()[0])][3]
+                        raise ValueError(f"the teacher produced NaN or inf logits on a region of source row {bad}")
+                    values, idx = torch.log_softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
+                    top_idx.append(idx.cpu().numpy().astype(self.index_dtype))
+                    top_val.append(values.cpu().numpy().astype(np.float16))
         return {
             "box": np.concatenate(boxes),
             "flip": np.concatenate(flips),
             "topk_indices": np.concatenate(top_idx),
             "topk_logits": np.concatenate(top_val),
         }
+
+
+def _render_chunk(chunk: list, spec: RegionSpec, mean_std: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Normalised pixels `[len(chunk), 3, S, S]` of `(image, box, flip, row)` jobs."""
+    with torch.inference_mode():
+        pixels = torch.stack([render_region(image, box, flip, spec) for image, box, flip, _ in chunk])
+        mean, std = (t.to(pixels.device) for t in mean_std)
+        return pixels.sub_(mean).div_(std)  # = normalize(pixels, mean, std), without two chunk-sized copies
+
+
+class _ChunkRenderer:
+    """One background thread that renders the next chunk of regions while the teacher runs.
+
+    On CPU the thread renders with one intra-op thread: the crops are small ops whose OpenMP
+    barriers stall badly when the cores are busy (the teacher, other processes); one thread beside
+    the teacher's pool costs the teacher little. The caller's thread count is restored on exit
+    (`torch.set_num_threads` in a thread sets the default of threads started later).
+    """
+
+    def __init__(self, spec: RegionSpec, mean, std, single_thread: bool):
+        self.spec, self.single_thread = spec, single_thread
+        self.mean_std = (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1),
+                         torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+        self.executor: Optional[ThreadPoolExecutor] = None
+
+    def __enter__(self) -> "_ChunkRenderer":
+        self.threads = torch.get_num_threads()
+        self.restore = self.single_thread and self.threads > 1
+        init = (lambda: torch.set_num_threads(1)) if self.restore else None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ril-render", initializer=init)
+        return self
+
+    def submit(self, chunk: list) -> Future:
+        return self.executor.submit(_render_chunk, chunk, self.spec, self.mean_std)
+
+    def __exit__(self, *exc) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.restore:
+            torch.set_num_threads(self.threads)
 
 
 def _dist_info() -> tuple[int, int]:

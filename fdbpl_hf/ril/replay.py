@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import torch
 
-from .regions import RegionSpec, image_to_tensor, normalize, render_region
+from .regions import RegionSpec, image_to_tensor, normalize, region_rng, render_region, sample_regions
 from .table import FILL_RULES, check_table_matches, decode_image, ril_metadata
 
 MR_FILL_GAP = 10.0
@@ -53,7 +53,7 @@ class RILDataset(torch.utils.data.Dataset):
     `class_names` and against the student's `image_size`; any difference raises.
     """
 
-    def __init__(self, dataset: datasets.Dataset, table: datasets.Dataset, *, image_mean: Sequence[float],
+    def __init__(self, dataset: datasets.Dataset, table: Optional[datasets.Dataset], *, image_mean: Sequence[float],
                  image_std: Sequence[float], image_size: Optional[int] = None,
                  class_names: Optional[Sequence[str]] = None, epoch: int = 0,
                  image_column: Optional[str] = None, label_column: Optional[str] = None,
@@ -76,8 +76,25 @@ class RILDataset(torch.utils.data.Dataset):
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         columns = [self.image_column] + ([self.label_column] if self.label_column else [])
         self.source = dataset.select_columns(columns).cast_column(self.image_column, datasets.Image(decode=False))
-        self.table = table.with_format("numpy")
+        self.table = table.with_format("numpy") if table is not None else None
         self.epoch = epoch
+
+    @classmethod
+    def online(cls, dataset: datasets.Dataset, *, class_names: Sequence[str], image_mean: Sequence[float],
+               image_std: Sequence[float], region_spec: RegionSpec, num_regions: int = 500, seed: int = 0,
+               image_column: str = "image", label_column: Optional[str] = "label") -> "RILDataset":
+        """The same regions without a table, for the online-teacher baseline: region r of image i is
+        drawn exactly as `build_ril_table` would draw it, and items carry no teacher logits."""
+        metadata = {
+            "num_regions": num_regions, "seed": seed, "class_names": list(class_names), "fill": "dense",
+            "regions": region_spec.to_dict(),
+            "source": {"image_column": image_column, "label_column": label_column},
+        }
+        return cls(dataset, None, image_mean=image_mean, image_std=image_std, metadata=metadata, verify=False)
+
+    @property
+    def is_online(self) -> bool:
+        return self.table is None
 
     @classmethod
     def from_processor(cls, dataset, table, image_processor, **kwargs) -> "RILDataset":
@@ -110,15 +127,22 @@ class RILDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         region = self.region_for(index)
-        row = self.table[index * self.num_regions + region]
         item = self.source[index]
         image = image_to_tensor(decode_image(item[self.image_column], index))
+        if self.table is None:
+            boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
+                                          region_rng(self.seed, index))
+            row = {"box": boxes[region], "flip": flips[region]}
+        else:
+            row = self.table[index * self.num_regions + region]
         pixels = render_region(image, row["box"], bool(row["flip"]), self.spec)
         label = item[self.label_column] if self.label_column else -1
-        return {
+        out = {
             "pixel_values": normalize(pixels, self.image_mean, self.image_std),
-            "topk_indices": torch.from_numpy(row["topk_indices"].astype(np.int64)),
-            "topk_logits": torch.from_numpy(row["topk_logits"].astype(np.float32)),
             "labels": torch.tensor(-1 if label is None else int(label)),
             "region": torch.tensor(region),
         }
+        if self.table is not None:
+            out["topk_indices"] = torch.from_numpy(row["topk_indices"].astype(np.int64))
+            out["topk_logits"] = torch.from_numpy(row["topk_logits"].astype(np.float32))
+        return out

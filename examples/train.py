@@ -1,0 +1,84 @@
+"""Train FDBPL prompts from an RIL table (or, as the baseline, from a live teacher).
+
+    python examples/train.py --student openai/clip-vit-base-patch32 --table tables/eurosat_s1 \
+        --dataset eurosat --num_shots 16 --split_seed 1 --output_dir runs/eurosat_s1
+    accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train.py ...
+    # the online-teacher baseline: --teacher openai/clip-vit-large-patch14 instead of --table
+    # the CoOp baseline: --loss_type coop (labels, no teacher)
+
+Any FDBPLTrainingArguments / TrainingArguments field is a flag (--num_train_epochs, --bf16,
+--push_to_hub --hub_model_id user/name, ...).
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, HfArgumentParser
+
+from fdbpl_hf import FDBPLConfig, RILDataset, get_fdbpl_model, load_ril_table
+from fdbpl_hf.data import training_set
+from fdbpl_hf.ril import CLIPTeacher, RegionSpec
+from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments
+
+
+@dataclass
+class ScriptArguments:
+    student: str = field(metadata={"help": "Student CLIP checkpoint (Hub id or folder)."})
+    table: Optional[str] = field(default=None, metadata={"help": "RIL table folder or Hub dataset id."})
+    table_config: Optional[str] = field(default=None, metadata={"help": "Hub config of the table."})
+    teacher: Optional[str] = field(default=None, metadata={"help": "Online baseline: teacher checkpoint."})
+    dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id or saved folder."})
+    split: Optional[str] = field(default=None, metadata={"help": "Training split (default: the registry's)."})
+    num_shots: Optional[int] = field(default=16, metadata={"help": "Shots per class; 0 = every image."})
+    split_seed: int = field(default=1, metadata={"help": "Seed of the few-shot draw."})
+    classes: str = field(default="base", metadata={"help": "base (base-to-novel) or all."})
+    num_regions: int = field(default=500, metadata={"help": "Online baseline: regions per image."})
+    region_seed: int = field(default=0, metadata={"help": "Online baseline: seed of the regions."})
+    n_ctx: int = field(default=4, metadata={"help": "Context tokens per prompt."})
+
+
+def main() -> None:
+    script, args = HfArgumentParser((ScriptArguments, FDBPLTrainingArguments)).parse_args_into_dataclasses()
+    if (script.table is None) == (script.teacher is None) and args.loss_type == "fdbpl":
+        raise SystemExit("give exactly one of --table (FDBPL) or --teacher (online baseline)")
+    data = training_set(script.dataset, num_shots=script.num_shots or None, seed=script.split_seed,
+                        classes=script.classes, split=script.split)
+    clip = CLIPModel.from_pretrained(script.student)
+    tokenizer = AutoTokenizer.from_pretrained(script.student)
+    processor = CLIPImageProcessor.from_pretrained(script.student)
+    size = clip.config.vision_config.image_size
+    teacher = None
+    if script.table is not None:
+        table = load_ril_table(script.table, script.table_config)
+        train_data = RILDataset(data["dataset"], table, image_mean=processor.image_mean, image_std=processor.image_std,
+                                image_size=size, class_names=data["class_names"])
+    else:
+        train_data = RILDataset.online(
+            data["dataset"], class_names=data["class_names"], image_mean=processor.image_mean,
+            image_std=processor.image_std, region_spec=RegionSpec(output_size=size),
+            num_regions=script.num_regions, seed=script.region_seed)
+        if script.teacher is not None:
+            teacher_clip = CLIPModel.from_pretrained(script.teacher)
+            teacher_processor = CLIPImageProcessor.from_pretrained(script.teacher)
+            teacher = CLIPTeacher(teacher_clip, AutoTokenizer.from_pretrained(script.teacher), data["class_names"],
+                                  data["template"], teacher_processor.image_mean, teacher_processor.image_std,
+                                  name=script.teacher)
+    model = get_fdbpl_model(clip, FDBPLConfig(n_ctx=script.n_ctx, base_model_name_or_path=script.student,
+                                              template=data["template"]), tokenizer)
+    trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        if data["few_shot_split"] is not None:
+            data["few_shot_split"].to_json(os.path.join(args.output_dir, "few_shot_split.json"))
+        with open(os.path.join(args.output_dir, "train_log.json"), "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+        print(f"adapter saved to {args.output_dir}")
+    if args.push_to_hub:
+        trainer.push_to_hub()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""`FDBPLTrainer`: a `transformers.Trainer` that distils from an RIL table (or, as a baseline, a live teacher)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .losses import WEIGHT_MODES, coop_loss, fdbpl_loss
+from .modeling import FDBPLCLIPModel
+from .prompts import FDBPLPromptLearner
+from .ril.regions import normalize
+from .ril.replay import RILDataset, dense_teacher_logits
+from .ril.teachers import Teacher
+
+LOSS_TERMS = ("pos", "neg", "sim", "pcd", "weight")
+
+
+@dataclass
+class FDBPLTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with FDBPL's loss weights and the paper's optimisation defaults
+    (SGD lr 0.002, momentum 0.9, weight decay 5e-4, cosine schedule after one constant warm-up
+    epoch at 1e-5, batch 32, 50 epochs). Every field can be overridden, on the command line too."""
+
+    learning_rate: float = field(default=0.002, metadata={"help": "SGD learning rate (paper: 0.002)."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (paper: 5e-4)."})
+    num_train_epochs: float = field(default=50.0, metadata={"help": "Epochs (paper: 50)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Regions per device per step."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after the warm-up."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the teacher columns."})
+    label_names: Optional[list[str]] = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
+    ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={"help": "Both contexts are always used."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "Constant warm-up epochs at warmup_lr."})
+    warmup_lr: float = field(default=1e-5, metadata={"help": "Learning rate during the warm-up (CoOp: 1e-5)."})
+    lambda_neg: float = field(default=1.0, metadata={"help": "Weight of the negative-prompt loss."})
+    lambda_sim: float = field(default=0.001, metadata={"help": "Weight of the positive/negative dissimilarity."})
+    lambda_pcd: float = field(default=0.1, metadata={"help": "Weight of the PCD ranking loss."})
+    pcd_margin: float = field(default=0.2, metadata={"help": "Margin of the PCD ranking loss."})
+    use_pcd: bool = field(default=True, metadata={"help": "False reproduces the released code (PCD off)."})
+    weight_mode: str = field(default="soft", metadata={"help": "Region information weight: soft or threshold."})
+    entropy_threshold: float = field(default=0.5, metadata={"help": "Normalised entropy cut for threshold mode."})
+    loss_type: str = field(default="fdbpl", metadata={"help": "fdbpl (distillation) or coop (labels, baseline)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
+        if self.loss_type not in ("fdbpl", "coop"):
+            raise ValueError(f"loss_type must be 'fdbpl' or 'coop', got {self.loss_type!r}")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must stay False: the trainer needs the teacher columns")
+
+
+class _EpochToDataset(TrainerCallback):
+    """Tell the replay dataset the epoch: accelerate's seedable sampler swallows `set_epoch`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(math.floor((state.epoch or 0) + 1e-6)))
+
+
+class FDBPLTrainer(Trainer):
+    """Distils a teacher into the prompts of an `FDBPLCLIPModel`.
+
+    Offline (the FDBPL way): `train_dataset` is an `RILDataset` over a table; soft labels come from
+    the table and no teacher runs. Online (the PromptKD/KDPL baseline): pass `teacher=` and an
+    `RILDataset.online(...)`; the teacher scores each replayed region at every step.
+    Only the two contexts are optimised; checkpoints and pushes hold only the adapter.
+    """
+
+    loss_is_scaled_for_ga = False  # our losses are per-batch means
+
+    def __init__(self, model: FDBPLCLIPModel, args: FDBPLTrainingArguments, train_dataset: RILDataset,
+                 teacher: Optional[Teacher] = None, **kwargs):
+        if not isinstance(model, FDBPLCLIPModel):
+            raise TypeError(f"FDBPLTrainer trains an FDBPLCLIPModel, got {type(model).__name__}")
+        if not isinstance(args, FDBPLTrainingArguments):
+            raise TypeError("pass FDBPLTrainingArguments (they carry the FDBPL loss settings)")
+        if not isinstance(train_dataset, RILDataset):
+            raise TypeError("train_dataset must be an RILDataset (RILDataset(...) or RILDataset.online(...))")
+        if args.loss_type == "fdbpl" and train_dataset.is_online and teacher is None:
+            raise ValueError("an online RILDataset has no soft labels: pass teacher= (the online baseline)")
+        if teacher is not None and teacher.num_classes != train_dataset.num_classes:
+            raise ValueError(f"teacher scores {teacher.num_classes} classes, the data has {train_dataset.num_classes}")
+        model_size = model.clip.config.vision_config.image_size
+        if model_size != train_dataset.spec.output_size:
+            raise ValueError(f"the student's image size {model_size} differs from the table's region size "
+                             f"{train_dataset.spec.output_size}: the table was built for another input size")
+        model.set_class_names(train_dataset.class_names)
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [_EpochToDataset(train_dataset)]
+        super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
+        self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.SGD(params, lr=self.args.learning_rate, momentum=self.args.momentum,
+                                             weight_decay=self.args.weight_decay)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        if self.args.warmup_epochs <= 0 or self.args.lr_scheduler_type != "cosine":
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer or self.optimizer
+        steps_per_epoch = max(1, num_training_steps / max(self.args.num_train_epochs, 1e-9))
+        warmup = min(int(round(self.args.warmup_epochs * steps_per_epoch)), max(num_training_steps - 1, 0))
+        ratio = self.args.warmup_lr / self.args.learning_rate
+
+        def factor(step: int) -> float:
+            # CoOp's schedule: a constant low rate, then cosine from the base rate to 0.
+            if step < warmup:
+                return ratio
+            progress = (step - warmup) / max(1, num_training_steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        self.lr_scheduler = LambdaLR(optimizer, factor)
+        return self.lr_scheduler
+
+    # ---- the loss -----------------------------------------------------------------------------
+    def teacher_logits(self, inputs: dict, pixel_values: torch.Tensor) -> torch.Tensor:
+        dataset: RILDataset = self.train_dataset
+        if self.teacher is None:
+            return dense_teacher_logits(inputs["topk_indices"], inputs["topk_logits"], dataset.num_classes,
+                                        fill=dataset.fill)
+        pixels = pixel_values.float()
+        if (tuple(self.teacher.image_mean), tuple(self.teacher.image_std)) != (dataset.image_mean, dataset.image_std):
+            raw = pixels * torch.tensor(dataset.image_std, device=pixels.device).view(3, 1, 1) + torch.tensor(
+                dataset.image_mean, device=pixels.device).view(3, 1, 1)
+            pixels = normalize(raw, self.teacher.image_mean, self.teacher.image_std)
+        with torch.no_grad():
+            return self.teacher(pixels).float()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values = inputs["pixel_values"]
+        outputs = model(pixel_values=pixel_values)
+        args = self.args
+        if args.loss_type == "coop":
+            losses = {"total": coop_loss(outputs.pos_logits, inputs["labels"])}
+        else:
+            teacher = self.teacher_logits(inputs, pixel_values)
+            if not torch.isfinite(teacher).all():
+                raise ValueError("non-finite teacher logits in this batch: the RIL table or teacher is corrupt")
+            losses = fdbpl_loss(
+                outputs.pos_logits, outputs.neg_logits, teacher, outputs.image_features,
+                outputs.pos_text_features, outputs.neg_text_features, lambda_neg=args.lambda_neg,
+                lambda_sim=args.lambda_sim, lambda_pcd=args.lambda_pcd, pcd_margin=args.pcd_margin,
+                use_pcd=args.use_pcd, weight_mode=args.weight_mode, entropy_threshold=args.entropy_threshold,
+            )
+        mode = "train" if model.training else "eval"
+        for key in LOSS_TERMS:
+            if key in losses:
+                # gather on every rank: a collective under a rank check would hang
+                value = self.accelerator.gather(losses[key].detach().float().reshape(1)).mean().item()
+                self._metrics[mode][f"loss_{key}"].append(value)
+        return (losses["total"], outputs) if return_outputs else losses["total"]
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ---- persistence: the adapter only --------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        prompts = self.accelerator.unwrap_model(self.model).prompts
+        prompts.config.training = self._training_summary()
+        prompts.config.class_names = list(self.train_dataset.class_names)
+        prompts.save_pretrained(output_dir)
+
+    def _restore_prompts(self, checkpoint_dir: str, model=None) -> None:
+        loaded = FDBPLPromptLearner.from_pretrained(checkpoint_dir)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model).prompts
+        if loaded.ctx_pos.shape != target.ctx_pos.shape:
+            raise ValueError(f"checkpoint {checkpoint_dir} holds contexts of shape {tuple(loaded.ctx_pos.shape)}, "
+                             f"the model has {tuple(target.ctx_pos.shape)}")
+        with torch.no_grad():
+            target.ctx_pos.copy_(loaded.ctx_pos)
+            target.ctx_neg.copy_(loaded.ctx_neg)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self._restore_prompts(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if self.state.best_model_checkpoint:
+            self._restore_prompts(self.state.best_model_checkpoint)
+
+    def _training_summary(self) -> dict:
+        data: RILDataset = self.train_dataset
+        meta = data.metadata
+        summary = {
+            "method": "CoOp (labels)" if self.args.loss_type == "coop" else
+            ("FDBPL, online teacher" if self.teacher is not None else "FDBPL, offline RIL table"),
+            "teacher": (self.teacher.name if self.teacher is not None else meta.get("teacher", {}).get("name")),
+            "table": None if data.is_online else f"M={meta['num_regions']}, K={meta['top_k']}, seed {meta['seed']}",
+            "source dataset": meta.get("source", {}).get("id"),
+            "images": len(data),
+            "classes": data.num_classes,
+            "epochs": self.args.num_train_epochs,
+            "steps": self.state.global_step,
+            "batch size per device": self.args.per_device_train_batch_size,
+            "learning rate": self.args.learning_rate,
+            "lambdas (neg, sim, pcd)": f"{self.args.lambda_neg}, {self.args.lambda_sim}, {self.args.lambda_pcd}",
+        }
+        history = [h for h in self.state.log_history if "loss" in h]
+        if history:
+            summary["final train loss"] = round(history[-1]["loss"], 4)
+        return {k: v for k, v in summary.items() if v is not None}
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Write the adapter's card (base model, table, hyper-parameters, final losses) to output_dir."""
+        if not self.is_world_process_zero():
+            return
+        prompts = self.accelerator.unwrap_model(self.model).prompts
+        prompts.config.training = self._training_summary()
+        prompts.config.class_names = list(self.train_dataset.class_names)
+        card = prompts.generate_model_card(repo_id=self.args.hub_model_id)
+        card.save(os.path.join(self.args.output_dir, "README.md"))

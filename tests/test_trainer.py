@@ -1,0 +1,213 @@
+"""FDBPLTrainer: offline and online training, adapter-only checkpoints, resume, push, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_clip
+
+from fdbpl_hf import (CallableTeacher, CLIPTeacher, FDBPLCLIPModel, FDBPLConfig, RegionSpec, RILDataset, build_ril_table,
+                      get_fdbpl_model)
+from fdbpl_hf.offline import DIGIT_NAMES
+from fdbpl_hf.ril.table import attach_metadata, ril_metadata
+from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN as MEAN
+from fdbpl_hf.ril.teachers import OPENAI_CLIP_STD as STD
+from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def teacher_clip():
+    return make_clip("tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def dense_table(digits_small, teacher_clip, tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tables") / "dense"
+    return build_ril_table(digits_small, teacher_clip, teacher_tokenizer=tokenizer, num_regions=5, top_k=10,
+                           fill="dense", output_dir=str(out))
+
+
+@pytest.fixture(scope="module")
+def varied_table(digits_small, tmp_path_factory):
+    """A table from a teacher whose top-1 class varies across regions (so PCD has pairs)."""
+    weights = torch.randn(3 * 8 * 8, 10, generator=torch.Generator().manual_seed(0))
+
+    def teacher(pixels):
+        return 5 * torch.nn.functional.adaptive_avg_pool2d(pixels, 8).flatten(1) @ weights
+
+    out = tmp_path_factory.mktemp("tables") / "varied"
+    return build_ril_table(digits_small, CallableTeacher(teacher, 10, 32), num_regions=5, top_k=4,
+                           output_dir=str(out))
+
+
+def train_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8, logging_steps=1,
+                save_strategy="no", use_cpu=True, report_to="none", disable_tqdm=True, seed=3, warmup_epochs=0.5,
+                learning_rate=0.05)
+    base.update(kw)
+    return FDBPLTrainingArguments(**base)
+
+
+def student(tokenizer):
+    return get_fdbpl_model(make_clip("tiny", seed=2), FDBPLConfig(), tokenizer)
+
+
+def test_offline_training_updates_only_the_prompts(digits_small, varied_table, tokenizer, tmp_path):
+    model = student(tokenizer)
+    start = model.prompts.contexts().detach().clone()
+    clip_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    data = RILDataset(digits_small, varied_table, image_mean=MEAN, image_std=STD, class_names=DIGIT_NAMES)
+    trainer = FDBPLTrainer(model=model, args=train_args(tmp_path), train_dataset=data)
+    trainer.train()
+    assert not torch.allclose(model.prompts.contexts(), start)
+    assert all(torch.equal(v, clip_before[k]) for k, v in model.clip.state_dict().items())
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert len(params) == 2 and isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
+    assert trainer.optimizer.param_groups[0]["momentum"] == 0.9
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("loss_pos", "loss_neg", "loss_sim", "loss_pcd", "loss_weight"):
+        assert all(key in h and np.isfinite(h[key]) for h in logged)
+    assert any(h["loss_pcd"] > 0 for h in logged)  # a live PCD term
+    lrs = [h["learning_rate"] for h in logged]
+    assert lrs[0] == pytest.approx(1e-5) and max(lrs) > 0.01  # constant warm-up, then cosine
+
+
+def test_epochs_replay_new_regions(digits_small, dense_table, tokenizer, tmp_path):
+    data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
+    epochs = []
+    data.set_epoch = lambda e, _set=data.set_epoch: (epochs.append(e), _set(e))
+    FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, num_train_epochs=3), train_dataset=data).train()
+    assert sorted(set(epochs)) == [0, 1, 2] and epochs == sorted(epochs) and data.epoch == 2
+
+
+def test_checkpoints_hold_only_the_adapter_and_resume_exactly(digits_small, dense_table, tokenizer, tmp_path):
+    data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
+    full = student(tokenizer)
+    args = train_args(tmp_path / "a", num_train_epochs=3, save_strategy="steps", save_steps=4)
+    FDBPLTrainer(model=full, args=args, train_dataset=data).train()
+    ckpt = tmp_path / "a" / "checkpoint-4"
+    files = set(os.listdir(ckpt))
+    assert {"config.json", "model.safetensors", "README.md", "optimizer.pt", "trainer_state.json"} <= files
+    assert os.path.getsize(ckpt / "model.safetensors") < 4096  # two 4 x 32 contexts, no CLIP
+    resumed = student(tokenizer)  # fresh prompts: resume must restore them
+    FDBPLTrainer(model=resumed, args=train_args(tmp_path / "b", num_train_epochs=3),
+                 train_dataset=RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD),
+                 ).train(resume_from_checkpoint=str(ckpt))
+    torch.testing.assert_close(resumed.prompts.contexts(), full.prompts.contexts(), atol=1e-6, rtol=1e-5)
+
+
+def test_online_baseline_matches_offline_dense_table(digits_small, dense_table, teacher_clip, tokenizer, tmp_path):
+    offline_model, online_model = student(tokenizer), student(tokenizer)
+    offline = FDBPLTrainer(model=offline_model, args=train_args(tmp_path / "off"),
+                           train_dataset=RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD))
+    offline.train()
+    online_data = RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=MEAN, image_std=STD,
+                                    region_spec=RegionSpec(output_size=32), num_regions=5, seed=0)
+    online = FDBPLTrainer(model=online_model, args=train_args(tmp_path / "on"), train_dataset=online_data,
+                          teacher=CLIPTeacher(teacher_clip, tokenizer, DIGIT_NAMES))
+    online.train()
+    a = [h["loss"] for h in offline.state.log_history if "loss" in h]
+    b = [h["loss"] for h in online.state.log_history if "loss" in h]
+    assert len(a) == len(b) > 3
+    np.testing.assert_allclose(a, b, atol=2e-3)  # the table stores float16 log-probabilities
+    torch.testing.assert_close(offline_model.prompts.contexts(), online_model.prompts.contexts(), atol=2e-3,
+                               rtol=0)
+
+
+def test_bf16_mixed_precision_on_cpu(digits_small, dense_table, tokenizer, tmp_path):
+    model = student(tokenizer)
+    data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
+    trainer = FDBPLTrainer(model=model, args=train_args(tmp_path, bf16=True), train_dataset=data)
+    trainer.train()
+    assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    assert model.prompts.ctx_pos.dtype == torch.float32
+
+
+def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tmp_path):
+    model = student(tokenizer)
+    data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
+    trainer = FDBPLTrainer(model=model, args=train_args(tmp_path, push_to_hub=True, hub_model_id="tester/trained"),
+                           train_dataset=data)
+    trainer.train()
+    trainer.push_to_hub()
+    files = fake_hub.list_files("tester/trained")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert not any(f.startswith("checkpoint-") for f in files)
+    card = fake_hub.read_file("tester/trained", "README.md").decode()
+    assert "FDBPL, offline RIL table" in card and "M=5, K=10" in card and "hf_fake_token" not in card
+    config = json.loads(fake_hub.read_file("tester/trained", "config.json"))
+    assert config["class_names"] == DIGIT_NAMES and config["training"]["steps"] == trainer.state.global_step
+    loaded = FDBPLCLIPModel.from_pretrained(make_clip("tiny", seed=2), "tester/trained", tokenizer=tokenizer)
+    torch.testing.assert_close(loaded.prompts.contexts(), model.prompts.contexts(), atol=0, rtol=0)
+
+
+def test_bad_inputs(digits_small, dense_table, tokenizer, tmp_path):
+    data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
+    big = get_fdbpl_model(make_clip("tiny", image_size=64), FDBPLConfig(), tokenizer)
+    with pytest.raises(ValueError, match="image size 64 differs from the table's region size 32"):
+        FDBPLTrainer(model=big, args=train_args(tmp_path), train_dataset=data)
+    online = RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=MEAN, image_std=STD,
+                               region_spec=RegionSpec(output_size=32), num_regions=5)
+    with pytest.raises(ValueError, match="pass teacher="):
+        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path), train_dataset=online)
+    with pytest.raises(ValueError, match="remove_unused_columns"):
+        train_args(tmp_path, remove_unused_columns=True)
+    # a corrupt table: NaN soft labels
+    broken = dense_table.map(lambda b: {"topk_logits": [[float("nan")] * 10 for _ in b["topk_logits"]]},
+                             batched=True, features=dense_table.features)
+    broken = attach_metadata(broken, ril_metadata(dense_table))
+    trainer = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path),
+                           train_dataset=RILDataset(digits_small, broken, image_mean=MEAN, image_std=STD))
+    with pytest.raises(ValueError, match="non-finite teacher logits"):
+        trainer.train()
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _script_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return env
+
+
+def test_examples_train_two_processes_over_gloo(digits_small, tiny_checkpoints, tmp_path):
+    """`examples/train.py` under torchrun with 2 CPU processes (gloo) equals a 1-process run with the
+    same global batch (PCD off: its pairs do not span ranks), and only rank 0 writes."""
+    common = ["--student", tiny_checkpoints["student"], "--dataset", "digits", "--num_shots", "8",  # 40 images: whole global batches of 8
+              "--split_seed", "1", "--classes", "base", "--num_train_epochs", "2", "--logging_steps", "1",
+              "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--use_pcd", "false",
+              "--teacher", tiny_checkpoints["teacher"], "--num_regions", "5", "--save_strategy", "no",
+              "--warmup_epochs", "0", "--learning_rate", "0.05", "--seed", "7"]
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", _free_port(),
+                    os.path.join(REPO, "examples", "train.py"), *common, "--per_device_train_batch_size", "4",
+                    "--output_dir", str(ddp_out)], check=True, env=_script_env(), timeout=600,
+                   capture_output=True)
+    subprocess.run([sys.executable, os.path.join(REPO, "examples", "train.py"), *common,
+                    "--per_device_train_batch_size", "8", "--output_dir", str(single_out)],
+                   check=True, env=_script_env(), timeout=600, capture_output=True)
+    assert sorted(os.listdir(ddp_out)) == sorted(os.listdir(single_out))
+    assert {"config.json", "model.safetensors", "README.md", "few_shot_split.json"} <= set(os.listdir(ddp_out))
+    clip = make_clip("tiny", seed=2)
+    from fdbpl_hf.offline import clip_tokenizer
+
+    a = FDBPLCLIPModel.from_pretrained(clip, ddp_out, tokenizer=clip_tokenizer(), check_base_model=False)
+    b = FDBPLCLIPModel.from_pretrained(clip, single_out, tokenizer=clip_tokenizer(), check_base_model=False)
+    ddp_log = json.load(open(ddp_out / "train_log.json"))
+    single_log = json.load(open(single_out / "train_log.json"))
+    assert [h["step"] for h in ddp_log] == [h["step"] for h in single_log]
+    np.testing.assert_allclose([h["loss"] for h in ddp_log if "loss" in h],
+                               [h["loss"] for h in single_log if "loss" in h], atol=1e-4)
+    torch.testing.assert_close(a.prompts.contexts(), b.prompts.contexts(), atol=1e-5, rtol=1e-4)
