@@ -7,6 +7,7 @@ from .ril import (
     CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_ril_table,
     dense_teacher_logits, load_ril_table, push_ril_table, ril_metadata,
 )
+from .trainer import FDBPLTrainer, FDBPLTrainingArguments
 from .version import __version__
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "FDBPLOutput",
     "FDBPLPromptLearner",
     "get_fdbpl_model",
+    "FDBPLTrainer",
+    "FDBPLTrainingArguments",
     "build_ril_table",
     "push_ril_table",
     "load_ril_table",

@@ -1,0 +1,154 @@
+"""Evaluate FDBPL prompts (or zero-shot CLIP) base-to-novel, cross-dataset and as an OOD detector.
+
+    python examples/evaluate.py --student openai/clip-vit-base-patch32 --adapter runs/eurosat_s1 \
+        --dataset eurosat --num_shots 16 --split_seed 1 --output_dir evals/eurosat_s1
+    # zero-shot CLIP (the baseline): leave out --adapter
+    # cross-dataset: --cross_datasets dtd eurosat (each scored among its own classes)
+    accelerate launch examples/evaluate.py ...   # only the main process evaluates
+
+Writes `results.json` (results + protocol), `per_class.png`, `base_novel.png` and, with
+`--train_log runs/x/train_log.json`, `loss_curves.png` into --output_dir. Summarise seeds and
+datasets afterwards with `fdbpl_hf.evaluation.summarize_runs`.
+
+Evaluation is one forward pass per test image, so under `accelerate launch` the main process
+does it all on its device and the other processes exit at once (no collective is involved).
+"""
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+from fdbpl_hf.data import kept_class_ids, resolve_dataset, subset_classes
+from fdbpl_hf.evaluation import (evaluate_base_to_novel, evaluate_cross_dataset, format_summary_markdown,
+                                 load_classifier, summarize_runs, warn_if_classes_differ, write_results)
+
+
+@dataclass
+class EvalArguments:
+    student: str = field(metadata={"help": "Student CLIP checkpoint (Hub id or folder)."})
+    output_dir: str = field(metadata={"help": "Where results.json and the plots go."})
+    adapter: Optional[str] = field(default=None, metadata={"help": "FDBPL adapter (folder or Hub id); omit for "
+                                                                    "zero-shot CLIP."})
+    dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id or saved folder."})
+    split: Optional[str] = field(default=None, metadata={"help": "Test split (default: the registry's)."})
+    cross_datasets: list[str] = field(default_factory=list, metadata={"help": "Extra datasets scored among their "
+                                                                              "own classes (cross-dataset)."})
+    train_log: Optional[str] = field(default=None, metadata={"help": "train_log.json of the run, for the loss plot."})
+    num_shots: Optional[int] = field(default=None, metadata={"help": "Shots the adapter was trained with, recorded "
+                                                                     "(default 16 with an adapter, 0 zero-shot)."})
+    split_seed: int = field(default=1, metadata={"help": "Seed of the training run's few-shot draw (recorded)."})
+    method: Optional[str] = field(default=None, metadata={"help": "Method label (default: FDBPL or CLIP zero-shot)."})
+    template: Optional[str] = field(default=None, metadata={"help": "Zero-shot prompt (default: the dataset's)."})
+    batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Score a seeded random subset of this "
+                                                                            "many test rows (quick checks)."})
+    no_ood: bool = field(default=False, metadata={"help": "Skip the OOD detection (base vs novel images)."})
+    check_base_model_name: bool = field(default=True, metadata={"help": "Refuse an adapter whose recorded base "
+                                                                        "model name differs from --student."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Revision of the test dataset."})
+
+
+def _limit(dataset, n: Optional[int]):
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise SystemExit(f"--max_eval_samples must be >= 1, got {n}")
+    # Shuffled so a prefix does not hold only the first classes of a sorted split.
+    return dataset.shuffle(seed=0).select(range(n))
+
+
+def _load_test(name: str, split: Optional[str], revision: Optional[str]):
+    info = resolve_dataset(name)
+    split = split or info.test_split
+    data = info.load(split) if info.loader is not None else info.load(split, revision=revision)
+    return info, split, data
+
+
+def main() -> None:
+    from accelerate import PartialState
+
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses()
+    state = PartialState()
+    if not state.is_main_process:
+        return
+    info, split, test = _load_test(args.dataset, args.split, args.revision)
+    num_test_rows = len(test)
+    test = _limit(test, args.max_eval_samples)
+    template = args.template or info.template
+    model, processor = load_classifier(args.student, args.adapter, template=template, device=state.device,
+                                       check_base_model=args.check_base_model_name)
+    zero_shot = args.adapter is None
+    method = args.method or ("CLIP zero-shot" if zero_shot else "FDBPL")
+
+    b2n = evaluate_base_to_novel(model, test, info, image_processor=processor, template=template,
+                                 batch_size=args.batch_size, ood=not args.no_ood)
+    base_names, novel_names = b2n.pop("base_classnames"), b2n.pop("novel_classnames")
+    warn_if_classes_differ(model, base_names)
+    results = {"base_to_novel": b2n}
+
+    cross_protocol = {}
+    if args.cross_datasets:
+        targets = {}
+        for name in args.cross_datasets:
+            cinfo, csplit, cdata = _load_test(name, None, None)
+            names = cdata.features[cinfo.label_column].names
+            ids = kept_class_ids(names, cinfo.exclude_classes)
+            if len(ids) < len(names):
+                cdata = subset_classes(cdata, ids, cinfo.label_column)
+            cdata = _limit(cdata, args.max_eval_samples)
+            targets[cinfo.name] = (cdata, cinfo.clean_class_names([names[i] for i in ids]), cinfo.template)
+            cross_protocol[cinfo.name] = {"dataset_id": cinfo.hub_id or name, "split": csplit, "rows": len(cdata)}
+        # Columns follow the registry; a custom dataset with other column names needs the library API.
+        results["cross_dataset"] = evaluate_cross_dataset(model, targets, image_processor=processor,
+                                                          batch_size=args.batch_size)
+
+    adapter_config = None if zero_shot else model.fdbpl_config
+    protocol = {
+        "method": method,
+        "dataset": info.name,
+        "dataset_id": info.hub_id or args.dataset,
+        "dataset_config": info.config,
+        "split": split,
+        "revision": args.revision,
+        "num_test_rows": num_test_rows,
+        "max_eval_samples": args.max_eval_samples,
+        "num_shots": args.num_shots if args.num_shots is not None else (0 if zero_shot else 16),
+        "seed": args.split_seed,
+        "classes": "base-to-novel (CoOp: base = first ceil(C/2) sorted class ids)",
+        "base_classnames": base_names,
+        "novel_classnames": novel_names,
+        "student": args.student,
+        "adapter": args.adapter,
+        "template": template if zero_shot else None,
+        "adapter_base_model": adapter_config.base_model_name_or_path if adapter_config else None,
+        "adapter_trained_classnames": adapter_config.class_names if adapter_config else None,
+        "adapter_training": adapter_config.training if adapter_config else None,
+        "cross_datasets": cross_protocol or None,
+        "ood": None if args.no_ood else "ID = base test images, OOD = novel test images, scored over base classes",
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = write_results(os.path.join(args.output_dir, "results.json"), results, protocol)
+
+    try:
+        from fdbpl_hf.plots import plot_base_novel, plot_loss_curves, plot_per_class_accuracy
+
+        plot_per_class_accuracy(b2n["per_class_accuracy"], os.path.join(args.output_dir, "per_class.png"),
+                                title=f"{method} on {info.name}: per-class accuracy")
+        plot_base_novel({info.name: b2n}, os.path.join(args.output_dir, "base_novel.png"), title=method)
+        if args.train_log:
+            plot_loss_curves(args.train_log, os.path.join(args.output_dir, "loss_curves.png"))
+    except ImportError as err:  # plots are optional; the numbers are already written
+        warnings.warn(f"no plots: {err}")
+
+    print(format_summary_markdown(summarize_runs([{"protocol": protocol, "results": results}])))
+    if "ood" in b2n:
+        for score, m in b2n["ood"]["scores"].items():
+            print(f"OOD {score:>15}: AUROC {m['auroc']:.2f}  FPR95 {m['fpr95']:.2f}")
+    print(f"results written to {path}")
+
+
+if __name__ == "__main__":
+    main()
