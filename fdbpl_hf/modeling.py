@@ -125,12 +125,13 @@ class FDBPLCLIPModel(nn.Module):
             raise TypeError("class_names must be a list of strings, not a single string")
         key = tuple(class_names)
         cached = self._prompt_cache.get(key)
-        if cached is None:
-            cached = self._build_prompts(key)
+        if cached is None or cached.input_ids.device != self.device:
+            # Kept on the model's device: the training step reuses the same class list every time.
+            cached = (cached or self._build_prompts(key)).to(self.device)
             if len(self._prompt_cache) > 64:
                 self._prompt_cache.clear()
             self._prompt_cache[key] = cached
-        return cached.to(self.device)
+        return cached
 
     def _build_prompts(self, class_names: tuple[str, ...]) -> _ClassPrompts:
         if len(class_names) == 0:

@@ -160,10 +160,13 @@ class FDBPLTrainer(Trainer):
                 use_pcd=args.use_pcd, weight_mode=args.weight_mode, entropy_threshold=args.entropy_threshold,
             )
         mode = "train" if model.training else "eval"
-        for key in LOSS_TERMS:
-            if key in losses:
-                # gather on every rank: a collective under a rank check would hang
-                value = self.accelerator.gather(losses[key].detach().float().reshape(1)).mean().item()
+        keys = [key for key in LOSS_TERMS if key in losses]
+        if keys:
+            # One gather for all terms (one sync per step), on every rank: a collective under a
+            # rank check would hang.
+            terms = torch.stack([losses[key].detach().float() for key in keys]).unsqueeze(0)
+            values = self.accelerator.gather(terms).mean(0).tolist()
+            for key, value in zip(keys, values):
                 self._metrics[mode][f"loss_{key}"].append(value)
         return (losses["total"], outputs) if return_outputs else losses["total"]
 
