@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # CPU machines: a local CPU build of torch. On a GPU machine: `make TORCH_SPEC=torch demo` (or preinstall torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-zoo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ demo: install
 	$(PY) examples/demo.py
 
 test: install
-	OMP_NUM_THREADS=2 $(PY) -m pytest tests -q
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests -q -m "not zoo"
+
+# The protocol tests on the pretrained digit zoo (pretrains two small CLIPs once, then cached).
+test-zoo: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests -q -m zoo
 
 clean:
 	rm -rf $(VENV) outputs

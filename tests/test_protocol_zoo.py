@@ -1,0 +1,48 @@
+"""The protocol on the pretrained digit zoo (issue: a meaningful offline end-to-end).
+
+Marked `zoo`: they pretrain (or reuse from the cache) two small CLIPs, a few CPU minutes the first
+time, so `make test` skips them and `make test-zoo` runs them.
+"""
+
+import pytest
+
+from fdbpl_hf.protocol import run_base_to_novel
+from fdbpl_hf.zoo import build_zoo
+
+pytestmark = pytest.mark.zoo
+
+EPOCHS = 20
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return build_zoo()
+
+
+@pytest.fixture(scope="module")
+def runs(zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo_runs")
+    results = {"zero-shot": run_base_to_novel("zero-shot", student=zoo["student"], output_dir=str(out / "zs"))}
+    for method in ("fdbpl-online", "fdbpl-offline"):
+        results[method] = [
+            run_base_to_novel(method, student=zoo["student"], teacher=zoo["teacher"], seed=seed,
+                              output_dir=str(out / f"{method}{seed}"), num_train_epochs=EPOCHS)
+            for seed in (1, 2)
+        ]
+    return results
+
+
+def test_fdbpl_beats_the_zero_shot_student_on_base_classes(runs):
+    zero_shot = runs["zero-shot"]["base_acc"]
+    for result in runs["fdbpl-offline"]:
+        assert result["base_acc"] > zero_shot + 2.0, (result["base_acc"], zero_shot)
+
+
+def test_offline_matches_online_accuracy_in_less_time(runs):
+    online = [r["base_acc"] for r in runs["fdbpl-online"]]
+    offline = [r["base_acc"] for r in runs["fdbpl-offline"]]
+    spread = max(max(online) - min(online), max(offline) - min(offline), 2.0)
+    assert abs(sum(offline) / 2 - sum(online) / 2) <= 2 * spread, (online, offline)
+    online_time = sum(r["train_seconds"] for r in runs["fdbpl-online"])
+    offline_time = sum(r["train_seconds"] for r in runs["fdbpl-offline"])
+    assert offline_time < online_time, (offline_time, online_time)
