@@ -17,6 +17,8 @@ import os
 import statistics
 import time
 
+import torch
+
 from fdbpl_hf.evaluation import write_results
 from fdbpl_hf.protocol import run_base_to_novel
 from fdbpl_hf.zoo import build_zoo, read_zoo_marker
@@ -37,12 +39,16 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=float, default=50)
-    parser.add_argument("--learning_rate", type=float, default=0.002)
+    # The paper's 0.002 is tuned for real CLIP embeddings; the zoo's 64-wide student needs larger steps.
+    parser.add_argument("--learning_rate", type=float, default=0.1)
     parser.add_argument("--quick", action="store_true", help="one seed, 10 epochs")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 10
 
+    # Tiny models: one intra-op thread is faster than two (no per-op synchronisation), and far
+    # faster when the machine is busy.
+    torch.set_num_threads(1)
     start = time.perf_counter()
     zoo = build_zoo(progress=print)
     marker = read_zoo_marker(zoo) or {}
@@ -55,7 +61,7 @@ def main() -> None:
             out = os.path.join(args.output_dir, method, f"seed{seed}")
             result = run_base_to_novel(method, student=zoo["student"], teacher=zoo["teacher"], seed=seed,
                                        num_shots=16, output_dir=out, num_train_epochs=args.epochs,
-                                       learning_rate=args.learning_rate)
+                                       learning_rate=args.learning_rate, flip_prob=0.0)  # a mirrored digit is another digit
             write_results(os.path.join(out, "results.json"), result,
                           {"dataset": "digits", "method": method, "seed": seed, "num_shots": 16, "classes": "base",
                            "epochs": args.epochs, "teacher": zoo["teacher"], "student": zoo["student"]})
@@ -79,7 +85,8 @@ def main() -> None:
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump({m: [{k: r[k] for k in ("base_acc", "novel_acc", "hm", "train_seconds", "seed")} for r in rows[m]]
                    for m in METHODS}, f, indent=1)
-    print(f"\ndigits, base 0-4 / novel 5-9, 16 shots, seeds {args.seeds}, {args.epochs:g} epochs "
+    print(f"\ndigits, base 0-4 / novel 5-9, 16 shots, seeds {args.seeds}, {args.epochs:g} epochs, "
+          f"lr {args.learning_rate:g} "
           f"(accuracy %, mean ± std over seeds):\n")
     print(summary)
     print(f"\ntotal {time.perf_counter() - start:.0f}s; results in {args.output_dir}/")

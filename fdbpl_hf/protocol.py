@@ -35,9 +35,12 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
                       seed: int = 1, num_shots: int = 16, output_dir: str, num_train_epochs: float = 50,
                       per_device_train_batch_size: int = 32, learning_rate: float = 0.002,
                       num_regions: Optional[int] = None, top_k: Optional[int] = None,
+                      region_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
                       training_overrides: Optional[dict] = None, progress: bool = False) -> dict[str, Any]:
     """Train (unless zero-shot) and evaluate one method; returns the base/novel/HM result with
     `train_seconds` and, for the offline method, the table's build time and size.
+    `region_scale` is the area range of the random regions (paper: (0.08, 1.0)); `flip_prob`
+    their horizontal-flip rate (0 for data where a mirror image is another class, like digits).
 
     `num_regions` defaults to the number of epochs: each image replays one new region per epoch,
     so more regions than epochs are never read.
@@ -58,6 +61,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
         names, size = data["class_names"], clip.config.vision_config.image_size
         regions = num_regions or max(1, math.ceil(num_train_epochs))
         mean, std = processor.image_mean, processor.image_std
+        spec = RegionSpec(output_size=size, scale=tuple(region_scale), flip_prob=flip_prob)
         teacher_obj = None
         if method in ("fdbpl-online", "fdbpl-offline"):
             t_clip, t_tok, t_proc = _load(teacher)
@@ -66,7 +70,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
         if method == "fdbpl-offline":
             start = time.perf_counter()
             table = build_ril_table(data["dataset"], teacher_obj, class_names=names, num_regions=regions, top_k=top_k,
-                                    seed=seed, output_dir=os.path.join(output_dir, "table"))
+                                    seed=seed, region_spec=spec, output_dir=os.path.join(output_dir, "table"))
             stats = ril_metadata(table)["stats"]
             extra.update(table_build_seconds=round(time.perf_counter() - start, 2), table_bytes=stats["disk_bytes"],
                          table_regions=len(table))
@@ -75,15 +79,16 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
             teacher_obj = None  # FDBPL's point: no teacher at train time
         else:
             train_data = RILDataset.online(data["dataset"], class_names=names, image_mean=mean, image_std=std,
-                                           region_spec=RegionSpec(output_size=size), num_regions=regions, seed=seed)
+                                           region_spec=spec, num_regions=regions, seed=seed)
         model = get_fdbpl_model(clip, FDBPLConfig(base_model_name_or_path=student, template=data["template"]),
                                 tokenizer)
-        args = FDBPLTrainingArguments(
+        settings = dict(
             output_dir=os.path.join(output_dir, "run"), num_train_epochs=num_train_epochs,
             per_device_train_batch_size=per_device_train_batch_size, learning_rate=learning_rate, seed=seed,
             loss_type="coop" if method == "coop" else "fdbpl", save_strategy="no", report_to="none",
-            logging_steps=5, disable_tqdm=not progress, use_cpu=device == "cpu", **(training_overrides or {}),
+            logging_steps=5, disable_tqdm=not progress, use_cpu=device == "cpu",
         )
+        args = FDBPLTrainingArguments(**{**settings, **(training_overrides or {})})
         trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher_obj)
         start = time.perf_counter()
         trainer.train()
