@@ -8,6 +8,7 @@ The training images are chosen exactly as examples/train.py chooses them (same d
 shots, seed and classes), so the table and the training run line up; a mismatch fails loudly.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,7 +43,8 @@ def main() -> None:
     (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses()
     data = training_set(args.dataset, num_shots=args.num_shots or None, seed=args.split_seed, classes=args.classes,
                         split=args.split)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # one GPU per process under accelerate launch / torchrun
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     teacher = CLIPModel.from_pretrained(args.teacher).to(device)
     table = build_ril_table(
         data["dataset"], teacher, teacher_tokenizer=AutoTokenizer.from_pretrained(args.teacher),

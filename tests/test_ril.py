@@ -278,3 +278,31 @@ def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_pa
         torch.testing.assert_close(ensemble(pixels).exp(), expected)
     table = build_ril_table(digits_small, ensemble, num_regions=2, top_k=3, output_dir=str(tmp_path / "e"))
     assert len(ril_metadata(table)["teacher"]["members"]) == 2
+
+
+def test_two_process_build_equals_one_process(tmp_path):
+    """Under torchrun (2 CPU processes, gloo) each rank builds every other shard; rank 0 assembles."""
+    import socket
+
+    script = tmp_path / "build.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch
+        from fdbpl_hf import build_ril_table
+        from fdbpl_hf.offline import load_digits
+        ds = load_digits(num_per_class=3)
+        w = torch.randn(3 * 4 * 4, 10, generator=torch.Generator().manual_seed(0))
+        def teacher(px):
+            return torch.nn.functional.adaptive_avg_pool2d(px, 4).flatten(1) @ w
+        build_ril_table(ds, teacher, teacher_input_size=16, num_regions=4, top_k=3, output_dir=sys.argv[1],
+                        shard_size=4)
+    """))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", port, str(script), str(tmp_path / "two")],
+                   check=True, capture_output=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, capture_output=True, env=env,
+                   timeout=300)
+    assert load_ril_table(str(tmp_path / "two")).data.equals(load_ril_table(str(tmp_path / "one")).data)

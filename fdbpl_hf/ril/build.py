@@ -155,7 +155,15 @@ class _ChunkRenderer:
 
 
 def _dist_info() -> tuple[int, int]:
+    """(rank, world size) under `accelerate launch`/torchrun; the process group is started here
+    when the launcher set one up but nothing has initialised it yet (e.g. examples/build_table.py)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend)
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
