@@ -40,8 +40,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fdbpl_hf  # noqa: E402
+from _report import cpu_model, md_table, now, verdict  # noqa: E402
 from fdbpl_hf.offline import clip_config, clip_tokenizer, load_digits  # noqa: E402
 from fdbpl_hf.ril import build as ril_build  # noqa: E402
 from fdbpl_hf.ril.regions import (  # noqa: E402
@@ -58,9 +60,6 @@ datasets.logging.set_verbosity_error()
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-def now() -> float:
-    return time.perf_counter()
-
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -70,15 +69,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def md_table(header: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
-    return "\n".join(lines)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def section(title: str) -> None:
@@ -121,12 +111,7 @@ def random_clip(size: str, seed: int = 0, **kwargs):
 
 
 def machine_facts() -> None:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        pass
+    cpu = cpu_model()
     import pyarrow
     import transformers
 

@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import fdbpl_hf  # noqa: E402
+from _report import cpu_model, md_table, now, verdict  # noqa: E402
 from flops import Tower, real_models, step_flops, text_tower, vit  # noqa: E402
 from fdbpl_hf import (  # noqa: E402
     CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_ril_table, dense_teacher_logits, get_fdbpl_model,
@@ -84,19 +85,7 @@ TEACHER_PATCH_TOKENS, STUDENT_PATCH_TOKENS = 16, 7  # patches per side: 257 and 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-def now() -> float:
-    return time.perf_counter()
 
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
-    return "\n".join(lines)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def load_average() -> float:
@@ -126,12 +115,7 @@ def cpu_share_probe(seconds: float = 0.5) -> float:
 
 
 def machine_facts(args) -> float:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        pass
+    cpu = cpu_model()
     import transformers
 
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -306,3 +306,15 @@ def test_two_process_build_equals_one_process(tmp_path):
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, capture_output=True, env=env,
                    timeout=300)
     assert load_ril_table(str(tmp_path / "two")).data.equals(load_ril_table(str(tmp_path / "one")).data)
+
+
+def test_batched_items_equal_single_items(digits_small, teacher_clip, tokenizer, tmp_path):
+    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
+    data = replay(digits_small, table)
+    data.set_epoch(4)
+    batch = data.__getitems__([9, 2, 9, 17])
+    for index, item in zip([9, 2, 9, 17], batch):
+        single = data[index]
+        assert item.keys() == single.keys()
+        for key in item:
+            assert torch.equal(item[key], single[key]), key

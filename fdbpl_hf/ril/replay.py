@@ -125,33 +125,42 @@ class RILDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        region = self.region_for(index)
-        item = self.source[index]
-        image = image_to_tensor(decode_image(item[self.image_column], index))
-        if self.table is None:
-            boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
-                                          region_rng(self.seed, index))
-            row = {"box": boxes[region], "flip": flips[region]}
-        else:
-            row = self.table[index * self.num_regions + region]
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """A batch of items; the DataLoader calls this, so table and source rows are read in one
+        call each instead of one call per item (8x cheaper for the table)."""
+        indices = [int(i) for i in indices]
+        regions = [self.region_for(i) for i in indices]
+        sources = self.source[indices]
+        if self.table is not None:
+            rows = self.table[[i * self.num_regions + r for i, r in zip(indices, regions)]]
         threads = torch.get_num_threads()
         if threads > 1 and torch.utils.data.get_worker_info() is None:
-            # Many tiny ops on one crop: extra intra-op threads only contend with the training
-            # step (measured 27x slower with 2 threads on a busy 2-core machine).
+            # Many tiny ops per crop: extra intra-op threads only contend with the training step
+            # (measured 27x slower with 2 threads on a busy 2-core machine).
             torch.set_num_threads(1)
         try:
-            pixels = normalize(render_region(image, row["box"], bool(row["flip"]), self.spec),
-                               self.image_mean, self.image_std)
+            items = []
+            for n, (index, region) in enumerate(zip(indices, regions)):
+                image = image_to_tensor(decode_image(sources[self.image_column][n], index))
+                if self.table is None:
+                    boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
+                                                  region_rng(self.seed, index))
+                    box, flip = boxes[region], flips[region]
+                else:
+                    box, flip = rows["box"][n], rows["flip"][n]
+                label = sources[self.label_column][n] if self.label_column else -1
+                item = {
+                    "pixel_values": normalize(render_region(image, box, bool(flip), self.spec),
+                                              self.image_mean, self.image_std),
+                    "labels": torch.tensor(-1 if label is None else int(label)),
+                    "region": torch.tensor(region),
+                }
+                if self.table is not None:
+                    item["topk_indices"] = torch.from_numpy(rows["topk_indices"][n].astype(np.int64))
+                    item["topk_logits"] = torch.from_numpy(rows["topk_logits"][n].astype(np.float32))
+                items.append(item)
         finally:
             torch.set_num_threads(threads)
-        label = item[self.label_column] if self.label_column else -1
-        out = {
-            "pixel_values": pixels,
-            "labels": torch.tensor(-1 if label is None else int(label)),
-            "region": torch.tensor(region),
-        }
-        if self.table is not None:
-            out["topk_indices"] = torch.from_numpy(row["topk_indices"].astype(np.int64))
-            out["topk_logits"] = torch.from_numpy(row["topk_logits"].astype(np.float32))
-        return out
+        return items

@@ -1,0 +1,26 @@
+"""Shared printing helpers of the benchmark scripts (markdown tables, verdicts, machine facts)."""
+
+import time
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def md_table(header: list, rows: list) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        return "?"
