@@ -91,6 +91,20 @@ class FDBPLTrainer(Trainer):
             raise ValueError("an online RILDataset has no soft labels: pass teacher= (the online baseline)")
         if teacher is not None and teacher.num_classes != train_dataset.num_classes:
             raise ValueError(f"teacher scores {teacher.num_classes} classes, the data has {train_dataset.num_classes}")
+        if teacher is not None and teacher.input_size != train_dataset.spec.output_size:
+            raise ValueError(f"the teacher takes {teacher.input_size}px inputs but the regions are rendered at "
+                             f"{train_dataset.spec.output_size}px")
+        teacher_names = getattr(teacher, "class_names", None)
+        if teacher_names is not None and list(teacher_names) != list(train_dataset.class_names):
+            raise ValueError("the teacher's class names (or their order) differ from the training classes")
+        if args.loss_type == "coop" and train_dataset.label_column is None:
+            raise ValueError("loss_type='coop' trains on labels, but the dataset has no label column")
+        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+            raise ValueError("dataloader_persistent_workers would freeze the replayed region at epoch 0: "
+                             "persistent workers never see the new epoch")
+        if args.n_gpu > 1:
+            raise ValueError("several GPUs in one process (DataParallel) are not supported: launch one process per "
+                             "GPU with `accelerate launch` or torchrun (DDP)")
         model_size = model.clip.config.vision_config.image_size
         if model_size != train_dataset.spec.output_size:
             raise ValueError(f"the student's image size {model_size} differs from the table's region size "
@@ -115,7 +129,8 @@ class FDBPLTrainer(Trainer):
         if self.args.warmup_epochs <= 0 or self.args.lr_scheduler_type != "cosine":
             return super().create_scheduler(num_training_steps, optimizer)
         optimizer = optimizer or self.optimizer
-        steps_per_epoch = max(1, num_training_steps / max(self.args.num_train_epochs, 1e-9))
+        per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        steps_per_epoch = max(1, math.ceil(len(self.train_dataset) / per_step))
         warmup = min(int(round(self.args.warmup_epochs * steps_per_epoch)), max(num_training_steps - 1, 0))
         ratio = self.args.warmup_lr / self.args.learning_rate
 
@@ -127,6 +142,7 @@ class FDBPLTrainer(Trainer):
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
         self.lr_scheduler = LambdaLR(optimizer, factor)
+        self._created_lr_scheduler = True  # lets a second train() build a fresh schedule
         return self.lr_scheduler
 
     # ---- the loss -----------------------------------------------------------------------------

@@ -318,3 +318,13 @@ def test_batched_items_equal_single_items(digits_small, teacher_clip, tokenizer,
         assert item.keys() == single.keys()
         for key in item:
             assert torch.equal(item[key], single[key]), key
+
+
+def test_resume_refuses_another_shard_size(tmp_path):
+    from fdbpl_hf.ril.build import _prepare_workdir
+
+    meta = {"build_key": "abc", "shard_size": 8}
+    _prepare_workdir(str(tmp_path / "w"), meta)
+    _prepare_workdir(str(tmp_path / "w"), meta)  # same settings: resumes
+    with pytest.raises(ValueError, match="shard_size=8"):
+        _prepare_workdir(str(tmp_path / "w"), dict(meta, shard_size=4))

@@ -158,6 +158,19 @@ def test_bad_inputs(digits_small, dense_table, tokenizer, tmp_path):
         FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path), train_dataset=online)
     with pytest.raises(ValueError, match="remove_unused_columns"):
         train_args(tmp_path, remove_unused_columns=True)
+    big_teacher = CLIPTeacher(make_clip("tiny", image_size=64), tokenizer, DIGIT_NAMES)
+    with pytest.raises(ValueError, match="teacher takes 64px inputs but the regions are rendered at 32px"):
+        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path), train_dataset=online, teacher=big_teacher)
+    shuffled = CLIPTeacher(make_clip("tiny"), tokenizer, DIGIT_NAMES[::-1])
+    with pytest.raises(ValueError, match="class names \\(or their order\\) differ"):
+        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path), train_dataset=online, teacher=shuffled)
+    with pytest.raises(ValueError, match="persistent workers"):
+        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, dataloader_num_workers=1,
+                                                               dataloader_persistent_workers=True), train_dataset=data)
+    unlabeled = RILDataset(digits_small.remove_columns("label"), dense_table, image_mean=MEAN, image_std=STD,
+                           verify=False)
+    with pytest.raises(ValueError, match="no label column"):
+        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, loss_type="coop"), train_dataset=unlabeled)
     # a corrupt table: NaN soft labels
     broken = dense_table.map(lambda b: {"topk_logits": [[float("nan")] * 10 for _ in b["topk_logits"]]},
                              batched=True, features=dense_table.features)

@@ -290,7 +290,7 @@ def build_ril_table(
     rank, world = _dist_info()
     work = output_dir + ".incomplete"
     if rank == 0:
-        _prepare_workdir(work, metadata)
+        _prepare_workdir(work, dict(metadata, shard_size=shard_size))
     _barrier()
 
     features = table_features(top_k, len(names))
@@ -344,6 +344,10 @@ def _prepare_workdir(work: str, metadata: dict) -> None:
             previous = json.load(f)
         if previous.get("build_key") != metadata["build_key"]:
             raise ValueError(f"{work} holds an interrupted build with other settings; delete it to start over")
+        if previous.get("shard_size") != metadata["shard_size"]:
+            # finished shards are named by index: another shard_size would map them to other rows
+            raise ValueError(f"{work} holds an interrupted build with shard_size={previous.get('shard_size')}; "
+                             f"resume it with that shard_size (got {metadata['shard_size']}) or delete it")
         logger.info("resuming the interrupted RIL build in %s", work)
         return
     os.makedirs(work, exist_ok=True)
