@@ -199,10 +199,7 @@ class FDBPLTrainer(Trainer):
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        prompts = self.accelerator.unwrap_model(self.model).prompts
-        prompts.config.training = self._training_summary()
-        prompts.config.class_names = list(self.train_dataset.class_names)
-        prompts.save_pretrained(output_dir)
+        self._adapter_prompts().save_pretrained(output_dir)
 
     def _restore_prompts(self, checkpoint_dir: str, model=None) -> None:
         loaded = FDBPLPromptLearner.from_pretrained(checkpoint_dir)
@@ -220,6 +217,13 @@ class FDBPLTrainer(Trainer):
     def _load_best_model(self):
         if self.state.best_model_checkpoint:
             self._restore_prompts(self.state.best_model_checkpoint)
+
+    def _adapter_prompts(self) -> FDBPLPromptLearner:
+        """The prompts with the training record (summary, classes) written into their config."""
+        prompts = self.accelerator.unwrap_model(self.model).prompts
+        prompts.config.training = self._training_summary()
+        prompts.config.class_names = list(self.train_dataset.class_names)
+        return prompts
 
     def _training_summary(self) -> dict:
         data: RILDataset = self.train_dataset
@@ -247,8 +251,5 @@ class FDBPLTrainer(Trainer):
         """Write the adapter's card (base model, table, hyper-parameters, final losses) to output_dir."""
         if not self.is_world_process_zero():
             return
-        prompts = self.accelerator.unwrap_model(self.model).prompts
-        prompts.config.training = self._training_summary()
-        prompts.config.class_names = list(self.train_dataset.class_names)
-        card = prompts.generate_model_card(repo_id=self.args.hub_model_id)
+        card = self._adapter_prompts().generate_model_card(repo_id=self.args.hub_model_id)
         card.save(os.path.join(self.args.output_dir, "README.md"))

@@ -261,8 +261,9 @@ def test_bad_input_fails_clearly(teacher_clip, tokenizer, tmp_path, digits_small
         build_ril_table(digits_small, wrong, num_regions=2, output_dir=str(tmp_path / "h"), images_per_batch=30)
     with pytest.raises(ValueError, match="teacher_input_size"):
         build_ril_table(digits_small, lambda x: x, output_dir=str(tmp_path / "i"))
-    assert not any(p.name.endswith(".incomplete") and any(p.iterdir()) and (p / "shard-00000").exists()
-                   for p in tmp_path.iterdir() if p.name in {"a.incomplete", "b.incomplete"})
+    # the failed builds kept no shard that a resume could mistake for finished work
+    assert not (tmp_path / "a.incomplete" / "shard-00000").exists()
+    assert not (tmp_path / "b.incomplete" / "shard-00000").exists()
 
 
 def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_path):
