@@ -3,7 +3,8 @@
 1. the zoo: a stronger teacher CLIP and a weaker student CLIP, pretrained contrastively on real
    MNIST digits from a PyPI wheel (cached after the first run; a few CPU minutes);
 2. the protocol: base digits 0-4, novel 5-9, 16 shots per base class, seeds 1/2/3;
-3. methods: zero-shot student, CoOp, FDBPL with the online teacher, FDBPL from the RIL table;
+3. methods: zero-shot student, CoOp, FDBPL with the online teacher, FDBPL from the RIL table, and
+   FDBPL from the table plus a student-feature cache (no image tower at train time);
 4. a table of base / novel / HM (mean ± std over seeds), training time and table size,
    written to outputs/demo/ with one results JSON per run.
 
@@ -23,9 +24,9 @@ from fdbpl_hf.evaluation import write_results
 from fdbpl_hf.protocol import run_base_to_novel
 from fdbpl_hf.zoo import build_zoo, read_zoo_marker
 
-METHODS = ("zero-shot", "coop", "fdbpl-online", "fdbpl-offline")
+METHODS = ("zero-shot", "coop", "fdbpl-online", "fdbpl-offline", "fdbpl-cached")
 LABELS = {"zero-shot": "zero-shot student", "coop": "CoOp", "fdbpl-online": "FDBPL, online teacher",
-          "fdbpl-offline": "FDBPL, offline RIL table"}
+          "fdbpl-offline": "FDBPL, offline RIL table", "fdbpl-cached": "FDBPL, table + feature cache"}
 
 
 def fmt(values: list[float]) -> str:
@@ -73,9 +74,12 @@ def main() -> None:
     for method in METHODS:
         rs = rows[method]
         table = "-"
-        if method == "fdbpl-offline":
+        if method in ("fdbpl-offline", "fdbpl-cached"):
             table = (f"{rs[0]['table_bytes'] / 1024:.0f} KiB, built in "
                      f"{statistics.mean(r['table_build_seconds'] for r in rs):.1f}s")
+        if method == "fdbpl-cached":
+            table += (f"; cache {rs[0]['cache_bytes'] / 1024:.0f} KiB, built in "
+                      f"{statistics.mean(r['cache_build_seconds'] for r in rs):.1f}s")
         lines.append(f"| {LABELS[method]} | {fmt([r['base_acc'] for r in rs])} | {fmt([r['novel_acc'] for r in rs])} "
                      f"| {fmt([r['hm'] for r in rs])} | {fmt([r['train_seconds'] for r in rs])} | {table} |")
     summary = "\n".join(lines)

@@ -4,8 +4,8 @@ from .config import FDBPLConfig
 from .modeling import FDBPLCLIPModel, FDBPLOutput, get_fdbpl_model
 from .prompts import FDBPLPromptLearner
 from .ril import (
-    CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_ril_table,
-    dense_teacher_logits, load_ril_table, push_ril_table, ril_metadata,
+    CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_feature_cache,
+    build_ril_table, dense_teacher_logits, load_feature_cache, load_ril_table, push_ril_table, ril_metadata,
 )
 from .trainer import FDBPLTrainer, FDBPLTrainingArguments
 from .version import __version__
@@ -19,6 +19,8 @@ __all__ = [
     "FDBPLTrainer",
     "FDBPLTrainingArguments",
     "build_ril_table",
+    "build_feature_cache",
+    "load_feature_cache",
     "push_ril_table",
     "load_ril_table",
     "ril_metadata",

@@ -2,7 +2,8 @@
 
 Methods: "zero-shot" (the student's hand-crafted prompt), "coop" (cross-entropy on the few-shot
 labels, positive prompt only), "fdbpl-online" (a live teacher scores every replayed region, the
-PromptKD/KDPL way) and "fdbpl-offline" (FDBPL: the teacher runs once into an RIL table).
+PromptKD/KDPL way), "fdbpl-offline" (FDBPL: the teacher runs once into an RIL table) and
+"fdbpl-cached" (offline plus a student-feature cache: training skips images and the image tower).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from .config import FDBPLConfig
 from .data import resolve_dataset, training_set
 from .evaluation import ZeroShotCLIP, evaluate_base_to_novel
 from .modeling import get_fdbpl_model
-from .ril import CLIPTeacher, RegionSpec, RILDataset, build_ril_table, ril_metadata
+from .ril import CLIPTeacher, RegionSpec, RILDataset, build_feature_cache, build_ril_table, ril_metadata
+from .ril.features import feature_cache_metadata
 from .trainer import FDBPLTrainer, FDBPLTrainingArguments
 
-METHODS = ("zero-shot", "coop", "fdbpl-online", "fdbpl-offline")
+METHODS = ("zero-shot", "coop", "fdbpl-online", "fdbpl-offline", "fdbpl-cached")
 
 
 def _load(path: str):
@@ -38,7 +40,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
                       region_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
                       training_overrides: Optional[dict] = None, progress: bool = False) -> dict[str, Any]:
     """Train (unless zero-shot) and evaluate one method; returns the base/novel/HM result with
-    `train_seconds` and, for the offline method, the table's build time and size.
+    `train_seconds` and, for the offline methods, the table's (and the feature cache's) build time and size.
     `region_scale` is the area range of the random regions (paper: (0.08, 1.0)); `flip_prob`
     their horizontal-flip rate (0 for data where a mirror image is another class, like digits).
 
@@ -63,11 +65,11 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
         mean, std = processor.image_mean, processor.image_std
         spec = RegionSpec(output_size=size, scale=tuple(region_scale), flip_prob=flip_prob)
         teacher_obj = None
-        if method in ("fdbpl-online", "fdbpl-offline"):
+        if method.startswith("fdbpl"):
             t_clip, t_tok, t_proc = _load(teacher)
             teacher_obj = CLIPTeacher(t_clip.to(device), t_tok, names, data["template"], t_proc.image_mean,
                                       t_proc.image_std, name=os.path.basename(os.path.normpath(teacher)))
-        if method == "fdbpl-offline":
+        if method in ("fdbpl-offline", "fdbpl-cached"):
             start = time.perf_counter()
             table = build_ril_table(data["dataset"], teacher_obj, class_names=names, num_regions=regions, top_k=top_k,
                                     seed=seed, region_spec=spec, output_dir=os.path.join(output_dir, "table"))
@@ -82,6 +84,14 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
                                            region_spec=spec, num_regions=regions, seed=seed)
         model = get_fdbpl_model(clip, FDBPLConfig(base_model_name_or_path=student, template=data["template"]),
                                 tokenizer)
+        if method == "fdbpl-cached":
+            start = time.perf_counter()
+            cache = build_feature_cache(train_data, model, epochs=min(regions, math.ceil(num_train_epochs)),
+                                        output_dir=os.path.join(output_dir, "feature_cache"), progress=progress)
+            extra.update(cache_build_seconds=round(time.perf_counter() - start, 2),
+                         cache_bytes=feature_cache_metadata(cache)["stats"]["disk_bytes"])
+            train_data = RILDataset(data["dataset"], table, image_mean=mean, image_std=std, image_size=size,
+                                    class_names=names, feature_cache=cache)
         settings = dict(
             output_dir=os.path.join(output_dir, "run"), num_train_epochs=num_train_epochs,
             per_device_train_batch_size=per_device_train_batch_size, learning_rate=learning_rate, seed=seed,

@@ -16,6 +16,7 @@ from .losses import WEIGHT_MODES, coop_loss, fdbpl_loss
 from .modeling import FDBPLCLIPModel
 from .prompts import FDBPLPromptLearner
 from .ril.regions import normalize
+from .ril.features import check_feature_cache
 from .ril.replay import RILDataset, dense_teacher_logits
 from .ril.teachers import Teacher
 
@@ -109,6 +110,15 @@ class FDBPLTrainer(Trainer):
         if model_size != train_dataset.spec.output_size:
             raise ValueError(f"the student's image size {model_size} differs from the table's region size "
                              f"{train_dataset.spec.output_size}: the table was built for another input size")
+        if train_dataset.feature_cache is not None:
+            if teacher is not None:
+                raise ValueError("the online teacher scores pixels: a dataset with a student-feature cache has none")
+            cached = int(train_dataset.cache_metadata["epochs"])
+            needed = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else None
+            if needed is not None and needed > cached and cached < train_dataset.num_regions:
+                raise ValueError(f"the student-feature cache covers {cached} epochs of replay, training asks for "
+                                 f"{needed}: rebuild it with build_feature_cache(..., epochs={needed})")
+            check_feature_cache(train_dataset, model)
         model.set_class_names(train_dataset.class_names)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_EpochToDataset(train_dataset)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
@@ -146,7 +156,7 @@ class FDBPLTrainer(Trainer):
         return self.lr_scheduler
 
     # ---- the loss -----------------------------------------------------------------------------
-    def teacher_logits(self, inputs: dict, pixel_values: torch.Tensor) -> torch.Tensor:
+    def teacher_logits(self, inputs: dict, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
         dataset: RILDataset = self.train_dataset
         if self.teacher is None:
             return dense_teacher_logits(inputs["topk_indices"], inputs["topk_logits"], dataset.num_classes,
@@ -160,8 +170,9 @@ class FDBPLTrainer(Trainer):
             return self.teacher(pixels).float()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        pixel_values = inputs["pixel_values"]
-        outputs = model(pixel_values=pixel_values)
+        # image_features: the student-feature cache (no image tower); else the replayed pixels
+        pixel_values = inputs.get("pixel_values")
+        outputs = model(pixel_values=pixel_values, image_features=inputs.get("image_features"))
         args = self.args
         if args.loss_type == "coop":
             losses = {"total": coop_loss(outputs.pos_logits, inputs["labels"])}
@@ -233,6 +244,8 @@ class FDBPLTrainer(Trainer):
             ("FDBPL, online teacher" if self.teacher is not None else "FDBPL, offline RIL table"),
             "teacher": (self.teacher.name if self.teacher is not None else meta.get("teacher", {}).get("name")),
             "table": None if data.is_online else f"M={meta['num_regions']}, K={meta['top_k']}, seed {meta['seed']}",
+            "student-feature cache": None if data.feature_cache is None else
+            f"{data.cache_metadata['epochs']} epochs, {data.cache_metadata['dtype']}",
             "source dataset": meta.get("source", {}).get("id"),
             "images": len(data),
             "classes": data.num_classes,

@@ -355,7 +355,8 @@ def _prepare_workdir(work: str, metadata: dict) -> None:
         json.dump(metadata, f, indent=2, sort_keys=True)
 
 
-def _assemble(work: str, output_dir: str, num_shards: int, metadata: dict) -> None:
+def _assemble(work: str, output_dir: str, num_shards: int, metadata: dict,
+              metadata_file: str = METADATA_FILE) -> None:
     parts = [datasets.load_from_disk(os.path.join(work, f"shard-{s:05d}")) for s in range(num_shards)]
     table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     staging = os.path.join(work, "table")
@@ -366,7 +367,7 @@ def _assemble(work: str, output_dir: str, num_shards: int, metadata: dict) -> No
     regions = len(table)
     final = dict(metadata, complete=True, stats={"num_rows": regions, "disk_bytes": data_bytes,
                                                  "bytes_per_region": data_bytes / max(regions, 1)})
-    with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(staging, metadata_file), "w", encoding="utf-8") as f:
         json.dump(final, f, indent=2, sort_keys=True)
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     os.replace(staging, output_dir)  # the table appears whole, or not at all

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .regions import RegionSpec, image_to_tensor, normalize, region_rng, render_region, sample_regions
+from .features import check_cache_matches_table, feature_cache_metadata
 from .table import FILL_RULES, check_table_matches, decode_image, ril_metadata
 
 MR_FILL_GAP = 10.0
@@ -49,6 +50,9 @@ class RILDataset(torch.utils.data.Dataset):
     dicts with `pixel_values` `[3, S, S]`, `topk_indices` `[K]`, `topk_logits` `[K]`, `labels`
     (the source label, or -1) and `region`.
 
+    With a `feature_cache` (from `build_feature_cache`), items carry the student's stored
+    `image_features` `[D]` instead of `pixel_values`: no image is decoded or rendered.
+
     The table is checked against the dataset (row count and content fingerprint), against
     `class_names` and against the student's `image_size`; any difference raises.
     """
@@ -57,7 +61,8 @@ class RILDataset(torch.utils.data.Dataset):
                  image_std: Sequence[float], image_size: Optional[int] = None,
                  class_names: Optional[Sequence[str]] = None, epoch: int = 0,
                  image_column: Optional[str] = None, label_column: Optional[str] = None,
-                 metadata: Optional[dict] = None, verify: bool = True):
+                 metadata: Optional[dict] = None, verify: bool = True,
+                 feature_cache: Optional[datasets.Dataset] = None):
         self.metadata = metadata if metadata is not None else ril_metadata(table)
         src = self.metadata["source"]
         self.image_column = image_column or src["image_column"]
@@ -78,6 +83,16 @@ class RILDataset(torch.utils.data.Dataset):
         self.source = dataset.select_columns(columns).cast_column(self.image_column, datasets.Image(decode=False))
         self.table = table.with_format("numpy") if table is not None else None
         self.epoch = epoch
+        self.feature_cache, self.cache_metadata, self._labels = None, None, None
+        if feature_cache is not None:
+            if table is None:
+                raise ValueError("a feature cache replays an RIL table's regions: the online dataset has none")
+            self.cache_metadata = feature_cache_metadata(feature_cache)
+            check_cache_matches_table(self.cache_metadata, self.metadata, self.image_mean, self.image_std)
+            self.feature_cache = feature_cache.with_format("numpy")
+            if self.label_column:
+                # labels without touching the image column
+                self._labels = np.asarray(dataset[self.label_column], dtype=np.int64)
 
     @classmethod
     def online(cls, dataset: datasets.Dataset, *, class_names: Sequence[str], image_mean: Sequence[float],
@@ -132,6 +147,8 @@ class RILDataset(torch.utils.data.Dataset):
         call each instead of one call per item (8x cheaper for the table)."""
         indices = [int(i) for i in indices]
         regions = [self.region_for(i) for i in indices]
+        if self.feature_cache is not None:
+            return self._cached_items(indices, regions)
         sources = self.source[indices]
         if self.table is not None:
             rows = self.table[[i * self.num_regions + r for i, r in zip(indices, regions)]]
@@ -163,4 +180,29 @@ class RILDataset(torch.utils.data.Dataset):
                 items.append(item)
         finally:
             torch.set_num_threads(threads)
+        return items
+
+    def _cached_items(self, indices: list[int], regions: list[int]) -> list[dict]:
+        epochs = int(self.cache_metadata["epochs"])
+        slot = self.epoch % self.num_regions
+        if slot >= epochs:
+            raise ValueError(f"the student-feature cache covers the first {epochs} epochs of the replay schedule, "
+                             f"epoch {self.epoch} needs more: rebuild it with epochs >= {slot + 1} (or train fewer "
+                             "epochs)")
+        cached = self.feature_cache[[i * epochs + slot for i in indices]]
+        if [int(r) for r in cached["region"]] != regions:
+            raise ValueError("the student-feature cache's regions differ from the replay schedule: it was not "
+                             "built for this table and seed")
+        rows = self.table[[i * self.num_regions + r for i, r in zip(indices, regions)]]
+        features = torch.from_numpy(np.asarray(cached["image_features"], dtype=np.float32))
+        items = []
+        for n, (index, region) in enumerate(zip(indices, regions)):
+            label = int(self._labels[index]) if self._labels is not None else -1
+            items.append({
+                "image_features": features[n],
+                "labels": torch.tensor(label),
+                "region": torch.tensor(region),
+                "topk_indices": torch.from_numpy(rows["topk_indices"][n].astype(np.int64)),
+                "topk_logits": torch.from_numpy(rows["topk_logits"][n].astype(np.float32)),
+            })
         return items

@@ -1,0 +1,373 @@
+#!/usr/bin/env python
+"""Speed claim on real-size models and one accelerator: ViT-L/14 teacher, ViT-B/32 student.
+
+    python benchmarks/speed_real.py                  # on a CUDA GPU (about 2 minutes on an H200)
+    python benchmarks/speed_real.py --quick --device cpu --size small   # smoke run of the script itself
+
+Random weights of the real architectures (`fdbpl_hf.offline.clip_config("vit-l-14")` and
+`"vit-b-32"`: costs do not depend on the weights; nothing is downloaded). The source images
+are smooth synthetic 500 x 375 JPEGs (ImageNet's typical size), decoded and cropped by the real
+replay. For each class count C (50: a typical base split; 500: ImageNet's base classes) it:
+
+1. builds an RIL table with the teacher (timed: regions per second) and a student-feature cache;
+2. runs `FDBPLTrainer` (bf16 autocast on CUDA) in three modes on the same images and regions:
+   **online** (the teacher scores every batch: PromptKD/KDPL), **offline** (FDBPL: soft labels from
+   the table) and **cached** (offline plus the student-feature cache: no image tower, no images);
+3. times two pure steps without Trainer or data: student image forward + text forward/backward
+   + losses + SGD (the floor of online and offline), and text + losses + SGD alone (the floor of
+   the cached mode).
+
+The modes run in interleaved rounds. A step is the time between consecutive `on_step_end`
+callbacks (the loss logging makes every step end in a device sync). Figures are printed as
+markdown and written to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
+from transformers import CLIPModel, TrainerCallback  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from _report import md_table, now  # noqa: E402
+from flops import real_models, step_flops  # noqa: E402
+from fdbpl_hf import (  # noqa: E402
+    CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_feature_cache, build_ril_table, dense_teacher_logits,
+    get_fdbpl_model,
+)
+from fdbpl_hf.losses import fdbpl_loss  # noqa: E402
+from fdbpl_hf.offline import clip_config, clip_tokenizer  # noqa: E402
+from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402
+
+datasets.disable_progress_bars()
+datasets.logging.set_verbosity_error()
+
+CALTECH_BASE = [
+    "face", "leopard", "motorbike", "accordion", "airplane", "anchor", "ant", "barrel", "bass", "beaver",
+    "binocular", "bonsai", "brain", "brontosaurus", "buddha", "butterfly", "camera", "cannon", "car side",
+    "ceiling fan", "cellphone", "chair", "chandelier", "cougar body", "cougar face", "crab", "crayfish",
+    "crocodile", "crocodile head", "cup", "dalmatian", "dollar bill", "dolphin", "dragonfly", "electric guitar",
+    "elephant", "emu", "euphonium", "ewer", "ferry", "flamingo", "flamingo head", "garfield", "gerenuk",
+    "gramophone", "grand piano", "hawksbill", "headphone", "hedgehog", "helicopter",
+]
+WORDS = ["red", "small", "wild", "old", "striped", "spotted", "golden", "northern", "sea", "mountain"]
+NOUNS = ["fox", "warbler", "beetle", "lantern", "kettle", "canoe", "violin", "orchid", "lizard", "tractor",
+         "sparrow", "teapot", "hammer", "jellyfish", "otter", "snail", "tulip", "bus", "owl", "harp",
+         "crab", "mug", "kite", "moth", "llama", "shark", "ladder", "cactus", "drum", "whale",
+         "robin", "goose", "spider", "bison", "lamp", "sofa", "piano", "bottle", "zebra", "frog",
+         "bridge", "wagon", "clock", "tiger", "yak", "vase", "heron", "parrot", "eel", "lemur"]
+
+
+def class_names(count: int) -> list[str]:
+    """Caltech101's 50 base names, or `count` distinct two-word names (ImageNet-like 2-4 token names)."""
+    if count <= len(CALTECH_BASE):
+        return CALTECH_BASE[:count]
+    names = [f"{w} {n}" for w in WORDS for n in NOUNS]
+    if count > len(names):
+        raise ValueError(f"at most {len(names)} classes")
+    return names[:count]
+
+
+def synthetic_images(count: int, names: list[str], seed: int = 0) -> datasets.Dataset:
+    """Smooth random 500 x 375 JPEGs (quality 90): photo-like size, file size and decode cost."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        small = Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8))
+        big = np.asarray(small.resize((500, 375), Image.BICUBIC), dtype=np.int16)
+        big = np.clip(big + rng.integers(-12, 13, size=big.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(big).save(buf, format="JPEG", quality=90)
+        rows.append({"image": {"bytes": buf.getvalue(), "path": None}, "label": i % len(names)})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(now())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trainer_steps(args, model, data, teacher, workdir: str, workers: int) -> list[float]:
+    from transformers.trainer_callback import PrinterCallback
+
+    steps = args.warmup + args.steps
+    targs = FDBPLTrainingArguments(
+        output_dir=workdir, max_steps=steps, per_device_train_batch_size=args.batch, save_strategy="no",
+        report_to="none", disable_tqdm=True, use_cpu=args.device == "cpu", bf16=args.bf16,
+        dataloader_num_workers=workers, dataloader_pin_memory=args.device != "cpu", seed=0, logging_steps=500,
+    )
+    timer = StepTimer()
+    trainer = FDBPLTrainer(model=model, args=targs, train_dataset=data, teacher=teacher, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    ends = timer.ends[args.warmup:]
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def pure_steps(args, model, batches: list[dict], num_classes: int, device, use_features: bool) -> list[float]:
+    """Forward (image tower unless `use_features`) + FDBPL loss + backward + SGD on device-resident batches."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
+    prepared = []
+    for b in batches:
+        target = dense_teacher_logits(b["topk_indices"], b["topk_logits"], num_classes).to(device)
+        x = b["image_features"] if use_features else b["pixel_values"]
+        prepared.append((x.to(device), target))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    model.train()
+    times = []
+    for i in range(args.warmup + args.steps + 1):
+        x, target = prepared[i % len(prepared)]
+        sync(device)
+        t0 = now()
+        with autocast:
+            o = model(image_features=x) if use_features else model(pixel_values=x)
+            losses = fdbpl_loss(o.pos_logits, o.neg_logits, target, o.image_features, o.pos_text_features,
+                                o.neg_text_features)
+        losses["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(losses["total"].detach())  # the Trainer's per-step loss logging syncs too
+        if i > args.warmup:
+            times.append(now() - t0)
+    return times
+
+
+def piece_times(args, teacher_clip, student, names, device) -> dict:
+    """Bare per-batch costs (device-synced wall time, median of repetitions)."""
+    b = args.batch
+    pixels = torch.randn(b, 3, 224, 224, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def timed(fn, reps=args.piece_reps):
+        for _ in range(min(3, reps)):
+            fn()
+        out = []
+        for _ in range(reps):
+            sync(device)
+            t0 = now()
+            fn()
+            sync(device)
+            out.append(now() - t0)
+        return statistics.median(out)
+
+    with torch.no_grad(), autocast:
+        teacher = timed(lambda: teacher_clip.get_image_features(pixel_values=pixels))
+        image = timed(lambda: student.clip.get_image_features(pixel_values=pixels))
+
+    def text():
+        with autocast:
+            feats = student.get_text_features(names)
+            neg = student.get_text_features(names, negative=True)
+        (feats.float().sum() + neg.float().sum()).backward()
+        student.zero_grad(set_to_none=True)
+
+    return {"teacher_image_fwd": teacher, "student_image_fwd": image, "text_fwd_bwd_2C": timed(text)}
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def make_clip(size: str, device: torch.device, patch: int | None = None) -> CLIPModel:
+    config = clip_config(size, image_size=224)
+    if patch:
+        config.vision_config.patch_size = patch
+    with torch.device(device):  # initialised on the device: a CPU init of ViT-L/14 takes a while
+        return CLIPModel(config).eval()
+
+
+def run_config(args, num_classes: int, teacher_clip, student_clip, tokenizer, device, workdir: str,
+               report: dict) -> None:
+    names = class_names(num_classes)
+    key = f"C={num_classes}"
+    res = report.setdefault("configs", {}).setdefault(key, {})
+    print(f"\n## C = {num_classes} classes, batch {args.batch}\n", flush=True)
+    student = get_fdbpl_model(student_clip, FDBPLConfig(base_model_name_or_path="vit-b-32-random"), tokenizer)
+    teacher = CLIPTeacher(teacher_clip, tokenizer, names, "a photo of a {}.", name="vit-l-14-random")
+    num_images = args.batch * (args.warmup + args.steps + 1)
+    ds = synthetic_images(num_images, names)
+    spec = RegionSpec(output_size=224)
+
+    t0 = now()
+    table = build_ril_table(ds, teacher, num_regions=args.regions, top_k=min(20, num_classes), region_spec=spec,
+                            output_dir=os.path.join(workdir, f"table{num_classes}"), images_per_batch=32,
+                            teacher_batch_size=256, device=str(device))
+    build_s = now() - t0
+    regions = len(table)
+    res["table"] = {"images": num_images, "regions": regions, "build_s": build_s,
+                    "regions_per_s": regions / build_s}
+    print(f"RIL table: {num_images} images x M={args.regions} = {regions} teacher forwards in {build_s:.1f} s "
+          f"({regions / build_s:.3g} regions/s, rendering included)", flush=True)
+
+    offline = RILDataset(ds, table, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, image_size=224,
+                         class_names=names)
+    t0 = now()
+    cache = build_feature_cache(offline, student, epochs=1, output_dir=os.path.join(workdir, f"cache{num_classes}"),
+                                batch_size=256, progress=False)
+    cache_s = now() - t0
+    res["feature_cache"] = {"regions": len(cache), "build_s": cache_s, "regions_per_s": len(cache) / cache_s}
+    print(f"feature cache: {len(cache)} regions in {cache_s:.1f} s ({len(cache) / cache_s:.3g} regions/s)",
+          flush=True)
+    cached = RILDataset(ds, table, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, image_size=224,
+                        class_names=names, feature_cache=cache)
+    online = RILDataset.online(ds, class_names=names, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+                               region_spec=spec, num_regions=args.regions, seed=0)
+
+    pieces = piece_times(args, teacher_clip, student, names, device)
+    res["pieces_ms"] = {k: v * 1e3 for k, v in pieces.items()}
+    batches = [default_collate([offline[i] for i in range(s * args.batch, (s + 1) * args.batch)])
+               for s in range(min(4, num_images // args.batch))]
+    cached_batches = [default_collate([cached[i] for i in range(s * args.batch, (s + 1) * args.batch)])
+                      for s in range(len(batches))]
+
+    modes = {
+        "online": lambda d: trainer_steps(args, student, online, teacher, d, args.workers),
+        "offline": lambda d: trainer_steps(args, student, offline, None, d, args.workers),
+        "cached": lambda d: trainer_steps(args, student, cached, None, d, 0),
+        "pure student step": lambda d: pure_steps(args, student, batches, num_classes, device, False),
+        "pure text step": lambda d: pure_steps(args, student, cached_batches, num_classes, device, True),
+    }
+    samples = {k: [] for k in modes}
+    order = list(modes)
+    for r in range(args.rounds):
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            run_dir = os.path.join(workdir, f"run-{num_classes}-{r}-{name.split()[0]}")
+            try:
+                samples[name].extend(modes[name](run_dir))
+            except Exception as err:  # keep the other modes' figures
+                traceback.print_exc()
+                res.setdefault("errors", {})[name] = repr(err)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    step = {k: med(v) for k, v in samples.items()}
+    res["step_ms"] = {k: v * 1e3 for k, v in step.items()}
+    res["steps_timed"] = {k: len(v) for k, v in samples.items()}
+    on, off, ca = step["online"], step["offline"], step["cached"]
+    pure, text = step["pure student step"], step["pure text step"]
+    limit = on / pure
+    res["figures"] = {
+        "speedup_offline": on / off, "limit": limit, "share_of_limit": (on / off) / limit,
+        "speedup_cached": on / ca, "cached_limit": on / text, "cached_share_of_limit": (on / ca) / (on / text),
+    }
+    prompt_tokens = student._tokenize(names).input_ids.shape[1]
+    m = real_models(prompt_tokens)
+    flops = step_flops(m["teacher_image"].forward(), m["student_image"].forward(),
+                       m["student_text"].forward_backward_frozen(), args.batch, num_classes)
+    res["flop_limit"] = flops.limit
+    print()
+    print(md_table(["mode", "step ms (median)", "steps timed"],
+                   [[k, f"{v * 1e3:.2f}", len(samples[k])] for k, v in step.items()]))
+    print()
+    print(md_table(["figure", "value"], [
+        ["**speed-up, offline FDBPL vs online** (online / offline step)", f"**{on / off:.2f}x**"],
+        ["limit (online / pure student step)", f"{limit:.2f}x"],
+        ["offline speed-up as share of the limit", f"{(on / off) / limit:.1%}"],
+        ["**speed-up, offline + feature cache vs online**", f"**{on / ca:.2f}x**"],
+        ["cached limit (online / pure text step)", f"{on / text:.2f}x"],
+        ["cached speed-up as share of its limit", f"{(on / ca) / (on / text):.1%}"],
+        ["limit predicted by FLOPs (online / offline FLOPs)", f"{flops.limit:.2f}x"],
+        ["bare teacher image fwd / batch", f"{pieces['teacher_image_fwd'] * 1e3:.2f} ms"],
+        ["bare student image fwd / batch", f"{pieces['student_image_fwd'] * 1e3:.2f} ms"],
+        ["bare text fwd+bwd, 2C prompts", f"{pieces['text_fwd_bwd_2C'] * 1e3:.2f} ms"],
+    ]), flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", choices=("real", "small"), default="real",
+                   help="real: ViT-L/14 teacher, ViT-B/32 student; small: tiny stand-ins (smoke test)")
+    p.add_argument("--classes", type=int, nargs="+", default=[50, 500])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per mode and round")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--regions", type=int, default=2, help="M of the benchmark tables")
+    p.add_argument("--piece-reps", type=int, default=10, help="repetitions of each bare-cost measurement")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(12, cores - 2))")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--quick", action="store_true", help="1 round, 4 timed steps, C=50 only")
+    p.add_argument("--json", default="speed_real.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.warmup, args.classes = 1, 4, 1, args.classes[:1]
+    if args.workers is None:
+        args.workers = max(0, min(12, (os.cpu_count() or 2) - 2))
+    if args.device == "cpu":
+        args.bf16 = False
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    started = now()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    report = {"args": {k: v for k, v in vars(args).items()}, "torch": torch.__version__,
+              "python": platform.python_version(), "cpus": os.cpu_count(),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
+    print(f"# Speed on real-size models\n\ndevice {report['device_name']}, torch {torch.__version__}, "
+          f"bf16 autocast {args.bf16}, {os.cpu_count()} CPUs, DataLoader workers {args.workers}", flush=True)
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(0)
+    if args.size == "real":
+        teacher_clip, student_clip = make_clip("vit-l-14", device), make_clip("vit-b-32", device)
+    else:  # patch 32 keeps the 224 px smoke run cheap
+        teacher_clip, student_clip = make_clip("base", device, patch=32), make_clip("small", device, patch=32)
+    workdir = tempfile.mkdtemp(prefix="fdbpl_speed_real_")
+    try:
+        for c in args.classes:
+            try:
+                run_config(args, c, teacher_clip, student_clip, tokenizer, device, workdir, report)
+            except Exception as err:
+                traceback.print_exc()
+                report.setdefault("errors", {})[f"C={c}"] = repr(err)
+            with open(args.json, "w") as f:
+                json.dump({k: v for k, v in report.items()}, f, indent=1, default=str)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["total_s"] = now() - started
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"\ntotal {report['total_s']:.0f} s; figures in {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
