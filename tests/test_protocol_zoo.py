@@ -1,7 +1,9 @@
 """The protocol on the pretrained digit zoo (issue: a meaningful offline end-to-end).
 
 Marked `zoo`: they pretrain (or reuse from the cache) two small CLIPs, a few CPU minutes the first
-time, so `make test` skips them and `make test-zoo` runs them.
+time, so `make test` skips them and `make test-zoo` runs them. The runs use the paper's settings
+(learning rate 0.002, regions of area (0.08, 1)) except `flip_prob=0`: a mirrored digit is
+another digit or none.
 """
 
 import pytest
@@ -13,6 +15,7 @@ from fdbpl_hf.zoo import build_zoo
 pytestmark = pytest.mark.zoo
 
 EPOCHS = 50
+SEEDS = (1, 2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,26 +38,25 @@ def runs(zoo, tmp_path_factory):
     for method in ("fdbpl-online", "fdbpl-offline"):
         results[method] = [
             run_base_to_novel(method, student=zoo["student"], teacher=zoo["teacher"], seed=seed,
-                              output_dir=str(out / f"{method}{seed}"), num_train_epochs=EPOCHS,
-                              learning_rate=0.1, flip_prob=0.0)
-            for seed in (1, 2)
+                              output_dir=str(out / f"{method}{seed}"), num_train_epochs=EPOCHS, flip_prob=0.0)
+            for seed in SEEDS
         ]
     return results
 
 
-@pytest.mark.xfail(reason="not reached on the current zoo: the student's frozen image features cap base "
-                          "accuracy near its zero-shot level (CoOp with labels does not beat it either)", strict=False)
 def test_fdbpl_beats_the_zero_shot_student_on_base_classes(runs):
-    zero_shot = runs["zero-shot"]["base_acc"]
+    zero_shot = runs["zero-shot"]
     for result in runs["fdbpl-offline"]:
-        assert result["base_acc"] > zero_shot + 2.0, (result["base_acc"], zero_shot)
+        assert result["base_acc"] > zero_shot["base_acc"] + 2.0, (result["base_acc"], zero_shot["base_acc"])
+        # The prompt learned on base digits does not buy base accuracy with the novel ones.
+        assert result["hm"] > zero_shot["hm"], (result["hm"], zero_shot["hm"])
 
 
 def test_offline_matches_online_accuracy_in_less_time(runs):
     online = [r["base_acc"] for r in runs["fdbpl-online"]]
     offline = [r["base_acc"] for r in runs["fdbpl-offline"]]
     spread = max(max(online) - min(online), max(offline) - min(offline), 2.0)
-    assert abs(sum(offline) / 2 - sum(online) / 2) <= 2 * spread, (online, offline)
+    assert abs(sum(offline) / len(offline) - sum(online) / len(online)) <= 2 * spread, (online, offline)
     online_time = sum(r["train_seconds"] for r in runs["fdbpl-online"])
     offline_time = sum(r["train_seconds"] for r in runs["fdbpl-offline"])
     assert offline_time < online_time, (offline_time, online_time)

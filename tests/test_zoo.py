@@ -130,7 +130,17 @@ def test_build_zoo_caches_and_writes_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "digits_splits", functools.lru_cache(maxsize=1)(zoo.digits_splits))
     root = tmp_path / "zoo"
     threads = torch.get_num_threads()
+    captions_used = []
+    real_pretrain = zoo.pretrain_clip
+
+    def recording_pretrain(*args, **kwargs):
+        captions_used.append(tuple(kwargs["captions"]))
+        return real_pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(zoo, "pretrain_clip", recording_pretrain)
     paths = zoo.build_zoo(root, teacher_kwargs=TINY_TEACHER, student_kwargs=TINY_STUDENT, num_threads=1)
+    # Each model is pretrained on its own caption family (teacher: all templates, student: the narrow one).
+    assert captions_used == [zoo.CAPTION_TEMPLATES, zoo.STUDENT_CAPTION_TEMPLATES]
     assert torch.get_num_threads() == threads
     assert set(paths) == {"teacher", "student"}
     zoo_dir = os.path.dirname(paths["teacher"])
@@ -144,6 +154,8 @@ def test_build_zoo_caches_and_writes_atomically(tmp_path, monkeypatch):
     marker = zoo.read_zoo_marker(paths)
     assert marker == zoo.read_zoo_marker(zoo_dir) == zoo.read_zoo_marker(paths["student"])
     assert marker["settings"]["teacher"]["train_rows_per_class"] == 5
+    assert marker["settings"]["teacher"]["captions"] is None  # None: CAPTION_TEMPLATES
+    assert marker["settings"]["student"]["captions"] == list(zoo.STUDENT_CAPTION_TEMPLATES)
     assert marker["eval"]["num_rows"] == 1000
     assert all(0.0 <= marker["zero_shot_accuracy"][r] <= 1.0 for r in ("teacher", "student"))
     marker_mtime = os.path.getmtime(os.path.join(zoo_dir, zoo.MARKER_NAME))
@@ -170,6 +182,24 @@ def test_build_zoo_caches_and_writes_atomically(tmp_path, monkeypatch):
         json.dump({"settings": {"stale": True}}, f)
     with pytest.raises(AssertionError, match="cache hit"):
         zoo.build_zoo(root, teacher_kwargs=TINY_TEACHER, student_kwargs=TINY_STUDENT)
+
+
+def test_student_captions_leave_the_eval_prompt_misphrased():
+    # The student never reads the hand-crafted prompt's words, so a learned prompt has headroom.
+    assert zoo.STUDENT_SPEC.captions == zoo.STUDENT_CAPTION_TEMPLATES
+    assert zoo.TEACHER_SPEC.captions is None
+    eval_words = {"photo", "of", "digit"}
+    assert eval_words <= set(zoo.EVAL_TEMPLATE.rstrip(".").split())
+    for template in zoo.STUDENT_CAPTION_TEMPLATES:
+        assert "{}" in template and not eval_words & set(template.rstrip(".").split()), template
+    # Captions enter the cache key, as a list; replace() takes any sequence but not a bare string.
+    spec = zoo.STUDENT_SPEC.replace(captions=["{}", "the number {}"])
+    assert spec.captions == ("{}", "the number {}")
+    assert spec.to_dict()["captions"] == ["{}", "the number {}"]
+    assert zoo._settings_key(zoo._zoo_settings(zoo.TEACHER_SPEC, spec)) != zoo._settings_key(
+        zoo._zoo_settings(zoo.TEACHER_SPEC, zoo.STUDENT_SPEC))
+    with pytest.raises(TypeError, match="sequence"):
+        zoo.STUDENT_SPEC.replace(captions="{}")
 
 
 def test_build_zoo_rejects_bad_settings(tmp_path):
