@@ -15,6 +15,7 @@
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 
@@ -62,6 +63,7 @@ def main() -> None:
     for method in METHODS:
         for seed in (args.seeds[:1] if method == "zero-shot" else args.seeds):
             out = os.path.join(args.output_dir, method, f"seed{seed}")
+            shutil.rmtree(out, ignore_errors=True)  # fresh runs: a table left by an older zoo would be refused
             result = run_base_to_novel(method, student=zoo["student"], teacher=zoo["teacher"], seed=seed,
                                        num_shots=16, output_dir=out, num_train_epochs=args.epochs,
                                        learning_rate=args.learning_rate, region_scale=tuple(args.region_scale),

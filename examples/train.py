@@ -5,19 +5,21 @@
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train.py ...
     # the online-teacher baseline: --teacher openai/clip-vit-large-patch14 instead of --table
     # the CoOp baseline: --loss_type coop (labels, no teacher)
+    # no images at train time: --feature_cache caches/eurosat_s1 (built on first use, next to --table)
 
 Any FDBPLTrainingArguments / TrainingArguments field is a flag (--num_train_epochs, --bf16,
 --push_to_hub --hub_model_id user/name, ...).
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, HfArgumentParser
 
-from fdbpl_hf import FDBPLConfig, RILDataset, get_fdbpl_model, load_ril_table
+from fdbpl_hf import FDBPLConfig, RILDataset, build_feature_cache, get_fdbpl_model, load_ril_table
 from fdbpl_hf.data import training_set
 from fdbpl_hf.ril import CLIPTeacher, RegionSpec
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments
@@ -37,6 +39,9 @@ class ScriptArguments:
     num_regions: int = field(default=500, metadata={"help": "Online baseline: regions per image."})
     region_seed: int = field(default=0, metadata={"help": "Online baseline: seed of the regions."})
     n_ctx: int = field(default=4, metadata={"help": "Context tokens per prompt."})
+    feature_cache: Optional[str] = field(default=None, metadata={
+        "help": "Student-feature cache folder (needs --table): loaded if built, else built first. Training "
+                "then reads the student's stored image features instead of decoding and cropping images."})
 
 
 def main() -> None:
@@ -67,6 +72,15 @@ def main() -> None:
                                   name=script.teacher)
     model = get_fdbpl_model(clip, FDBPLConfig(n_ctx=script.n_ctx, base_model_name_or_path=script.student,
                                               template=data["template"]), tokenizer)
+    if script.feature_cache:
+        if script.table is None:
+            raise SystemExit("--feature_cache stores features of an RIL table's regions: give --table too")
+        epochs = min(train_data.num_regions, math.ceil(args.num_train_epochs)) if args.max_steps <= 0 else None
+        cache = build_feature_cache(train_data, model, epochs=epochs, output_dir=script.feature_cache,
+                                    device=str(args.device))
+        train_data = RILDataset(data["dataset"], table, image_mean=processor.image_mean,
+                                image_std=processor.image_std, image_size=size, class_names=data["class_names"],
+                                feature_cache=cache)
     trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()

@@ -178,8 +178,9 @@ class FDBPLTrainer(Trainer):
             losses = {"total": coop_loss(outputs.pos_logits, inputs["labels"])}
         else:
             teacher = self.teacher_logits(inputs, pixel_values)
-            if not torch.isfinite(teacher).all():
-                raise ValueError("non-finite teacher logits in this batch: the RIL table or teacher is corrupt")
+            if self.teacher is not None and not torch.isfinite(teacher).all():
+                # table values are checked by the dataset, on the CPU; a live teacher only here
+                raise ValueError("non-finite teacher logits in this batch: the online teacher is broken")
             losses = fdbpl_loss(
                 outputs.pos_logits, outputs.neg_logits, teacher, outputs.image_features,
                 outputs.pos_text_features, outputs.neg_text_features, lambda_neg=args.lambda_neg,
@@ -187,22 +188,20 @@ class FDBPLTrainer(Trainer):
                 use_pcd=args.use_pcd, weight_mode=args.weight_mode, entropy_threshold=args.entropy_threshold,
             )
         mode = "train" if model.training else "eval"
-        keys = [key for key in LOSS_TERMS if key in losses]
+        keys = tuple(key for key in LOSS_TERMS if key in losses)
         if keys:
-            # One gather for all terms (one sync per step), on every rank: a collective under a
-            # rank check would hang.
-            terms = torch.stack([losses[key].detach().float() for key in keys]).unsqueeze(0)
-            values = self.accelerator.gather(terms).mean(0).tolist()
-            for key, value in zip(keys, values):
-                self._metrics[mode][f"loss_{key}"].append(value)
+            # Kept on the device and gathered once per log: no host sync in the step.
+            self._metrics[mode][keys].append(torch.stack([losses[key].detach().float() for key in keys]))
         return (losses["total"], outputs) if return_outputs else losses["total"]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
+        for keys, steps in self._metrics[mode].items():
+            if steps:
+                # Every rank logs at the same steps, so this collective is matched on all of them.
+                values = self.accelerator.gather(torch.stack(steps)).mean(0).tolist()
+                logs.update({f"{prefix}loss_{key}": value for key, value in zip(keys, values)})
         self._metrics[mode].clear()
         super().log(logs, start_time)
 

@@ -189,3 +189,29 @@ def test_interrupted_cache_build_resumes(digits_small, table, tokenizer, tmp_pat
     fresh = build_feature_cache(data, model, epochs=2, output_dir=str(tmp_path / "fresh"), shard_size=12,
                                 progress=False)
     np.testing.assert_array_equal(np.asarray(resumed["image_features"]), np.asarray(fresh["image_features"]))
+
+
+def test_examples_train_with_a_feature_cache(tiny_checkpoints, tmp_path):
+    """`examples/train.py --table ... --feature_cache DIR` builds the cache on first use and trains from it."""
+    from fdbpl_hf import load_ril_table, ril_metadata
+    from fdbpl_hf.data import training_set
+    from fdbpl_hf.ril import CLIPTeacher
+    from fdbpl_hf.offline import clip_tokenizer
+
+    data = training_set("digits", num_shots=4, seed=1, classes="base")
+    teacher = CLIPTeacher(CLIPModel.from_pretrained(tiny_checkpoints["teacher"]), clip_tokenizer(),
+                          data["class_names"], data["template"])
+    build_ril_table(data["dataset"], teacher, num_regions=3, output_dir=str(tmp_path / "table"))
+    out, cache_dir = tmp_path / "run", tmp_path / "cache"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    subprocess.run([sys.executable, os.path.join(REPO, "examples", "train.py"), "--student", tiny_checkpoints["student"],
+                    "--dataset", "digits", "--num_shots", "4", "--split_seed", "1", "--table", str(tmp_path / "table"),
+                    "--feature_cache", str(cache_dir), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
+                    "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
+                    "--output_dir", str(out)], check=True, env=env, timeout=600, capture_output=True)
+    cache = load_feature_cache(str(cache_dir))
+    assert feature_cache_metadata(cache)["epochs"] == 2
+    assert feature_cache_metadata(cache)["table_build_key"] == ril_metadata(load_ril_table(str(tmp_path / "table")))[
+        "build_key"]
+    with open(out / "config.json") as f:
+        assert "student-feature cache" in f.read()

@@ -35,7 +35,7 @@ def zoo():
 def runs(zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo_runs")
     results = {"zero-shot": run_base_to_novel("zero-shot", student=zoo["student"], output_dir=str(out / "zs"))}
-    for method in ("fdbpl-online", "fdbpl-offline"):
+    for method in ("fdbpl-online", "fdbpl-offline", "fdbpl-cached"):
         results[method] = [
             run_base_to_novel(method, student=zoo["student"], teacher=zoo["teacher"], seed=seed,
                               output_dir=str(out / f"{method}{seed}"), num_train_epochs=EPOCHS, flip_prob=0.0)
@@ -60,3 +60,12 @@ def test_offline_matches_online_accuracy_in_less_time(runs):
     online_time = sum(r["train_seconds"] for r in runs["fdbpl-online"])
     offline_time = sum(r["train_seconds"] for r in runs["fdbpl-offline"])
     assert offline_time < online_time, (offline_time, online_time)
+
+
+def test_the_feature_cache_keeps_accuracy_and_saves_time(runs):
+    for offline, cached in zip(runs["fdbpl-offline"], runs["fdbpl-cached"]):
+        # the same regions and soft labels; the cache holds the student's own features in fp16
+        assert abs(cached["base_acc"] - offline["base_acc"]) <= 1.0, (cached["base_acc"], offline["base_acc"])
+        assert abs(cached["novel_acc"] - offline["novel_acc"]) <= 1.0, (cached["novel_acc"], offline["novel_acc"])
+    assert sum(r["train_seconds"] for r in runs["fdbpl-cached"]) < sum(r["train_seconds"]
+                                                                       for r in runs["fdbpl-offline"])

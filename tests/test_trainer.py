@@ -177,7 +177,7 @@ def test_bad_inputs(digits_small, dense_table, tokenizer, tmp_path):
     broken = attach_metadata(broken, ril_metadata(dense_table))
     trainer = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path),
                            train_dataset=RILDataset(digits_small, broken, image_mean=MEAN, image_std=STD))
-    with pytest.raises(ValueError, match="non-finite teacher logits"):
+    with pytest.raises(ValueError, match="non-finite teacher logits in the RIL table"):
         trainer.train()
 
 

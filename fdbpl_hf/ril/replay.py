@@ -151,7 +151,7 @@ class RILDataset(torch.utils.data.Dataset):
             return self._cached_items(indices, regions)
         sources = self.source[indices]
         if self.table is not None:
-            rows = self.table[[i * self.num_regions + r for i, r in zip(indices, regions)]]
+            rows = self._table_rows(indices, regions)
         threads = torch.get_num_threads()
         if threads > 1 and torch.utils.data.get_worker_info() is None:
             # Many tiny ops per crop: extra intra-op threads only contend with the training step
@@ -182,6 +182,16 @@ class RILDataset(torch.utils.data.Dataset):
             torch.set_num_threads(threads)
         return items
 
+    def _table_rows(self, indices: list[int], regions: list[int]) -> dict:
+        rows = self.table[[i * self.num_regions + r for i, r in zip(indices, regions)]]
+        # Checked here, on the CPU, so the training step needs no device sync for it.
+        finite = np.isfinite(rows["topk_logits"]).all(axis=-1)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"non-finite teacher logits in the RIL table (image {indices[bad]}, region "
+                             f"{regions[bad]}): the table is corrupt; rebuild it")
+        return rows
+
     def _cached_items(self, indices: list[int], regions: list[int]) -> list[dict]:
         epochs = int(self.cache_metadata["epochs"])
         slot = self.epoch % self.num_regions
@@ -193,7 +203,7 @@ class RILDataset(torch.utils.data.Dataset):
         if [int(r) for r in cached["region"]] != regions:
             raise ValueError("the student-feature cache's regions differ from the replay schedule: it was not "
                              "built for this table and seed")
-        rows = self.table[[i * self.num_regions + r for i, r in zip(indices, regions)]]
+        rows = self._table_rows(indices, regions)
         features = torch.from_numpy(np.asarray(cached["image_features"], dtype=np.float32))
         items = []
         for n, (index, region) in enumerate(zip(indices, regions)):
