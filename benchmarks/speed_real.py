@@ -18,7 +18,7 @@ replay. For each class count C (50: a typical base split; 500: ImageNet's base c
    the cached mode).
 
 The modes run in interleaved rounds. A step is the time between consecutive `on_step_end`
-callbacks (the loss logging makes every step end in a device sync). Figures are printed as
+callbacks, each after a device sync. Figures are printed as
 markdown and written to `--json`.
 """
 
@@ -108,10 +108,13 @@ def synthetic_images(count: int, names: list[str], seed: int = 0) -> datasets.Da
 
 
 class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.ends: list[float] = []
+    """Device-synced time at every step end (so a step is its device work, not just its queueing)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ends = device, []
 
     def on_step_end(self, args, state, control, **kwargs):
+        sync(self.device)
         self.ends.append(now())
 
 
@@ -129,7 +132,7 @@ def trainer_steps(args, model, data, teacher, workdir: str, workers: int) -> lis
         report_to="none", disable_tqdm=True, use_cpu=args.device == "cpu", bf16=args.bf16,
         dataloader_num_workers=workers, dataloader_pin_memory=args.device != "cpu", seed=0, logging_steps=500,
     )
-    timer = StepTimer()
+    timer = StepTimer(torch.device(args.device))
     trainer = FDBPLTrainer(model=model, args=targs, train_dataset=data, teacher=teacher, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
@@ -237,7 +240,7 @@ def run_config(args, num_classes: int, teacher_clip, student_clip, tokenizer, de
                          class_names=names)
     t0 = now()
     cache = build_feature_cache(offline, student, epochs=1, output_dir=os.path.join(workdir, f"cache{num_classes}"),
-                                batch_size=256, progress=False)
+                                batch_size=256, num_workers=args.workers, progress=False)
     cache_s = now() - t0
     res["feature_cache"] = {"regions": len(cache), "build_s": cache_s, "regions_per_s": len(cache) / cache_s}
     print(f"feature cache: {len(cache)} regions in {cache_s:.1f} s ({len(cache) / cache_s:.3g} regions/s)",

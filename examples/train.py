@@ -12,7 +12,6 @@ Any FDBPLTrainingArguments / TrainingArguments field is a flag (--num_train_epoc
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -75,9 +74,9 @@ def main() -> None:
     if script.feature_cache:
         if script.table is None:
             raise SystemExit("--feature_cache stores features of an RIL table's regions: give --table too")
-        epochs = min(train_data.num_regions, math.ceil(args.num_train_epochs)) if args.max_steps <= 0 else None
+        epochs = min(train_data.num_regions, args.replay_epochs(len(train_data)))
         cache = build_feature_cache(train_data, model, epochs=epochs, output_dir=script.feature_cache,
-                                    device=str(args.device))
+                                    device=str(args.device), num_workers=args.dataloader_num_workers)
         train_data = RILDataset(data["dataset"], table, image_mean=processor.image_mean,
                                 image_std=processor.image_std, image_size=size, class_names=data["class_names"],
                                 feature_cache=cache)

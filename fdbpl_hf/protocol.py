@@ -84,14 +84,6 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
                                            region_spec=spec, num_regions=regions, seed=seed)
         model = get_fdbpl_model(clip, FDBPLConfig(base_model_name_or_path=student, template=data["template"]),
                                 tokenizer)
-        if method == "fdbpl-cached":
-            start = time.perf_counter()
-            cache = build_feature_cache(train_data, model, epochs=min(regions, math.ceil(num_train_epochs)),
-                                        output_dir=os.path.join(output_dir, "feature_cache"), progress=progress)
-            extra.update(cache_build_seconds=round(time.perf_counter() - start, 2),
-                         cache_bytes=feature_cache_metadata(cache)["stats"]["disk_bytes"])
-            train_data = RILDataset(data["dataset"], table, image_mean=mean, image_std=std, image_size=size,
-                                    class_names=names, feature_cache=cache)
         settings = dict(
             output_dir=os.path.join(output_dir, "run"), num_train_epochs=num_train_epochs,
             per_device_train_batch_size=per_device_train_batch_size, learning_rate=learning_rate, seed=seed,
@@ -99,6 +91,14 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
             logging_steps=5, disable_tqdm=not progress, use_cpu=device == "cpu",
         )
         args = FDBPLTrainingArguments(**{**settings, **(training_overrides or {})})
+        if method == "fdbpl-cached":
+            start = time.perf_counter()
+            cache = build_feature_cache(train_data, model, epochs=min(regions, args.replay_epochs(len(train_data))),
+                                        output_dir=os.path.join(output_dir, "feature_cache"), progress=progress)
+            extra.update(cache_build_seconds=round(time.perf_counter() - start, 2),
+                         cache_bytes=feature_cache_metadata(cache)["stats"]["disk_bytes"])
+            train_data = RILDataset(data["dataset"], table, image_mean=mean, image_std=std, image_size=size,
+                                    class_names=names, feature_cache=cache)
         trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher_obj)
         start = time.perf_counter()
         trainer.train()

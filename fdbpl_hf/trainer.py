@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -48,6 +47,14 @@ class FDBPLTrainingArguments(TrainingArguments):
     weight_mode: str = field(default="soft", metadata={"help": "Region information weight: soft or threshold."})
     entropy_threshold: float = field(default=0.5, metadata={"help": "Normalised entropy cut for threshold mode."})
     loss_type: str = field(default="fdbpl", metadata={"help": "fdbpl (distillation) or coop (labels, baseline)."})
+
+    def replay_epochs(self, num_items: int) -> int:
+        """How many epochs of replay a run over `num_items` images starts (`max_steps` included):
+        the `epochs` a student-feature cache must cover."""
+        if self.max_steps > 0:
+            per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps * max(self.world_size, 1)
+            return math.ceil(self.max_steps / max(1, math.ceil(num_items / per_step)))
+        return max(1, math.ceil(self.num_train_epochs))
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,8 +121,8 @@ class FDBPLTrainer(Trainer):
             if teacher is not None:
                 raise ValueError("the online teacher scores pixels: a dataset with a student-feature cache has none")
             cached = int(train_dataset.cache_metadata["epochs"])
-            needed = math.ceil(args.num_train_epochs) if args.max_steps <= 0 else None
-            if needed is not None and needed > cached and cached < train_dataset.num_regions:
+            needed = min(args.replay_epochs(len(train_dataset)), train_dataset.num_regions)
+            if needed > cached:
                 raise ValueError(f"the student-feature cache covers {cached} epochs of replay, training asks for "
                                  f"{needed}: rebuild it with build_feature_cache(..., epochs={needed})")
             check_feature_cache(train_dataset, model)
@@ -123,7 +130,7 @@ class FDBPLTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_EpochToDataset(train_dataset)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._reset_metrics()
 
     # ---- optimisation -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -188,22 +195,59 @@ class FDBPLTrainer(Trainer):
                 use_pcd=args.use_pcd, weight_mode=args.weight_mode, entropy_threshold=args.entropy_threshold,
             )
         mode = "train" if model.training else "eval"
-        keys = tuple(key for key in LOSS_TERMS if key in losses)
-        if keys:
-            # Kept on the device and gathered once per log: no host sync in the step.
-            self._metrics[mode][keys].append(torch.stack([losses[key].detach().float() for key in keys]))
+        terms = [key for key in LOSS_TERMS if key in losses]
+        if terms:
+            # Sums and a batch count, kept on the device and gathered in log(): the loss logging adds
+            # no host sync to the step (the Trainer's own logging_nan_inf_filter still has one).
+            row = torch.zeros(len(LOSS_TERMS) + 1, device=losses["total"].device)
+            row[[LOSS_TERMS.index(key) for key in terms]] = torch.stack([losses[key].detach().float() for key in terms])
+            row[-1] = 1.0
+            sums = self._metrics[mode]
+            self._metrics[mode] = row if sums is None else sums + row
+            self._metric_keys[mode].update(terms)
         return (losses["total"], outputs) if return_outputs else losses["total"]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Add the mean of every loss term since the last log (over all ranks) to `logs`.
+
+        Under DDP this is a collective: like the Trainer's own logging, call it on every rank.
+        """
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        for keys, steps in self._metrics[mode].items():
-            if steps:
-                # Every rank logs at the same steps, so this collective is matched on all of them.
-                values = self.accelerator.gather(torch.stack(steps)).mean(0).tolist()
-                logs.update({f"{prefix}loss_{key}": value for key, value in zip(keys, values)})
-        self._metrics[mode].clear()
+        sums = self._metrics[mode]
+        if sums is None:
+            sums = torch.zeros(len(LOSS_TERMS) + 1, device=self.args.device)
+        if self.args.world_size > 1:
+            # One fixed-shape gather per call on every rank, even with nothing recorded, so ranks
+            # with different numbers of batches (uneven evaluation) still match up.
+            sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
+        totals = sums.tolist()
+        if totals[-1] > 0:
+            keys = self._metric_keys[mode]
+            logs.update({f"{prefix}loss_{key}": totals[i] / totals[-1]
+                         for i, key in enumerate(LOSS_TERMS) if key in keys})
+        self._metrics[mode] = None
         super().log(logs, start_time)
+
+    def _reset_metrics(self, mode: Optional[str] = None) -> None:
+        for m in ("train", "eval") if mode is None else (mode,):
+            if not hasattr(self, "_metrics"):
+                self._metrics, self._metric_keys = {}, {}
+            self._metrics[m], self._metric_keys[m] = None, set()
+
+    def train(self, *args, **kwargs):
+        self._reset_metrics("train")  # nothing left over from an earlier run or evaluation
+        return super().train(*args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._reset_metrics("eval")
+        return super().evaluation_loop(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            self._reset_metrics("eval")  # predict() never logs: drop its terms
 
     # ---- persistence: the adapter only --------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:

@@ -51,7 +51,7 @@ def test_cache_holds_the_students_features_of_the_replayed_regions(digits_small,
     model = student(tokenizer)
     data = data_for(digits_small, table)
     cache = build_feature_cache(data, model, epochs=3, dtype="float32", output_dir=str(tmp_path / "c"),
-                                batch_size=7, shard_size=11)
+                                batch_size=7, shard_size=11, num_workers=2)
     meta = feature_cache_metadata(cache)
     assert len(cache) == len(digits_small) * 3 and meta["epochs"] == 3 and meta["dim"] == model.clip.config.projection_dim == 16
     cached = data_for(digits_small, table, cache)
@@ -71,6 +71,12 @@ def test_cache_holds_the_students_features_of_the_replayed_regions(digits_small,
     assert again.info.description == cache.info.description
     with pytest.raises(ValueError, match="other settings"):
         build_feature_cache(data, model, epochs=2, dtype="float32", output_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="other settings"):  # same architecture and name, other weights
+        build_feature_cache(data, student(tokenizer, seed=9), epochs=3, dtype="float32",
+                            output_dir=str(tmp_path / "c"))
+    (tmp_path / "not_a_cache").mkdir()
+    with pytest.raises(ValueError, match="is not a student-feature cache"):
+        build_feature_cache(data, model, epochs=3, output_dir=str(tmp_path / "not_a_cache"))
 
 
 def test_training_from_the_cache_equals_training_from_pixels(digits_small, table, tokenizer, tmp_path):
@@ -110,8 +116,14 @@ def test_another_student_checkpoint_is_refused(digits_small, table, tokenizer, t
     args = FDBPLTrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=2, use_cpu=True,
                                   report_to="none", save_strategy="no")
     data = data_for(digits_small, table, cache)
-    with pytest.raises(ValueError, match="another checkpoint"):  # same architecture, other weights
+    with pytest.raises(ValueError, match="student weights: the cache was built with another checkpoint"):
         FDBPLTrainer(model=student(tokenizer, seed=5), args=args, train_dataset=data)
+    with pytest.raises(ValueError, match="stored features of image 0, epoch 0 differ"):
+        # a cache whose stored values are wrong but whose metadata looks right
+        wrong = cache.map(lambda b: {"image_features": [[0.5] * len(v) for v in b["image_features"]]},
+                          batched=True, features=cache.features)
+        wrong.info.description = cache.info.description
+        FDBPLTrainer(model=student(tokenizer, seed=2), args=args, train_dataset=data_for(digits_small, table, wrong))
     config = clip_config("tiny")
     config.vision_config.num_hidden_layers += 1
     deeper = get_fdbpl_model(CLIPModel(config).eval(), FDBPLConfig(), tokenizer)
@@ -131,6 +143,13 @@ def test_cache_bound_to_its_table_epochs_and_normalisation(digits_small, table, 
                                   report_to="none", save_strategy="no")
     with pytest.raises(ValueError, match="covers 2 epochs of replay, training asks for 3"):
         FDBPLTrainer(model=model, args=args, train_dataset=data_for(digits_small, table, cache))
+    by_steps = FDBPLTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=9, per_device_train_batch_size=8,
+                                      use_cpu=True, report_to="none", save_strategy="no")  # 4 steps per epoch
+    assert by_steps.replay_epochs(len(digits_small)) == 3
+    with pytest.raises(ValueError, match="covers 2 epochs of replay, training asks for 3"):
+        FDBPLTrainer(model=model, args=by_steps, train_dataset=data_for(digits_small, table, cache))
+    with pytest.raises(ValueError, match="has 30 rows, its table needs 60"):
+        data_for(digits_small, table, cache.select(range(30)))
     cached = data_for(digits_small, table, cache)
     cached.set_epoch(2)
     with pytest.raises(ValueError, match="first 2 epochs"):
@@ -215,3 +234,22 @@ def test_examples_train_with_a_feature_cache(tiny_checkpoints, tmp_path):
         "build_key"]
     with open(out / "config.json") as f:
         assert "student-feature cache" in f.read()
+
+
+def test_cached_items_without_labels_and_metrics_after_predict(digits_small, table, tokenizer, tmp_path):
+    """Missing labels read as -1 (as on the pixel path); predict() leaves no loss terms behind for the next
+    evaluate(), and every logged term is a mean over batches."""
+    model = student(tokenizer)
+    cache = build_feature_cache(data_for(digits_small, table), model, epochs=1, output_dir=str(tmp_path / "c"))
+    unlabeled = digits_small.map(lambda row, i: {"label": None if i % 2 else row["label"]}, with_indices=True,
+                                 features=digits_small.features)
+    data = RILDataset(unlabeled, table, image_mean=MEAN, image_std=STD, feature_cache=cache, verify=False)
+    assert [int(data[i]["labels"]) for i in range(4)] == [digits_small[0]["label"], -1, digits_small[2]["label"], -1]
+    args = FDBPLTrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=1, per_device_train_batch_size=8,
+                                  per_device_eval_batch_size=8, use_cpu=True, report_to="none", save_strategy="no")
+    trainer = FDBPLTrainer(model=model, args=args, train_dataset=data_for(digits_small, table, cache))
+    trainer.predict(data_for(digits_small, table, cache))
+    assert trainer._metrics["eval"] is None
+    metrics = trainer.evaluate(data_for(digits_small, table, cache))
+    assert {"eval_loss_pos", "eval_loss_neg", "eval_loss_pcd"} <= set(metrics)
+    assert all(np.isfinite(metrics[k]) for k in metrics if k.startswith("eval_loss_"))

@@ -308,6 +308,20 @@ def test_two_process_build_equals_one_process(tmp_path):
                    timeout=300)
     assert load_ril_table(str(tmp_path / "two")).data.equals(load_ril_table(str(tmp_path / "one")).data)
 
+    # rank 0 refuses to resume a folder left by another build: both ranks stop with the reason,
+    # rather than rank 1 waiting at a barrier until the process group times out
+    (tmp_path / "clash.incomplete").mkdir()
+    (tmp_path / "clash.incomplete" / "build.json").write_text('{"build_key": "other", "shard_size": 4}')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", port, str(script), str(tmp_path / "clash")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted build with other settings" in proc.stderr
+    assert "rank 0 failed, so this rank stops too" in proc.stderr
+
 
 def test_batched_items_equal_single_items(digits_small, teacher_clip, tokenizer, tmp_path):
     table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")

@@ -173,6 +173,24 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _on_rank0(rank: int, fn, *args, **kwargs) -> None:
+    """Run `fn` on rank 0 while the other ranks wait; if it fails, every rank raises (instead of
+    the others waiting at a barrier until the process group times out)."""
+    error = None
+    if rank == 0:
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # re-raised below, after telling the other ranks
+            error = err
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            raise RuntimeError(f"rank 0 failed, so this rank stops too: {box[0]}")
+    if error is not None:
+        raise error
+
+
 def default_table_dir(key: str) -> str:
     from huggingface_hub.constants import HF_HOME
 
@@ -289,9 +307,7 @@ def build_ril_table(
 
     rank, world = _dist_info()
     work = output_dir + ".incomplete"
-    if rank == 0:
-        _prepare_workdir(work, dict(metadata, shard_size=shard_size))
-    _barrier()
+    _on_rank0(rank, _prepare_workdir, work, dict(metadata, shard_size=shard_size))
 
     features = table_features(top_k, len(names))
     index_dtype = np.dtype(features["topk_indices"].feature.dtype)
@@ -316,9 +332,7 @@ def build_ril_table(
         os.replace(tmp, shard_dir)  # a shard exists only once fully written
 
     _barrier()
-    if rank == 0:
-        _assemble(work, output_dir, num_shards, metadata)
-    _barrier()
+    _on_rank0(rank, _assemble, work, output_dir, num_shards, metadata)
     return load_ril_table(output_dir)
 
 

@@ -27,9 +27,9 @@ from typing import Optional, Sequence
 import datasets
 import numpy as np
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 
-from .build import _assemble, _barrier, _dist_info, _prepare_workdir
+from .build import _assemble, _barrier, _dist_info, _on_rank0, _prepare_workdir
 from .table import library_version
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,22 @@ def student_signature(clip) -> dict:
     }
 
 
+def weights_fingerprint(clip, samples_per_tensor: int = 4096) -> str:
+    """A hash of the image side's weights (an even subsample of every tensor): two checkpoints of
+    the same architecture get different fingerprints, so one never reuses the other's cache."""
+    import hashlib
+
+    h = hashlib.sha256()
+    modules = {"vision_model": clip.vision_model, "visual_projection": clip.visual_projection}
+    for prefix, module in modules.items():
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // samples_per_tensor)
+            h.update(f"{prefix}.{name}:{tuple(tensor.shape)}".encode())
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _clip_of(student):
     from ..modeling import FDBPLCLIPModel
 
@@ -78,8 +94,11 @@ def _cache_dir(table_key: str, student_key: str) -> str:
 
 def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_dir: Optional[str] = None,
                         batch_size: int = 256, shard_size: int = 1000, dtype: str = "float16",
-                        device: Optional[str] = None, progress: bool = True) -> datasets.Dataset:
+                        device: Optional[str] = None, num_workers: int = 0,
+                        progress: bool = True) -> datasets.Dataset:
     """Compute the student's image features of every region the replay schedule visits.
+
+    Calling it again with the same table, student weights and settings returns the finished cache.
 
     Args:
         data: the offline `RILDataset` training will use (table, source images, the student's
@@ -122,25 +141,28 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
         "epochs": epochs,
         "dim": dim,
         "dtype": dtype,
-        "student": {"name": _model_name(clip), "signature": student_signature(clip),
+        "student": {"signature": student_signature(clip), "weights": weights_fingerprint(clip),
                     "image_mean": list(data.image_mean), "image_std": list(data.image_std)},
         "layout": "row = image_index * epochs + epoch; region = the region replayed at that epoch",
     }
-    key = _content_key(metadata)
+    key = _content_key(metadata)  # the name is information only: ./ckpt and ckpt are the same weights
+    metadata["student"]["name"] = _model_name(clip)
     metadata.update(build_key=key, library_version=library_version())
     output_dir = os.path.abspath(output_dir or _cache_dir(table_meta["build_key"], key))
     if os.path.exists(output_dir):
+        if not os.path.isfile(os.path.join(output_dir, CACHE_METADATA_FILE)):
+            raise ValueError(f"output_dir {output_dir} exists but is not a student-feature cache; choose another "
+                             "folder")
         existing = load_feature_cache(output_dir)
         if feature_cache_metadata(existing).get("build_key") != key:
             raise ValueError(f"output_dir {output_dir} already holds a feature cache built with other settings "
-                             "(another table, student, epochs or dtype); delete it or pick another folder")
+                             "(another table, student checkpoint, epochs or dtype): delete it or pass another "
+                             "output_dir")
         return existing
 
     rank, world = _dist_info()
     work = output_dir + ".incomplete"
-    if rank == 0:
-        _prepare_workdir(work, dict(metadata, shard_size=shard_size))
-    _barrier()
+    _on_rank0(rank, _prepare_workdir, work, dict(metadata, shard_size=shard_size))
     if device is not None:
         clip.to(device)
     model_device = next(clip.parameters()).device
@@ -150,9 +172,11 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     features = datasets.Features({"region": datasets.Value("int32"),
                                   "image_features": datasets.List(datasets.Value(dtype), length=dim)})
     num_shards = math.ceil(len(data) / shard_size)
-    bar = _progress(progress and rank == 0, len(data) * epochs)
+    mine = range(rank, num_shards, world)
+    own_images = sum(min((k + 1) * shard_size, len(data)) - k * shard_size for k in mine)
+    bar = _progress(progress and rank == 0, own_images * epochs)
     try:
-        for shard in range(rank, num_shards, world):
+        for shard in mine:
             shard_dir = os.path.join(work, f"shard-{shard:05d}")
             start, stop = shard * shard_size, min((shard + 1) * shard_size, len(data))
             if os.path.isdir(shard_dir):
@@ -161,14 +185,17 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
             out = np.empty((stop - start, epochs, dim), dtype=dtype)
             regions = np.empty((stop - start, epochs), dtype=np.int32)
             for epoch in range(epochs):
-                replay.set_epoch(epoch)
-                for first in range(start, stop, batch_size):
-                    indices = list(range(first, min(first + batch_size, stop)))
-                    batch = default_collate(replay.__getitems__(indices))
-                    feats = _image_features(clip, batch["pixel_values"].to(model_device))
-                    out[first - start: first - start + len(indices), epoch] = feats.cpu().numpy()
-                    regions[first - start: first - start + len(indices), epoch] = batch["region"].numpy()
-                    bar.update(len(indices))
+                replay.set_epoch(epoch)  # before the loader starts: its workers copy the dataset
+                loader = DataLoader(replay, batch_size=batch_size, sampler=range(start, stop), num_workers=num_workers,
+                                    collate_fn=default_collate, pin_memory=model_device.type == "cuda")
+                first = start
+                for batch in loader:
+                    feats = _image_features(clip, batch["pixel_values"].to(model_device, non_blocking=True))
+                    n = feats.shape[0]
+                    out[first - start: first - start + n, epoch] = feats.cpu().numpy()
+                    regions[first - start: first - start + n, epoch] = batch["region"].numpy()
+                    first += n
+                    bar.update(n)
             part = datasets.Dataset.from_dict(
                 {"region": regions.reshape(-1), "image_features": out.reshape(-1, dim)}, features=features)
             tmp = shard_dir + ".tmp"
@@ -179,9 +206,7 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
         bar.close()
         clip.train(was_training)
     _barrier()
-    if rank == 0:
-        _assemble(work, output_dir, num_shards, metadata, metadata_file=CACHE_METADATA_FILE)
-    _barrier()
+    _on_rank0(rank, _assemble, work, output_dir, num_shards, metadata, metadata_file=CACHE_METADATA_FILE)
     return load_feature_cache(output_dir)
 
 
@@ -247,8 +272,9 @@ def check_cache_matches_table(cache_meta: dict, table_meta: dict, image_mean: Se
 
 
 def check_feature_cache(data, student, rows: Optional[Sequence[int]] = None) -> None:
-    """Verify that `data`'s feature cache belongs to `student`: same image-side architecture, and a
-    few stored rows recomputed by the student agree. Raises a `ValueError` naming what differs."""
+    """Verify that `data`'s feature cache belongs to `student`: same image-side architecture, same
+    weights (fingerprint), and a few stored rows recomputed by the student agree. Raises a
+    `ValueError` naming what differs. `FDBPLTrainer` calls it; custom training loops should too."""
     meta = data.cache_metadata
     clip = _clip_of(student)
     problems = []
@@ -257,12 +283,18 @@ def check_feature_cache(data, student, rows: Optional[Sequence[int]] = None) -> 
     if diff:
         problems.append("student architecture: " + ", ".join(f"{k} cache {a} vs model {b}"
                                                             for k, (a, b) in diff.items()))
+    elif meta["student"].get("weights") != weights_fingerprint(clip):
+        problems.append(f"student weights: the cache was built with another checkpoint "
+                        f"({meta['student'].get('name') or 'unnamed'}; weights {meta['student'].get('weights')} vs "
+                        f"{weights_fingerprint(clip)})")
     else:
         total = meta["num_images"] * meta["epochs"]
         picks = rows if rows is not None else sorted({0, total // 2, total - 1})[:PROBE_ROWS]
         probe = copy.copy(data)
         probe.feature_cache = None
         device = next(clip.parameters()).device
+        was_training = clip.training
+        clip.eval()
         for row in picks:
             index, epoch = divmod(int(row), meta["epochs"])
             probe.set_epoch(epoch)
@@ -276,6 +308,7 @@ def check_feature_cache(data, student, rows: Optional[Sequence[int]] = None) -> 
                                 f"(cosine {cos:.4f}, norm error {norm_err:.2%}): the cache was built with another "
                                 f"checkpoint ({meta['student']['name'] or 'unnamed'})")
                 break
+        clip.train(was_training)
     if problems:
         raise ValueError("the student-feature cache does not belong to this student:\n  - " + "\n  - ".join(problems)
                          + "\nRebuild it with build_feature_cache(data, student).")

@@ -51,7 +51,9 @@ class RILDataset(torch.utils.data.Dataset):
     (the source label, or -1) and `region`.
 
     With a `feature_cache` (from `build_feature_cache`), items carry the student's stored
-    `image_features` `[D]` instead of `pixel_values`: no image is decoded or rendered.
+    `image_features` `[D]` instead of `pixel_values`: no image is decoded or rendered. The cache is
+    checked against the table here and against the student by `FDBPLTrainer`
+    (`check_feature_cache`).
 
     The table is checked against the dataset (row count and content fingerprint), against
     `class_names` and against the student's `image_size`; any difference raises.
@@ -89,10 +91,15 @@ class RILDataset(torch.utils.data.Dataset):
                 raise ValueError("a feature cache replays an RIL table's regions: the online dataset has none")
             self.cache_metadata = feature_cache_metadata(feature_cache)
             check_cache_matches_table(self.cache_metadata, self.metadata, self.image_mean, self.image_std)
+            expected = len(dataset) * int(self.cache_metadata["epochs"])
+            if len(feature_cache) != expected:
+                raise ValueError(f"the student-feature cache has {len(feature_cache)} rows, its table needs "
+                                 f"{expected} ({len(dataset)} images x {self.cache_metadata['epochs']} epochs)")
             self.feature_cache = feature_cache.with_format("numpy")
             if self.label_column:
-                # labels without touching the image column
-                self._labels = np.asarray(dataset[self.label_column], dtype=np.int64)
+                # labels without touching the image column; missing labels are -1, as on the pixel path
+                self._labels = np.array([-1 if v is None else int(v) for v in dataset[self.label_column]],
+                                        dtype=np.int64)
 
     @classmethod
     def online(cls, dataset: datasets.Dataset, *, class_names: Sequence[str], image_mean: Sequence[float],
