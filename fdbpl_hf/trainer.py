@@ -199,9 +199,9 @@ class FDBPLTrainer(Trainer):
         if terms:
             # Sums and a batch count, kept on the device and gathered in log(): the loss logging adds
             # no host sync to the step (the Trainer's own logging_nan_inf_filter still has one).
-            row = torch.zeros(len(LOSS_TERMS) + 1, device=losses["total"].device)
-            row[[LOSS_TERMS.index(key) for key in terms]] = torch.stack([losses[key].detach().float() for key in terms])
-            row[-1] = 1.0
+            zero = losses["total"].detach().new_zeros((), dtype=torch.float32)
+            row = torch.stack([losses[key].detach().float() if key in losses else zero for key in LOSS_TERMS]
+                              + [zero + 1.0])  # no index tensor to copy from host memory (a hidden sync)
             sums = self._metrics[mode]
             self._metrics[mode] = row if sums is None else sums + row
             self._metric_keys[mode].update(terms)
