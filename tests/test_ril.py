@@ -14,7 +14,7 @@ from conftest import make_clip
 from PIL import Image
 
 from fdbpl_hf import (
-    CallableTeacher, CLIPTeacher, EnsembleTeacher, RILDataset, build_ril_table, dense_teacher_logits,
+    CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, build_ril_table, dense_teacher_logits,
     load_ril_table, push_ril_table, ril_metadata,
 )
 from fdbpl_hf.offline import DIGIT_NAMES
@@ -79,9 +79,12 @@ def test_num_proc_gives_the_same_table(digits_small, teacher_clip, tokenizer, tm
     assert a.data.equals(b.data)
 
 
-def test_replay_reproduces_the_teacher(digits_small, teacher_clip, tokenizer, tmp_path):
-    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
+@pytest.mark.parametrize("renderer", ["uint8", "float"])
+def test_replay_reproduces_the_teacher(digits_small, teacher_clip, tokenizer, tmp_path, renderer):
+    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t",
+                  region_spec=RegionSpec(output_size=32, renderer=renderer))
     data = replay(digits_small, table, image_size=32, class_names=DIGIT_NAMES)
+    assert data.spec.renderer == renderer
     teacher = CLIPTeacher(teacher_clip, tokenizer, DIGIT_NAMES)
     regions_seen = set()
     for epoch in range(3):
@@ -343,3 +346,31 @@ def test_resume_refuses_another_shard_size(tmp_path):
     _prepare_workdir(str(tmp_path / "w"), meta)  # same settings: resumes
     with pytest.raises(ValueError, match="shard_size=8"):
         _prepare_workdir(str(tmp_path / "w"), dict(meta, shard_size=4))
+
+
+def test_renderers():
+    """uint8 (default) and float resize the same crop alike; 0.1 tables (no renderer field) replay
+    with the float renderer they were built with; the uint8 renderer refuses what it cannot do."""
+    from fdbpl_hf.ril.regions import render_region
+
+    assert RegionSpec().renderer == "uint8"
+    legacy = RegionSpec(output_size=32, renderer="float").to_dict()
+    del legacy["renderer"]
+    assert RegionSpec.from_dict(legacy).renderer == "float"
+    assert RegionSpec.from_dict(RegionSpec(output_size=32).to_dict()).renderer == "uint8"
+    # a smooth image, so both filters agree closely (they differ in kernel and rounding only)
+    ramp = torch.linspace(0, 255, 64)
+    image = torch.stack([ramp[None, :].expand(48, 64), ramp[:48, None].expand(48, 64),
+                         torch.full((48, 64), 128.0)]).round().to(torch.uint8)
+    box = np.array([0.1, 0.2, 0.6, 0.5]) * 65535
+    for size in (16, 96):  # down- and upscaling
+        fast = render_region(image, box, True, RegionSpec(output_size=size))
+        slow = render_region(image, box, True, RegionSpec(output_size=size, renderer="float"))
+        assert fast.shape == slow.shape == (3, size, size) and fast.dtype == torch.float32
+        assert 0 <= fast.min() and fast.max() <= 1
+        assert (fast - slow).abs().mean() < 2 / 255, (fast - slow).abs().mean()
+    with pytest.raises(ValueError, match="renderer must be one of"):
+        RegionSpec(renderer="pil")
+    with pytest.raises(ValueError, match="antialiased bilinear or bicubic"):
+        RegionSpec(interpolation="nearest")
+    RegionSpec(interpolation="nearest", renderer="float")  # the float renderer takes any mode

@@ -73,9 +73,11 @@ class _RegionLabeler:
         if self.teacher.device != device:
             self.teacher.to(device)
         jobs, boxes, flips = [], [], []
+        # the uint8 renderer crops on the CPU; the float one where the teacher runs
+        render_device = torch.device("cpu") if self.spec.renderer == "uint8" else device
         for item, index in zip(batch[self.image_column], indices):
             row = index + self.offset
-            image = image_to_tensor(decode_image(item, row)).to(device)
+            image = image_to_tensor(decode_image(item, row)).to(render_device)
             b, f = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
                                   region_rng(self.seed, row))
             boxes.append(b)
@@ -92,7 +94,7 @@ class _RegionLabeler:
                             single_thread=device.type == "cpu") as renderer:
             pending = renderer.submit(chunks[0])
             for k, chunk in enumerate(chunks):
-                pixels = pending.result()
+                pixels = pending.result().to(device, non_blocking=True)
                 pending = renderer.submit(chunks[k + 1]) if k + 1 < len(chunks) else None
                 with torch.inference_mode():
                     logits = self.teacher(pixels)
