@@ -24,3 +24,15 @@ def cpu_model() -> str:
             return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
     except OSError:
         return "?"
+
+
+# Caltech101's 50 base classes (CoOp label order, underscores as spaces): a typical base split
+# (Caltech101, Flowers102, Food101, FGVCAircraft and UCF101 all have 50-51 base classes).
+CALTECH_BASE = [
+    "face", "leopard", "motorbike", "accordion", "airplane", "anchor", "ant", "barrel", "bass", "beaver",
+    "binocular", "bonsai", "brain", "brontosaurus", "buddha", "butterfly", "camera", "cannon", "car side",
+    "ceiling fan", "cellphone", "chair", "chandelier", "cougar body", "cougar face", "crab", "crayfish",
+    "crocodile", "crocodile head", "cup", "dalmatian", "dollar bill", "dolphin", "dragonfly", "electric guitar",
+    "elephant", "emu", "euphonium", "ewer", "ferry", "flamingo", "flamingo head", "garfield", "gerenuk",
+    "gramophone", "grand piano", "hawksbill", "headphone", "hedgehog", "helicopter",
+]

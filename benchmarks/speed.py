@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import fdbpl_hf  # noqa: E402
-from _report import cpu_model, md_table, now, verdict  # noqa: E402
+from _report import CALTECH_BASE, cpu_model, md_table, now, verdict  # noqa: E402
 from flops import Tower, real_models, step_flops, text_tower, vit  # noqa: E402
 from fdbpl_hf import (  # noqa: E402
     CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_feature_cache, build_ril_table, dense_teacher_logits,
@@ -69,16 +69,6 @@ from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
 
-# Caltech101's 50 base classes (CoOp label order, underscores as spaces): a typical base split
-# (Caltech101, Flowers102, Food101, FGVCAircraft and UCF101 all have 50-51 base classes).
-CALTECH_BASE = [
-    "face", "leopard", "motorbike", "accordion", "airplane", "anchor", "ant", "barrel", "bass", "beaver",
-    "binocular", "bonsai", "brain", "brontosaurus", "buddha", "butterfly", "camera", "cannon", "car side",
-    "ceiling fan", "cellphone", "chair", "chandelier", "cougar body", "cougar face", "crab", "crayfish",
-    "crocodile", "crocodile head", "cup", "dalmatian", "dollar bill", "dolphin", "dragonfly", "electric guitar",
-    "elephant", "emu", "euphonium", "ewer", "ferry", "flamingo", "flamingo head", "garfield", "gerenuk",
-    "gramophone", "grand piano", "hawksbill", "headphone", "hedgehog", "helicopter",
-]
 
 TEACHER_PATCH_TOKENS, STUDENT_PATCH_TOKENS = 16, 7  # patches per side: 257 and 50 tokens, as at 224 px
 

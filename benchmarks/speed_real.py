@@ -52,7 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from _report import md_table, now  # noqa: E402
+from _report import CALTECH_BASE, md_table, now  # noqa: E402
 from flops import real_models, step_flops  # noqa: E402
 from fdbpl_hf import (  # noqa: E402
     CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_feature_cache, build_ril_table, dense_teacher_logits,
@@ -66,14 +66,6 @@ from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
 
-CALTECH_BASE = [
-    "face", "leopard", "motorbike", "accordion", "airplane", "anchor", "ant", "barrel", "bass", "beaver",
-    "binocular", "bonsai", "brain", "brontosaurus", "buddha", "butterfly", "camera", "cannon", "car side",
-    "ceiling fan", "cellphone", "chair", "chandelier", "cougar body", "cougar face", "crab", "crayfish",
-    "crocodile", "crocodile head", "cup", "dalmatian", "dollar bill", "dolphin", "dragonfly", "electric guitar",
-    "elephant", "emu", "euphonium", "ewer", "ferry", "flamingo", "flamingo head", "garfield", "gerenuk",
-    "gramophone", "grand piano", "hawksbill", "headphone", "hedgehog", "helicopter",
-]
 WORDS = ["red", "small", "wild", "old", "striped", "spotted", "golden", "northern", "sea", "mountain"]
 NOUNS = ["fox", "warbler", "beetle", "lantern", "kettle", "canoe", "violin", "orchid", "lizard", "tractor",
          "sparrow", "teapot", "hammer", "jellyfish", "otter", "snail", "tulip", "bus", "owl", "harp",
