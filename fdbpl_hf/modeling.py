@@ -1,7 +1,9 @@
 """`FDBPLCLIPModel`: a frozen `transformers.CLIPModel` driven by learnable positive/negative prompts."""
 
 import copy
+import functools
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -62,6 +64,11 @@ class _ClassPrompts:
         return _ClassPrompts(self.input_ids.to(device), self.attention_mask.to(device), self.ctx_mask.to(device))
 
 
+def _weak_inject(ref, module, args, output):
+    model = ref()
+    return None if model is None else model._inject_context(module, args, output)
+
+
 class FDBPLCLIPModel(nn.Module):
     """A frozen CLIP plus an `FDBPLPromptLearner` (the only trainable and saved part).
 
@@ -94,7 +101,10 @@ class FDBPLCLIPModel(nn.Module):
         self._prompt_cache: dict[tuple[str, ...], _ClassPrompts] = {}
         self._active: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         embedding = clip_model.text_model.embeddings.token_embedding
-        self._hook = embedding.register_forward_hook(self._inject_context)
+        # The hook holds the wrapper weakly, and goes away with it: wrapping one CLIP many times
+        # (several adapters, a loop over seeds) leaves no dead wrappers alive on the backbone.
+        self._hook = embedding.register_forward_hook(functools.partial(_weak_inject, weakref.ref(self)))
+        weakref.finalize(self, self._hook.remove)
 
     # ---- properties ------------------------------------------------------------------------
     @property
@@ -171,6 +181,13 @@ class FDBPLCLIPModel(nn.Module):
             ctx_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
         return _ClassPrompts(input_ids, attention, ctx_mask)
 
+    def unload(self) -> CLIPModel:
+        """Detach the prompts and return the plain CLIP model (like `peft`'s `unload()`); the
+        wrapper is unusable afterwards. The backbone stays frozen (`requires_grad=False`)."""
+        self._hook.remove()
+        self._unloaded = True
+        return self.clip
+
     def _inject_context(self, module, args, output):
         if self._active is None:
             return None
@@ -183,6 +200,9 @@ class FDBPLCLIPModel(nn.Module):
 
     def _encode(self, prompts: _ClassPrompts, contexts: torch.Tensor) -> torch.Tensor:
         """Text features `[len(contexts) * C, P]`: every class under each context in `contexts`."""
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError("this FDBPLCLIPModel was unloaded: wrap the CLIP model again "
+                               "(get_fdbpl_model or FDBPLCLIPModel.from_pretrained)")
         n_ctx_sets, num_classes = contexts.shape[0], prompts.input_ids.shape[0]
         ids = prompts.input_ids.repeat(n_ctx_sets, 1)
         attention = prompts.attention_mask.repeat(n_ctx_sets, 1)

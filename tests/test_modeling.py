@@ -116,3 +116,31 @@ def test_bad_input(tiny_clip, tokenizer):
         FDBPLConfig(class_token_position="left")
     with pytest.raises(TypeError, match="CLIPModel"):
         FDBPLCLIPModel(torch.nn.Linear(2, 2), model.prompts, tokenizer)
+
+
+def test_wrappers_do_not_leak_and_unload(tiny_clip, tokenizer):
+    """A collected wrapper takes its hook with it; unload() hands back the plain CLIP model."""
+    import gc
+
+    from fdbpl_hf import get_fdbpl_model
+
+    embedding = tiny_clip.text_model.embeddings.token_embedding
+    before = len(embedding._forward_hooks)
+    ids = tokenizer(["a photo of a cat."], return_tensors="pt")
+    with torch.no_grad():
+        reference = tiny_clip.get_text_features(**ids).pooler_output
+    for _ in range(3):
+        get_fdbpl_model(tiny_clip, tokenizer=tokenizer)
+    gc.collect()
+    assert len(embedding._forward_hooks) == before
+    model = get_fdbpl_model(tiny_clip, tokenizer=tokenizer)
+    with torch.no_grad():
+        model.prompts.ctx_pos.add_(1.0)  # trained-looking contexts change the prompted features
+        prompted = model.get_text_features(["cat"])
+    clip = model.unload()
+    assert clip is tiny_clip and len(embedding._forward_hooks) == before
+    with torch.no_grad():
+        plain = clip.get_text_features(**ids).pooler_output
+    assert torch.equal(plain, reference) and not torch.allclose(prompted, plain)
+    with pytest.raises(RuntimeError, match="unloaded"):
+        model.get_text_features(["cat"])
