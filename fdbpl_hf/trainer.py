@@ -130,6 +130,8 @@ class FDBPLTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_EpochToDataset(train_dataset)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        self._metrics: dict[str, Optional[torch.Tensor]] = {}  # per mode: term sums + batch count
+        self._metric_keys: dict[str, set] = {}
         self._reset_metrics()
 
     # ---- optimisation -------------------------------------------------------------------------
@@ -231,8 +233,6 @@ class FDBPLTrainer(Trainer):
 
     def _reset_metrics(self, mode: Optional[str] = None) -> None:
         for m in ("train", "eval") if mode is None else (mode,):
-            if not hasattr(self, "_metrics"):
-                self._metrics, self._metric_keys = {}, {}
             self._metrics[m], self._metric_keys[m] = None, set()
 
     def train(self, *args, **kwargs):

@@ -193,10 +193,11 @@ def _on_rank0(rank: int, fn, *args, **kwargs) -> None:
         raise error
 
 
-def default_table_dir(key: str) -> str:
+def default_table_dir(key: str, kind: str = "ril_tables") -> str:
+    """`$HF_HOME/fdbpl_hf/<kind>/<key>`: where builds go when no output_dir is given."""
     from huggingface_hub.constants import HF_HOME
 
-    return os.path.join(HF_HOME, "fdbpl_hf", "ril_tables", key)
+    return os.path.join(HF_HOME, "fdbpl_hf", kind, key)
 
 
 def build_ril_table(

@@ -17,6 +17,7 @@ same shape fails loudly instead of training on the wrong features.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -29,14 +30,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from .build import _assemble, _barrier, _dist_info, _on_rank0, _prepare_workdir
-from .table import library_version
+from ..modeling import FDBPLCLIPModel, _model_name
+from .build import _assemble, _barrier, _dist_info, _on_rank0, _prepare_workdir, default_table_dir
+from .table import attach_metadata, described_metadata, library_version
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "fdbpl-feature-cache/1"
 CACHE_METADATA_FILE = "feature_cache.json"
-PROBE_ROWS = 3
 # Stored fp16 features vs a fresh fp32 forward differ by ~1e-3 relative; another checkpoint of the
 # same architecture gives unrelated features (cosine far below this).
 PROBE_MIN_COSINE = 0.995
@@ -58,8 +59,6 @@ def student_signature(clip) -> dict:
 def weights_fingerprint(clip, samples_per_tensor: int = 4096) -> str:
     """A hash of the image side's weights (an even subsample of every tensor): two checkpoints of
     the same architecture get different fingerprints, so one never reuses the other's cache."""
-    import hashlib
-
     h = hashlib.sha256()
     modules = {"vision_model": clip.vision_model, "visual_projection": clip.visual_projection}
     for prefix, module in modules.items():
@@ -72,24 +71,12 @@ def weights_fingerprint(clip, samples_per_tensor: int = 4096) -> str:
 
 
 def _clip_of(student):
-    from ..modeling import FDBPLCLIPModel
-
     return student.clip if isinstance(student, FDBPLCLIPModel) else student
-
-
-def _model_name(clip) -> Optional[str]:
-    return getattr(clip.config, "_name_or_path", None) or getattr(clip, "name_or_path", None) or None
 
 
 def _image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return clip.get_image_features(pixel_values=pixel_values).pooler_output.float()
-
-
-def _cache_dir(table_key: str, student_key: str) -> str:
-    from huggingface_hub.constants import HF_HOME
-
-    return os.path.join(HF_HOME, "fdbpl_hf", "feature_caches", f"{table_key}-{student_key}")
 
 
 def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_dir: Optional[str] = None,
@@ -146,9 +133,9 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
         "layout": "row = image_index * epochs + epoch; region = the region replayed at that epoch",
     }
     key = _content_key(metadata)  # the name is information only: ./ckpt and ckpt are the same weights
-    metadata["student"]["name"] = _model_name(clip)
+    metadata["student"]["name"] = _model_name(clip) or None
     metadata.update(build_key=key, library_version=library_version())
-    output_dir = os.path.abspath(output_dir or _cache_dir(table_meta["build_key"], key))
+    output_dir = os.path.abspath(output_dir or default_table_dir(f"{table_meta['build_key']}-{key}", "feature_caches"))
     if os.path.exists(output_dir):
         if not os.path.isfile(os.path.join(output_dir, CACHE_METADATA_FILE)):
             raise ValueError(f"output_dir {output_dir} exists but is not a student-feature cache; choose another "
@@ -217,21 +204,13 @@ def _progress(enabled: bool, total: int):
 
 
 def _content_key(metadata: dict) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def feature_cache_metadata(cache: datasets.Dataset) -> dict:
     """The metadata of a cache returned by `build_feature_cache` or `load_feature_cache`."""
-    try:
-        meta = json.loads(cache.info.description or "")
-    except json.JSONDecodeError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
-        raise ValueError("this dataset is not a student-feature cache: load caches with "
-                         "fdbpl_hf.ril.load_feature_cache(path)")
-    return meta
+    return described_metadata(cache, CACHE_FORMAT, "this dataset is not a student-feature cache: load caches "
+                              "with fdbpl_hf.ril.load_feature_cache(path)")
 
 
 def load_feature_cache(path: str) -> datasets.Dataset:
@@ -251,8 +230,7 @@ def load_feature_cache(path: str) -> datasets.Dataset:
     expected = metadata["num_images"] * metadata["epochs"]
     if len(cache) != expected:
         raise ValueError(f"feature cache {path} has {len(cache)} rows, its metadata promises {expected}")
-    cache.info.description = json.dumps(metadata, sort_keys=True)
-    return cache
+    return attach_metadata(cache, metadata)
 
 
 def check_cache_matches_table(cache_meta: dict, table_meta: dict, image_mean: Sequence[float],
@@ -283,13 +261,13 @@ def check_feature_cache(data, student, rows: Optional[Sequence[int]] = None) -> 
     if diff:
         problems.append("student architecture: " + ", ".join(f"{k} cache {a} vs model {b}"
                                                             for k, (a, b) in diff.items()))
-    elif meta["student"].get("weights") != weights_fingerprint(clip):
+    elif meta["student"].get("weights") != (weights := weights_fingerprint(clip)):
         problems.append(f"student weights: the cache was built with another checkpoint "
                         f"({meta['student'].get('name') or 'unnamed'}; weights {meta['student'].get('weights')} vs "
-                        f"{weights_fingerprint(clip)})")
+                        f"{weights})")
     else:
         total = meta["num_images"] * meta["epochs"]
-        picks = rows if rows is not None else sorted({0, total // 2, total - 1})[:PROBE_ROWS]
+        picks = rows if rows is not None else sorted({0, total // 2, total - 1})
         probe = copy.copy(data)
         probe.feature_cache = None
         device = next(clip.parameters()).device

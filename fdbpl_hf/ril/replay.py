@@ -167,9 +167,6 @@ class RILDataset(torch.utils.data.Dataset):
             # (measured 27x slower with 2 threads on a busy 2-core machine).
             torch.set_num_threads(1)
         mean, std = self._mean_std
-        if self.table is not None:  # one conversion per batch; items get views
-            topk_indices = torch.from_numpy(rows["topk_indices"].astype(np.int64))
-            topk_logits = torch.from_numpy(rows["topk_logits"].astype(np.float32))
         try:
             items = []
             for n, (index, region) in enumerate(zip(indices, regions)):
@@ -183,19 +180,20 @@ class RILDataset(torch.utils.data.Dataset):
                 label = sources[self.label_column][n] if self.label_column else -1
                 pixels = render_region(image, box, bool(flip), self.spec)
                 item = {
-                    # render_region returns a fresh tensor: normalised in place
-                    "pixel_values": pixels.sub_(mean.to(pixels.device)).div_(std.to(pixels.device)),
+                    "pixel_values": pixels.sub_(mean).div_(std),  # a fresh CPU tensor: normalised in place
                     "labels": torch.tensor(-1 if label is None else int(label)),
                     "region": torch.tensor(region),
                 }
                 if self.table is not None:
-                    item["topk_indices"], item["topk_logits"] = topk_indices[n], topk_logits[n]
+                    item["topk_indices"], item["topk_logits"] = rows["topk_indices"][n], rows["topk_logits"][n]
                 items.append(item)
         finally:
             torch.set_num_threads(threads)
         return items
 
     def _table_rows(self, indices: list[int], regions: list[int]) -> dict:
+        """The batch's table rows, top-K columns as torch tensors (one conversion per batch; items
+        take views)."""
         rows = self.table[[i * self.num_regions + r for i, r in zip(indices, regions)]]
         # Checked here, on the CPU, so the training step needs no device sync for it.
         finite = np.isfinite(rows["topk_logits"]).all(axis=-1)
@@ -203,6 +201,8 @@ class RILDataset(torch.utils.data.Dataset):
             bad = int(np.flatnonzero(~finite)[0])
             raise ValueError(f"non-finite teacher logits in the RIL table (image {indices[bad]}, region "
                              f"{regions[bad]}): the table is corrupt; rebuild it")
+        rows["topk_indices"] = torch.from_numpy(rows["topk_indices"].astype(np.int64))
+        rows["topk_logits"] = torch.from_numpy(rows["topk_logits"].astype(np.float32))
         return rows
 
     def _cached_items(self, indices: list[int], regions: list[int]) -> list[dict]:
@@ -225,7 +225,7 @@ class RILDataset(torch.utils.data.Dataset):
                 "image_features": features[n],
                 "labels": torch.tensor(label),
                 "region": torch.tensor(region),
-                "topk_indices": torch.from_numpy(rows["topk_indices"][n].astype(np.int64)),
-                "topk_logits": torch.from_numpy(rows["topk_logits"][n].astype(np.float32)),
+                "topk_indices": rows["topk_indices"][n],
+                "topk_logits": rows["topk_logits"][n],
             })
         return items

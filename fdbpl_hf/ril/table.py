@@ -68,18 +68,23 @@ def build_key(metadata: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ril_metadata(table: datasets.Dataset) -> dict[str, Any]:
-    """The metadata of a table returned by `build_ril_table` or `load_ril_table`."""
+def described_metadata(dataset: datasets.Dataset, fmt: str, error: str) -> dict[str, Any]:
+    """The JSON metadata a builder stored in `dataset.info.description`; `ValueError(error)` when
+    there is none of format `fmt`."""
     try:
-        meta = json.loads(table.info.description or "")
+        meta = json.loads(dataset.info.description or "")
     except json.JSONDecodeError:
         meta = None
-    if not isinstance(meta, dict) or meta.get("format") != TABLE_FORMAT:
-        raise ValueError(
-            "this dataset carries no RIL metadata: load tables with fdbpl_hf.load_ril_table(...) "
-            "(datasets.load_dataset returns the rows only), or pass metadata= explicitly"
-        )
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(error)
     return meta
+
+
+def ril_metadata(table: datasets.Dataset) -> dict[str, Any]:
+    """The metadata of a table returned by `build_ril_table` or `load_ril_table`."""
+    return described_metadata(
+        table, TABLE_FORMAT, "this dataset carries no RIL metadata: load tables with fdbpl_hf.load_ril_table(...) "
+        "(datasets.load_dataset returns the rows only), or pass metadata= explicitly")
 
 
 def attach_metadata(table: datasets.Dataset, metadata: dict) -> datasets.Dataset:
