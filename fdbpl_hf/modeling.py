@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import itertools
 import os
 import weakref
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ class FDBPLCLIPModel(nn.Module):
         self.clip = clip_model
         self.clip.requires_grad_(False)
         self.clip.eval()
+        # A flat list (the parameters keep their identity through .to()) for the per-step zero_grad.
+        self._backbone_parameters = tuple(self.clip.parameters())
         self.prompts = prompts.to(clip_model.device)
         self.tokenizer = tokenizer
         self.class_names: Optional[list[str]] = None
@@ -120,9 +123,32 @@ class FDBPLCLIPModel(nn.Module):
         return self.clip.logit_scale.exp()
 
     def train(self, mode: bool = True) -> "FDBPLCLIPModel":
-        super().train(mode)
-        self.clip.eval()  # the backbone is frozen: never switch on its dropout
+        # The Trainer calls train() at every step. Recursing through the backbone's hundreds of
+        # modules each time costs milliseconds of host time per step (as much as a launch-bound
+        # GPU step's text tower), so only the prompts follow `mode` and the backbone is put back
+        # in eval mode only when something switched it: it is frozen, its dropout never runs.
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        self.prompts.train(mode)
+        if self.clip.training:
+            self.clip.eval()
         return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients like `nn.Module.zero_grad`, without walking the module tree per call
+        (the Trainer calls it every step): the contexts, and backbone parameters that hold one."""
+        for p in itertools.chain(self.prompts.parameters(), self._backbone_parameters):
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     # ---- prompts -----------------------------------------------------------------------------
     def set_class_names(self, class_names: Sequence[str]) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from accelerate.utils import DistributedType
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -20,6 +21,7 @@ from .ril.replay import RILDataset, dense_teacher_logits
 from .ril.teachers import Teacher
 
 LOSS_TERMS = ("pos", "neg", "sim", "pcd", "weight")
+_PLAIN_DDP = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 @dataclass
@@ -163,6 +165,14 @@ class FDBPLTrainer(Trainer):
         self.lr_scheduler = LambdaLR(optimizer, factor)
         self._created_lr_scheduler = True  # lets a second train() build a fresh schedule
         return self.lr_scheduler
+
+    def _clip_grad_norm(self, model):
+        # Only the contexts have gradients: hand accelerate those instead of every backbone
+        # parameter, which it would walk and type-check at each step. Same norm, same clipping.
+        if self.accelerator.distributed_type not in _PLAIN_DDP or self.optimizer is None:
+            return super()._clip_grad_norm(model)  # sharded or compiled set-ups need the model
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     # ---- the loss -----------------------------------------------------------------------------
     def teacher_logits(self, inputs: dict, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:

@@ -75,6 +75,7 @@ def test_cache_holds_the_students_features_of_the_replayed_regions(digits_small,
         build_feature_cache(data, student(tokenizer, seed=9), epochs=3, dtype="float32",
                             output_dir=str(tmp_path / "c"))
     (tmp_path / "not_a_cache").mkdir()
+    (tmp_path / "not_a_cache" / "other.txt").write_text("x")  # (an empty folder is filled: tested below)
     with pytest.raises(ValueError, match="is not a student-feature cache"):
         build_feature_cache(data, model, epochs=3, output_dir=str(tmp_path / "not_a_cache"))
 
@@ -162,6 +163,17 @@ def test_cache_bound_to_its_table_epochs_and_normalisation(digits_small, table, 
         build_feature_cache(cached, model)
     with pytest.raises(ValueError, match="epochs must be between 1 and"):
         build_feature_cache(data_for(digits_small, table), model, epochs=5)
+
+
+def test_cache_output_dir_may_exist_empty(digits_small, table, tokenizer, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cache = build_feature_cache(data_for(digits_small, table), student(tokenizer), epochs=1,
+                                output_dir=str(tmp_path / "empty"))
+    assert len(cache) == len(digits_small)
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "x").write_text("mine")
+    with pytest.raises(ValueError, match="exists but is not a student-feature cache"):
+        build_feature_cache(data_for(digits_small, table), student(tokenizer), output_dir=str(tmp_path / "occupied"))
 
 
 def test_interrupted_cache_build_resumes(digits_small, table, tokenizer, tmp_path, monkeypatch):

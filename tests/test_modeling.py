@@ -82,6 +82,35 @@ def test_forward_logits_and_gradients(tiny_clip, tokenizer):
     assert not tiny_clip.training  # the frozen backbone stays in eval mode
 
 
+def test_train_eval_modes_keep_the_backbone_in_eval(tiny_clip, tokenizer):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    model.train()
+    assert model.training and model.prompts.training
+    assert not any(m.training for m in tiny_clip.modules())
+    tiny_clip.train()  # something switched the backbone on: the next train() puts all of it back
+    model.train()
+    assert not any(m.training for m in tiny_clip.modules())
+    model.eval()
+    assert not model.training and not model.prompts.training
+    with pytest.raises(ValueError, match="boolean"):
+        model.train("yes")
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_clears_contexts_and_unfrozen_backbone(tiny_clip, tokenizer, set_to_none):
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    unfrozen = tiny_clip.text_projection.weight
+    unfrozen.requires_grad_(True)  # a user experiment: the clear must reach it too
+    out = model(torch.randn(2, 3, 32, 32), class_names=["cat", "dog"])
+    (out.pos_logits.sum() + out.neg_logits.sum()).backward()
+    grads = [model.prompts.ctx_pos, model.prompts.ctx_neg, unfrozen]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in grads)
+    model.zero_grad(set_to_none=set_to_none)
+    for p in grads:
+        assert p.grad is None if set_to_none else (p.grad is not None and not p.grad.any())
+    assert all(p.grad is None for n, p in tiny_clip.named_parameters() if p is not unfrozen)
+
+
 def test_hook_is_inert_outside_the_wrapper(tiny_clip, tokenizer):
     before = reference_features(tiny_clip, tokenizer, ["X X X X cat."])
     model = get_fdbpl_model(tiny_clip, FDBPLConfig(positive_init=None, negative_init=None), tokenizer)

@@ -269,6 +269,19 @@ def test_bad_input_fails_clearly(teacher_clip, tokenizer, tmp_path, digits_small
     assert not (tmp_path / "b.incomplete" / "shard-00000").exists()
 
 
+def test_output_dir_may_exist_empty_but_not_hold_other_files(digits_small, teacher_clip, tokenizer, tmp_path):
+    empty = tmp_path / "made-by-mkdtemp"
+    empty.mkdir()
+    table = build(digits_small, teacher_clip, tokenizer, empty)
+    assert len(table) == len(digits_small) * M and (empty / "ril_metadata.json").is_file()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists but is not an RIL table"):
+        build(digits_small, teacher_clip, tokenizer, occupied)
+    assert (occupied / "notes.txt").read_text() == "mine"  # nothing of the user's is touched
+
+
 def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_path):
     t1 = CLIPTeacher(make_clip("tiny", seed=1), tokenizer, DIGIT_NAMES)
     t2 = CLIPTeacher(make_clip("tiny", seed=2), tokenizer, DIGIT_NAMES)

@@ -78,6 +78,24 @@ def test_offline_training_updates_only_the_prompts(digits_small, varied_table, t
     assert lrs[0] == pytest.approx(1e-5) and max(lrs) > 0.01  # constant warm-up, then cosine
 
 
+def test_gradient_clipping_sees_the_same_norm(digits_small, varied_table, tokenizer, tmp_path):
+    # The trainer clips over the optimiser's parameters only: same norm as over the whole model.
+    model = student(tokenizer)
+    data = RILDataset(digits_small, varied_table, image_mean=MEAN, image_std=STD, class_names=DIGIT_NAMES)
+    trainer = FDBPLTrainer(model=model, args=train_args(tmp_path, max_grad_norm=1e-3), train_dataset=data)
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    batch = data.__getitems__(list(range(8)))
+    inputs = {k: torch.stack([item[k] for item in batch]) for k in batch[0]}
+    trainer.compute_loss(model, inputs).backward()
+    expected = torch.linalg.vector_norm(torch.stack(
+        [p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert expected > 1e-3  # so the clip below really scales
+    norm = trainer._clip_grad_norm(model)
+    torch.testing.assert_close(norm, expected)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.prompts.parameters()]))
+    assert clipped == pytest.approx(1e-3, rel=1e-4)
+
+
 def test_epochs_replay_new_regions(digits_small, dense_table, tokenizer, tmp_path):
     data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
     epochs = []

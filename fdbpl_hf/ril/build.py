@@ -341,7 +341,7 @@ def build_ril_table(
 
 def _existing_table(output_dir: str, key: str) -> Optional[datasets.Dataset]:
     meta_path = os.path.join(output_dir, METADATA_FILE)
-    if not os.path.exists(output_dir):
+    if _absent_or_empty(output_dir):
         return None
     if not os.path.isfile(meta_path):
         raise ValueError(f"output_dir {output_dir} exists but is not an RIL table; choose another folder")
@@ -352,6 +352,11 @@ def _existing_table(output_dir: str, key: str) -> Optional[datasets.Dataset]:
                          f"(teacher {existing['teacher']['name']}, M={existing['num_regions']}, "
                          f"K={existing['top_k']}, seed {existing['seed']}); delete it or pick another folder")
     return load_ril_table(output_dir)
+
+
+def _absent_or_empty(path: str) -> bool:
+    """True for a folder the build may create or fill (e.g. one made by `tempfile.mkdtemp()`)."""
+    return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
 
 
 def _prepare_workdir(work: str, metadata: dict) -> None:
@@ -387,5 +392,7 @@ def _assemble(work: str, output_dir: str, num_shards: int, metadata: dict,
     with open(os.path.join(staging, metadata_file), "w", encoding="utf-8") as f:
         json.dump(final, f, indent=2, sort_keys=True)
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    if os.path.isdir(output_dir):
+        os.rmdir(output_dir)  # an empty folder made for the table; a non-empty one was refused before
     os.replace(staging, output_dir)  # the table appears whole, or not at all
     shutil.rmtree(work, ignore_errors=True)

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from ..modeling import FDBPLCLIPModel, _model_name
-from .build import _assemble, _barrier, _dist_info, _on_rank0, _prepare_workdir, default_table_dir
+from .build import _absent_or_empty, _assemble, _barrier, _dist_info, _on_rank0, _prepare_workdir, default_table_dir
 from .table import attach_metadata, described_metadata, library_version
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     metadata["student"]["name"] = _model_name(clip) or None
     metadata.update(build_key=key, library_version=library_version())
     output_dir = os.path.abspath(output_dir or default_table_dir(f"{table_meta['build_key']}-{key}", "feature_caches"))
-    if os.path.exists(output_dir):
+    if not _absent_or_empty(output_dir):
         if not os.path.isfile(os.path.join(output_dir, CACHE_METADATA_FILE)):
             raise ValueError(f"output_dir {output_dir} exists but is not a student-feature cache; choose another "
                              "folder")
