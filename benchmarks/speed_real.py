@@ -123,6 +123,7 @@ def trainer_steps(args, model, data, teacher, workdir: str, workers: int) -> lis
         output_dir=workdir, max_steps=steps, per_device_train_batch_size=args.batch, save_strategy="no",
         report_to="none", disable_tqdm=True, use_cpu=args.device == "cpu", bf16=args.bf16,
         dataloader_num_workers=workers, dataloader_pin_memory=args.device != "cpu", seed=0, logging_steps=500,
+        torch_compile=args.compile is not None, torch_compile_mode=args.compile,
     )
     timer = StepTimer(torch.device(args.device))
     trainer = FDBPLTrainer(model=model, args=targs, train_dataset=data, teacher=teacher, callbacks=[timer])
@@ -143,13 +144,14 @@ def pure_steps(args, model, batches: list[dict], num_classes: int, device, use_f
         prepared.append((x.to(device), target))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     model.train()
+    step_model = compiled(model, args.compile)
     times = []
     for i in range(args.warmup + args.steps + 1):
         x, target = prepared[i % len(prepared)]
         sync(device)
         t0 = now()
         with autocast:
-            o = model(image_features=x) if use_features else model(pixel_values=x)
+            o = step_model(image_features=x) if use_features else step_model(pixel_values=x)
             losses = fdbpl_loss(o.pos_logits, o.neg_logits, target, o.image_features, o.pos_text_features,
                                 o.neg_text_features)
         losses["total"].backward()
@@ -159,6 +161,19 @@ def pure_steps(args, model, batches: list[dict], num_classes: int, device, use_f
         if i > args.warmup:
             times.append(now() - t0)
     return times
+
+
+_COMPILED: dict = {}
+
+
+def compiled(module, mode):
+    """`module` itself, or (with --compile) one compiled wrapper per module, reused across runs."""
+    if mode is None:
+        return module
+    key = id(module)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(module, mode=mode)
+    return _COMPILED[key]
 
 
 def piece_times(args, teacher_clip, student, names, device) -> dict:
@@ -315,6 +330,9 @@ def parse_args(argv=None):
     p.add_argument("--piece-reps", type=int, default=10, help="repetitions of each bare-cost measurement")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(12, cores - 2))")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the student (Trainer: --torch_compile) and the teacher's image tower, "
+                        "e.g. --compile reduce-overhead (CUDA graphs)")
     p.add_argument("--quick", action="store_true", help="1 round, 4 timed steps, C=50 only")
     p.add_argument("--json", default="speed_real.json")
     args = p.parse_args(argv)
@@ -338,13 +356,16 @@ def main(argv=None) -> int:
               "python": platform.python_version(), "cpus": os.cpu_count(),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
     print(f"# Speed on real-size models\n\ndevice {report['device_name']}, torch {torch.__version__}, "
-          f"bf16 autocast {args.bf16}, {os.cpu_count()} CPUs, DataLoader workers {args.workers}", flush=True)
+          f"bf16 autocast {args.bf16}, {os.cpu_count()} CPUs, DataLoader workers {args.workers}, "
+          f"torch.compile {args.compile or 'off'}", flush=True)
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
     if args.size == "real":
         teacher_clip, student_clip = make_clip("vit-l-14", device), make_clip("vit-b-32", device)
     else:  # patch 32 keeps the 224 px smoke run cheap
         teacher_clip, student_clip = make_clip("base", device, patch=32), make_clip("small", device, patch=32)
+    if args.compile is not None:  # the baseline's teacher gets the same treatment as the student
+        teacher_clip.vision_model = torch.compile(teacher_clip.vision_model, mode=args.compile)
     workdir = tempfile.mkdtemp(prefix="fdbpl_speed_real_")
     try:
         for c in args.classes:

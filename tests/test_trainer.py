@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -145,6 +146,23 @@ def test_bf16_mixed_precision_on_cpu(digits_small, dense_table, tokenizer, tmp_p
     trainer.train()
     assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
     assert model.prompts.ctx_pos.dtype == torch.float32
+
+
+@pytest.mark.skipif(not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_torch_compile_trains_the_same_prompts(digits_small, varied_table, tokenizer, tmp_path):
+    # `--torch_compile` compiles the whole forward (one graph: no break at the context injection).
+    data = RILDataset(digits_small, varied_table, image_mean=MEAN, image_std=STD, class_names=DIGIT_NAMES)
+    eager, compiled = student(tokenizer), student(tokenizer)
+    FDBPLTrainer(model=eager, args=train_args(tmp_path / "eager"), train_dataset=data).train()
+    trainer = FDBPLTrainer(model=compiled, args=train_args(tmp_path / "compiled", torch_compile=True),
+                           train_dataset=data)
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # it really ran compiled
+    torch.testing.assert_close(compiled.prompts.contexts(), eager.prompts.contexts(), atol=1e-5, rtol=1e-4)
+    trainer.save_model()
+    loaded = FDBPLCLIPModel.from_pretrained(make_clip("tiny", seed=2), str(tmp_path / "compiled"), tokenizer=tokenizer)
+    torch.testing.assert_close(loaded.prompts.contexts(), compiled.prompts.contexts(), atol=0, rtol=0)
 
 
 def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tmp_path):
