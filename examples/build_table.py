@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from transformers import AutoTokenizer, CLIPModel, HfArgumentParser
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, HfArgumentParser
 
 from fdbpl_hf import build_ril_table, push_ril_table, ril_metadata
 from fdbpl_hf.data import training_set
@@ -22,6 +22,8 @@ from fdbpl_hf.data import training_set
 class BuildArguments:
     teacher: str = field(metadata={"help": "Teacher CLIP checkpoint (Hub id or folder)."})
     output_dir: str = field(metadata={"help": "Where the finished table goes (resumes if interrupted)."})
+    teacher_revision: Optional[str] = field(default=None, metadata={
+        "help": "Teacher revision (branch, tag or commit), recorded in the table."})
     dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id or saved folder."})
     split: Optional[str] = field(default=None, metadata={"help": "Training split (default: the registry's)."})
     num_shots: Optional[int] = field(default=16, metadata={"help": "Shots per class; 0 = every image."})
@@ -45,17 +47,22 @@ def main() -> None:
                         split=args.split)
     # one GPU per process under accelerate launch / torchrun
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    teacher = CLIPModel.from_pretrained(args.teacher).to(device)
+    teacher = CLIPModel.from_pretrained(args.teacher, revision=args.teacher_revision).to(device)
+    # the teacher's own normalisation, as the online baseline in examples/train.py uses it
+    processor = CLIPImageProcessor.from_pretrained(args.teacher, revision=args.teacher_revision)
     table = build_ril_table(
-        data["dataset"], teacher, teacher_tokenizer=AutoTokenizer.from_pretrained(args.teacher),
+        data["dataset"], teacher, teacher_tokenizer=AutoTokenizer.from_pretrained(args.teacher,
+                                                                                  revision=args.teacher_revision),
         class_names=data["class_names"], template=args.template or data["template"], num_regions=args.num_regions,
         top_k=args.top_k, seed=args.seed, output_dir=args.output_dir, teacher_batch_size=args.teacher_batch_size,
-        teacher_name=args.teacher, source_id=data["info"].hub_id or args.dataset,
+        teacher_name=args.teacher, teacher_revision=args.teacher_revision,
+        teacher_image_mean=processor.image_mean, teacher_image_std=processor.image_std,
+        source_id=data["info"].hub_id or args.dataset,
     )
     stats = ril_metadata(table)["stats"]
     print(f"table: {len(table)} regions, {stats['disk_bytes'] / 1e6:.2f} MB ({stats['bytes_per_region']:.1f} B/region)"
           f" -> {args.output_dir}")
-    if args.push_to_hub:
+    if args.push_to_hub and int(os.environ.get("RANK", "0")) == 0:  # one publisher under accelerate/torchrun
         name = push_ril_table(table, args.push_to_hub, args.config_name)
         print(f"published as {args.push_to_hub} config {name}")
 

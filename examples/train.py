@@ -2,7 +2,7 @@
 
     python examples/train.py --student openai/clip-vit-base-patch32 --table tables/eurosat_s1 \
         --dataset eurosat --num_shots 16 --split_seed 1 --output_dir runs/eurosat_s1
-    accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train.py ...
+    accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml --num_processes 4 examples/train.py ...
     # the online-teacher baseline: --teacher openai/clip-vit-large-patch14 instead of --table
     # the CoOp baseline: --loss_type coop (labels, no teacher)
     # no images at train time: --feature_cache caches/eurosat_s1 (built on first use, next to --table)
@@ -82,15 +82,19 @@ def main() -> None:
                                 feature_cache=cache)
     trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model()
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero():  # written first, so that a push uploads them with the adapter
+        os.makedirs(args.output_dir, exist_ok=True)
         if data["few_shot_split"] is not None:
             data["few_shot_split"].to_json(os.path.join(args.output_dir, "few_shot_split.json"))
         with open(os.path.join(args.output_dir, "train_log.json"), "w") as f:
             json.dump(trainer.state.log_history, f, indent=1)
-        print(f"adapter saved to {args.output_dir}")
     if args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub()  # saves the adapter and uploads output_dir in one commit
+    else:
+        trainer.save_model()
+    if trainer.is_world_process_zero():
+        print(f"adapter saved to {args.output_dir}" + (f" and pushed to {trainer.hub_model_id}"
+                                                       if args.push_to_hub else ""))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ class FDBPLConfig:
     Args:
         base_model_name_or_path: Hub id or path of the student CLIP the adapter belongs to.
             Filled from the model by `get_fdbpl_model` when left empty.
-        revision: revision of the base model, recorded for reproducibility.
+        revision: revision of the base model, recorded for reproducibility (filled by
+            `get_fdbpl_model` with the commit a Hub checkpoint was loaded from).
         n_ctx: number of learnable context tokens per prompt (CoOp's M; paper: 4).
         positive_init: words whose token embeddings initialise the positive context. Must
             tokenise to exactly `n_ctx` tokens; `None` draws a random N(0, 0.02) init.
@@ -30,6 +31,8 @@ class FDBPLConfig:
         class_names: classes the adapter was trained on (informative; any names work at
             inference, which is how novel classes are scored).
         template: hand-crafted template of the dataset, kept for zero-shot comparisons.
+        training: the training record `FDBPLTrainer` writes (method, table, hyper-parameters,
+            final loss), shown on the model card.
         fdbpl_version: library version that wrote the adapter.
     """
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel
+from transformers import CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from .config import FDBPLConfig
@@ -50,7 +50,14 @@ def _model_name(clip: CLIPModel) -> str:
 
 
 def _short_name(name: Optional[str]) -> str:
-    return os.path.basename(os.path.normpath(name)) if name else ""
+    """The model's name without owner or folders: "org/clip-x", "./clip-x" and a Hub-cache
+    snapshot ".../models--org--clip-x/snapshots/<sha>" all give "clip-x"."""
+    if not name:
+        return ""
+    parts = os.path.normpath(name).split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].split("--")[-1]
+    return parts[-1]
 
 
 class _ClassPrompts:
@@ -84,7 +91,7 @@ class FDBPLCLIPModel(nn.Module):
     # Trainer reads this on checkpoint reload; the wrapper is not a PreTrainedModel.
     _keys_to_ignore_on_save = None
 
-    def __init__(self, clip_model: CLIPModel, prompts: FDBPLPromptLearner, tokenizer,
+    def __init__(self, clip_model: CLIPModel, prompts: FDBPLPromptLearner, tokenizer: PreTrainedTokenizerBase,
                  check_base_model: bool = True):
         super().__init__()
         if not isinstance(clip_model, CLIPModel):
@@ -207,6 +214,25 @@ class FDBPLCLIPModel(nn.Module):
             ctx_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
         return _ClassPrompts(input_ids, attention, ctx_mask)
 
+    def __deepcopy__(self, memo) -> "FDBPLCLIPModel":
+        # The backbone's hook points at this wrapper: a plain deep copy would give the copy a hook
+        # that injects nothing (its prompts silently ignored). Copy the backbone without our hook,
+        # then wrap the copies again, which hooks the new backbone to the new wrapper.
+        embedding = self.clip.text_model.embeddings.token_embedding
+        hooks = embedding._forward_hooks
+        saved = dict(hooks)
+        hooks.pop(self._hook.id, None)
+        try:
+            clip = copy.deepcopy(self.clip, memo)
+        finally:
+            hooks.clear()
+            hooks.update(saved)  # same hooks, same order
+        new = type(self)(clip, copy.deepcopy(self.prompts, memo), self.tokenizer, check_base_model=False)
+        memo[id(self)] = new
+        new.class_names = copy.copy(self.class_names)
+        new.train(self.training)
+        return new
+
     def unload(self) -> CLIPModel:
         """Detach the prompts and return the plain CLIP model (like `peft`'s `unload()`); the
         wrapper is unusable afterwards. The backbone stays frozen (`requires_grad=False`)."""
@@ -275,29 +301,53 @@ class FDBPLCLIPModel(nn.Module):
 
     # ---- persistence (only the adapter) ------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """Write the adapter only: `config.json`, `model.safetensors`, `README.md`."""
+        """Write the adapter only: `config.json`, `model.safetensors`, `README.md`. Takes
+        `ModelHubMixin.save_pretrained` arguments, and `is_main_process` (False writes nothing)."""
         return self.prompts.save_pretrained(save_directory, **kwargs)
+
+    def get_base_model(self) -> CLIPModel:
+        """The frozen CLIP model under the prompts (still hooked; see `unload()`)."""
+        return self.clip
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), like peft."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """Print how many parameters train, like peft's `print_trainable_parameters()`."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Publish the adapter (a few KB) to the Hub; takes `ModelHubMixin.push_to_hub` arguments."""
         return self.prompts.push_to_hub(repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, clip_model: CLIPModel, path_or_repo_id: str | os.PathLike, tokenizer=None, *,
+    def from_pretrained(cls, clip_model: CLIPModel, path_or_repo_id: str | os.PathLike,
+                        tokenizer: Optional[PreTrainedTokenizerBase] = None, *,
                         revision: Optional[str] = None, token=None, cache_dir=None, local_files_only: bool = False,
-                        check_base_model: bool = True) -> "FDBPLCLIPModel":
+                        force_download: bool = False, check_base_model: bool = True,
+                        is_trainable: bool = False) -> "FDBPLCLIPModel":
         """Load an adapter from a folder or Hub repo onto `clip_model`.
 
-        The adapter must have been trained on the same base model: a different text width or
-        shape, or a different model name, raises (`check_base_model=False` skips the name check).
+        As in peft, the model comes back for inference (eval mode, contexts frozen) unless
+        `is_trainable=True`. The adapter must have been trained on the same base model: a
+        different text width or shape raises, and so does a different model name, compared
+        without owner or folders (a local copy `./clip-vit-base-patch32` matches
+        `openai/clip-vit-base-patch32`; `check_base_model=False` skips the name check).
         """
         prompts = FDBPLPromptLearner.from_pretrained(
             str(path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only,
+            local_files_only=local_files_only, force_download=force_download,
         )
         if tokenizer is None:
             tokenizer = _tokenizer_for(clip_model)
-        return cls(clip_model, prompts, tokenizer, check_base_model=check_base_model)
+        model = cls(clip_model, prompts, tokenizer, check_base_model=check_base_model)
+        if not is_trainable:
+            model.prompts.requires_grad_(False)
+            model.eval()
+        return model
 
 
 def _tokenizer_for(clip_model: CLIPModel):
@@ -337,7 +387,8 @@ def _check_compatible(clip: CLIPModel, config: FDBPLConfig, check_name: bool) ->
         )
 
 
-def get_fdbpl_model(clip_model: CLIPModel, config: Optional[FDBPLConfig] = None, tokenizer=None) -> FDBPLCLIPModel:
+def get_fdbpl_model(clip_model: CLIPModel, config: Optional[FDBPLConfig] = None,
+                    tokenizer: Optional[PreTrainedTokenizerBase] = None) -> FDBPLCLIPModel:
     """Wrap a CLIP model with fresh FDBPL prompts, initialised from `config.positive_init`/`negative_init`.
 
     Mirrors `peft.get_peft_model`: the CLIP model is frozen, only the two contexts train.
@@ -349,6 +400,9 @@ def get_fdbpl_model(clip_model: CLIPModel, config: Optional[FDBPLConfig] = None,
     config.base_model_signature = base_model_signature(clip_model)
     if not config.base_model_name_or_path:
         config.base_model_name_or_path = _model_name(clip_model) or None
+    if config.revision is None:
+        # the commit transformers loaded the checkpoint from (set for Hub downloads)
+        config.revision = getattr(clip_model.config, "_commit_hash", None) or None
     prompts = FDBPLPromptLearner(config)
     embedding = clip_model.text_model.embeddings.token_embedding.weight
     with torch.no_grad():

@@ -108,8 +108,20 @@ class FDBPLPromptLearner(
                   metadata={"format": "pt", "library": "fdbpl_hf"})
         with open(save_directory / ADAPTER_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
-        # Written here (not by the mixin, which keeps a stale card) so it always reflects now.
-        self.generate_model_card().save(save_directory / "README.md")
+
+    def save_pretrained(self, save_directory, *, is_main_process: bool = True, model_card_kwargs=None, **kwargs):
+        """Write `config.json`, `model.safetensors` and a fresh `README.md` card (`model_card_kwargs`
+        fill it, e.g. `repo_id`); nothing when `is_main_process` is False (as in transformers)."""
+        if not is_main_process:
+            return None
+        # The mixin keeps an existing card: remove it so the card always describes this adapter now.
+        (Path(save_directory) / "README.md").unlink(missing_ok=True)
+        return super().save_pretrained(save_directory, model_card_kwargs=model_card_kwargs, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs=None, **kwargs) -> str:
+        """Publish the adapter; its card's loading snippet names `repo_id`."""
+        return super().push_to_hub(repo_id, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})},
+                                   **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir, force_download: bool,
@@ -120,9 +132,15 @@ class FDBPLPromptLearner(
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{model_id} is not an FDBPL adapter: no {name}")
                 return path
-            return hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir,
-                                   force_download=force_download, local_files_only=local_files_only,
-                                   token=token)
+            try:
+                return hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir,
+                                       force_download=force_download, local_files_only=local_files_only,
+                                       token=token)
+            except Exception as err:
+                # "runs/eurosat" is a folder name and a Hub id alike: say both were tried
+                raise FileNotFoundError(
+                    f"no FDBPL adapter at {model_id!r}: no folder {os.path.abspath(model_id)}, and no {name} "
+                    f"could be read from a Hub repo {model_id} ({type(err).__name__}: {err})") from err
 
         with open(fetch(ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
             config = FDBPLConfig.from_dict(json.load(f))

@@ -27,14 +27,20 @@ _PLAIN_DDP = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MUL
 @dataclass
 class FDBPLTrainingArguments(TrainingArguments):
     """`TrainingArguments` with FDBPL's loss weights and the paper's optimisation defaults
-    (SGD lr 0.002, momentum 0.9, weight decay 5e-4, cosine schedule after one constant warm-up
-    epoch at 1e-5, batch 32, 50 epochs). Every field can be overridden, on the command line too."""
+    (SGD lr 0.002, momentum 0.9, weight decay 5e-4, no gradient clipping, cosine schedule after
+    one constant warm-up epoch at 1e-5, batch 32, 50 epochs). Every field can be overridden, on
+    the command line too: `--optim adamw_torch` (any Trainer optimiser) replaces the SGD, and
+    `--warmup_epochs 0` hands the schedule back to the Trainer (`--warmup_steps`,
+    `--lr_scheduler_kwargs`)."""
 
     learning_rate: float = field(default=0.002, metadata={"help": "SGD learning rate (paper: 0.002)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (paper: 5e-4)."})
     num_train_epochs: float = field(default=50.0, metadata={"help": "Epochs (paper: 50)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Regions per device per step."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after the warm-up."})
+    optim: str = field(default="sgd", metadata={"help": "sgd: the paper's SGD with --momentum; any other "
+                                                        "Trainer optimiser name is built by the Trainer."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0 = none (paper)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the teacher columns."})
     label_names: Optional[list[str]] = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
     ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={"help": "Both contexts are always used."})
@@ -66,6 +72,13 @@ class FDBPLTrainingArguments(TrainingArguments):
             raise ValueError(f"loss_type must be 'fdbpl' or 'coop', got {self.loss_type!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: the trainer needs the teacher columns")
+        if self.optim == "sgd" and self.optim_args:
+            raise ValueError("optim_args is not read by FDBPL's SGD: set --momentum and --weight_decay instead")
+        if self.warmup_epochs > 0 and self.lr_scheduler_type == "cosine" and (
+                self.warmup_steps or self.lr_scheduler_kwargs):
+            raise ValueError("warmup_steps and lr_scheduler_kwargs belong to the Trainer's own schedules, and the "
+                             "default one is CoOp's constant warm-up (warmup_epochs at warmup_lr, then cosine): "
+                             "pass warmup_epochs=0 to use them")
 
 
 class _EpochToDataset(TrainerCallback):
@@ -112,6 +125,10 @@ class FDBPLTrainer(Trainer):
         if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
             raise ValueError("dataloader_persistent_workers would freeze the replayed region at epoch 0: "
                              "persistent workers never see the new epoch")
+        if args.gradient_checkpointing:
+            raise ValueError("gradient_checkpointing is not supported: the frozen backbone runs in eval mode, where "
+                             "transformers does not checkpoint; only the text tower's activations over the class "
+                             "prompts are kept for the backward pass")
         if args.n_gpu > 1:
             raise ValueError("several GPUs in one process (DataParallel) are not supported: launch one process per "
                              "GPU with `accelerate launch` or torchrun (DDP)")
@@ -138,6 +155,8 @@ class FDBPLTrainer(Trainer):
 
     # ---- optimisation -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
+        if self.args.optim != "sgd":
+            return super().create_optimizer(model)  # the Trainer's optimisers see only the contexts
         if self.optimizer is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.SGD(params, lr=self.args.learning_rate, momentum=self.args.momentum,
@@ -166,16 +185,30 @@ class FDBPLTrainer(Trainer):
         self._created_lr_scheduler = True  # lets a second train() build a fresh schedule
         return self.lr_scheduler
 
-    def _clip_grad_norm(self, model):
-        # Only the contexts have gradients: hand accelerate those instead of every backbone
-        # parameter, which it would walk and type-check at each step. Same norm, same clipping.
+    def _optimized_parameters(self) -> Optional[list]:
+        """The optimiser's parameters (the contexts) where accelerate can take a plain list."""
         if self.accelerator.distributed_type not in _PLAIN_DDP or self.optimizer is None:
-            return super()._clip_grad_norm(model)  # sharded or compiled set-ups need the model
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            return None  # sharded set-ups need the model itself
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    # Only the contexts have gradients: hand accelerate those instead of every backbone parameter,
+    # which it would walk and type-check at every step. Same norm, same clipping.
+    def _clip_grad_norm(self, model):
+        params = self._optimized_parameters()
+        if params is None:
+            return super()._clip_grad_norm(model)
         return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        params = self._optimized_parameters()
+        if grad_norm is None and params is not None:  # no clipping: the norm is still logged
+            grad_norm = self.accelerator.clip_grad_norm_(params, float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     # ---- the loss -----------------------------------------------------------------------------
     def teacher_logits(self, inputs: dict, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
+        """Dense `[B, C]` teacher logits of the batch: rebuilt from the table's top-K columns, or
+        (online baseline) computed by the teacher on the replayed pixels, renormalised for it."""
         dataset: RILDataset = self.train_dataset
         if self.teacher is None:
             return dense_teacher_logits(inputs["topk_indices"], inputs["topk_logits"], dataset.num_classes,
@@ -261,9 +294,11 @@ class FDBPLTrainer(Trainer):
 
     # ---- persistence: the adapter only --------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        if not self.args.should_save:  # the Trainer calls this on every rank: only the writer writes
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        self._adapter_prompts().save_pretrained(output_dir)
+        self._adapter_prompts().save_pretrained(output_dir, model_card_kwargs={"repo_id": self._hub_repo_id()})
 
     def _restore_prompts(self, checkpoint_dir: str, model=None) -> None:
         loaded = FDBPLPromptLearner.from_pretrained(checkpoint_dir)
@@ -313,9 +348,13 @@ class FDBPLTrainer(Trainer):
             summary["final train loss"] = round(history[-1]["loss"], 4)
         return {k: v for k, v in summary.items() if v is not None}
 
+    def _hub_repo_id(self) -> Optional[str]:
+        # the Trainer resolves the repo (namespace included) when pushing; before that, the argument
+        return getattr(self, "hub_model_id", None) or self.args.hub_model_id
+
     def create_model_card(self, *args, **kwargs) -> None:
         """Write the adapter's card (base model, table, hyper-parameters, final losses) to output_dir."""
         if not self.is_world_process_zero():
             return
-        card = self._adapter_prompts().generate_model_card(repo_id=self.args.hub_model_id)
+        card = self._adapter_prompts().generate_model_card(repo_id=self._hub_repo_id())
         card.save(os.path.join(self.args.output_dir, "README.md"))

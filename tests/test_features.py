@@ -96,7 +96,8 @@ def test_training_from_the_cache_equals_training_from_pixels(digits_small, table
     ctx_pixels, losses_pixels, _ = run(None, tmp_path / "a")
     ctx_cached, losses_cached, trainer = run(cache, tmp_path / "b")
     assert not torch.allclose(ctx_pixels, student(tokenizer).prompts.contexts())
-    torch.testing.assert_close(ctx_cached, ctx_pixels, rtol=1e-4, atol=1e-5)
+    # equal up to float summation order (features computed in other batches), over 15 unclipped steps
+    torch.testing.assert_close(ctx_cached, ctx_pixels, rtol=1e-4, atol=5e-5)
     np.testing.assert_allclose(losses_cached, losses_pixels, rtol=1e-4, atol=1e-6)
     assert "3 epochs, float32" in trainer._training_summary()["student-feature cache"]
 

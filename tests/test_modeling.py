@@ -111,6 +111,25 @@ def test_zero_grad_clears_contexts_and_unfrozen_backbone(tiny_clip, tokenizer, s
     assert all(p.grad is None for n, p in tiny_clip.named_parameters() if p is not unfrozen)
 
 
+def test_deepcopy_keeps_its_own_prompts(tiny_clip, tokenizer):
+    import copy
+
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    model.set_class_names(NAMES)
+    twin = copy.deepcopy(model)
+    assert twin.clip is not model.clip and twin.class_names == NAMES and twin.training == model.training
+    with torch.no_grad():
+        torch.testing.assert_close(twin.get_text_features(NAMES), model.get_text_features(NAMES), atol=0, rtol=0)
+        twin.prompts.ctx_pos.add_(1.0)  # the copy's prompts drive the copy, and only the copy
+        changed, original = twin.get_text_features(NAMES), model.get_text_features(NAMES)
+    assert not torch.allclose(changed, original)
+    torch.testing.assert_close(original, reference_features(tiny_clip, tokenizer, [f"a photo of a {c}." for c in NAMES]),
+                               atol=1e-5, rtol=0)
+    twin.unload()  # removes the copy's hook only
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_text_features(NAMES), original, atol=0, rtol=0)
+
+
 def test_hook_is_inert_outside_the_wrapper(tiny_clip, tokenizer):
     before = reference_features(tiny_clip, tokenizer, ["X X X X cat."])
     model = get_fdbpl_model(tiny_clip, FDBPLConfig(positive_init=None, negative_init=None), tokenizer)

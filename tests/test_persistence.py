@@ -58,10 +58,28 @@ def test_push_and_pull_through_the_hub(fake_hub, tiny_clip, tokenizer, tmp_path)
         ".gitattributes", "README.md", "config.json", "model.safetensors"]
     card = fake_hub.read_file("tester/fdbpl-adapter", "README.md").decode()
     assert "hf_fake_token" not in card and "base_model: tiny-clip" in card
+    assert 'from_pretrained(clip, "tester/fdbpl-adapter"' in card  # the loading snippet names this repo
+    with pytest.raises(FileNotFoundError, match="no folder .*runs/missing, and no config.json could be read"):
+        FDBPLCLIPModel.from_pretrained(tiny_clip, "runs/missing", tokenizer=tokenizer)
     tiny_clip.config._name_or_path = "tiny-clip"
     loaded = FDBPLCLIPModel.from_pretrained(tiny_clip, "tester/fdbpl-adapter", tokenizer=tokenizer)
     assert torch.equal(loaded.prompts.ctx_pos, model.prompts.ctx_pos)
     assert torch.equal(loaded.prompts.ctx_neg, model.prompts.ctx_neg)
+
+
+def test_loaded_for_inference_unless_trainable(tiny_clip, tokenizer, tmp_path, capsys):
+    model = trained_like(get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer))
+    model.save_pretrained(tmp_path / "a", model_card_kwargs={"repo_id": "me/a"})
+    assert 'from_pretrained(clip, "me/a"' in (tmp_path / "a" / "README.md").read_text()
+    model.save_pretrained(tmp_path / "b", is_main_process=False)
+    assert not (tmp_path / "b").exists()
+    served = FDBPLCLIPModel.from_pretrained(make_clip("tiny"), tmp_path / "a", tokenizer=tokenizer)
+    assert not served.training and served.get_nb_trainable_parameters()[0] == 0
+    tuned = FDBPLCLIPModel.from_pretrained(make_clip("tiny"), tmp_path / "a", tokenizer=tokenizer, is_trainable=True)
+    trainable, total = tuned.get_nb_trainable_parameters()
+    assert trainable == 2 * 4 * 32 and total == trainable + sum(p.numel() for p in tuned.get_base_model().parameters())
+    tuned.print_trainable_parameters()
+    assert f"trainable params: {trainable:,} || all params: {total:,}" in capsys.readouterr().out
 
 
 def test_refuses_mismatched_base_models(tiny_clip, tokenizer, tmp_path):
@@ -84,6 +102,8 @@ def test_refuses_mismatched_base_models(tiny_clip, tokenizer, tmp_path):
     FDBPLCLIPModel.from_pretrained(other, tmp_path / "named", tokenizer=tokenizer, check_base_model=False)
     other.config._name_or_path = "/local/copy/of/clip-a"  # same model, other place: accepted
     FDBPLCLIPModel.from_pretrained(other, tmp_path / "named", tokenizer=tokenizer)
+    other.config._name_or_path = "/cache/hub/models--org--clip-a/snapshots/0123abcd"  # a Hub-cache snapshot
+    FDBPLCLIPModel.from_pretrained(other, tmp_path / "named", tokenizer=tokenizer)
 
 
 def test_never_unpickles(tiny_clip, tokenizer, tmp_path):
@@ -98,3 +118,11 @@ def test_never_unpickles(tiny_clip, tokenizer, tmp_path):
 def test_config_is_forward_compatible():
     cfg = FDBPLConfig.from_dict({"n_ctx": 8, "positive_init": None, "a_future_option": 1})
     assert cfg.n_ctx == 8 and not hasattr(cfg, "a_future_option")
+
+
+def test_revision_recorded_from_the_loaded_commit(tokenizer):
+    clip = make_clip("tiny")
+    clip.config._commit_hash = "0123abcd"  # what transformers sets on a Hub download
+    assert get_fdbpl_model(clip, FDBPLConfig(), tokenizer).fdbpl_config.revision == "0123abcd"
+    assert get_fdbpl_model(clip, FDBPLConfig(revision="v1"), tokenizer).fdbpl_config.revision == "v1"
+    assert get_fdbpl_model(make_clip("tiny"), FDBPLConfig(), tokenizer).fdbpl_config.revision is None

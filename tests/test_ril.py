@@ -2,6 +2,7 @@
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,16 @@ from fdbpl_hf import (
 )
 from fdbpl_hf.offline import DIGIT_NAMES
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+
+def run_ok(cmd: list, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` that fails the test with the child's stderr (torchrun children are noisy)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, f"{cmd} exited with {proc.returncode}\n--- stderr ---\n{proc.stderr[-4000:]}"
+    return proc
 
 M, K = 6, 4
 
@@ -186,7 +197,7 @@ def test_killed_build_resumes_without_recomputing(tmp_path):
 
     clean_out = str(tmp_path / "clean")
     script.write_text(_crash_script(clean_out, kill_at_row=-1, calls_file=str(tmp_path / "c2.txt")))
-    subprocess.run([sys.executable, str(script)], check=True, capture_output=True, timeout=300)
+    run_ok([sys.executable, str(script)], timeout=300)
     assert load_ril_table(out).data.equals(load_ril_table(clean_out).data)
 
 
@@ -207,6 +218,10 @@ def test_publish_round_trip(fake_hub, digits_small, teacher_clip, tokenizer, tmp
     assert f"Config `{name}`" in card and f"Config `{name2}`" in card
     assert "| regions per image (M) | 6 |" in card and "| top-K | 4 |" in card
     assert "load_ril_table" in card and "hf_fake_token" not in card
+    with pytest.raises(ValueError, match="has no table config 'nope'; it has"):
+        load_ril_table("tester/digits-ril", "nope")
+    with pytest.raises(FileNotFoundError, match="no folder .*tables/missing, and no Hub dataset repo"):
+        load_ril_table("tables/missing")  # a relative folder that is not there, or a repo id
     push_ril_table(table, "tester/digits-ril")  # re-push: the section is replaced, not duplicated
     card = fake_hub.read_file("tester/digits-ril", "README.md", repo_type="dataset").decode()
     assert card.count(f"Config `{name}`") == 1
@@ -282,6 +297,15 @@ def test_output_dir_may_exist_empty_but_not_hold_other_files(digits_small, teach
     assert (occupied / "notes.txt").read_text() == "mine"  # nothing of the user's is touched
 
 
+def test_module_teacher_runs_where_its_weights_are():
+    from fdbpl_hf.ril.teachers import as_teacher
+
+    with torch.device("meta"):  # stands in for a CUDA module: the teacher must not default to the CPU
+        module = torch.nn.Linear(3, 10)
+    assert as_teacher(module, DIGIT_NAMES, input_size=16).device == torch.device("meta")
+    assert as_teacher(lambda x: x, DIGIT_NAMES, input_size=16).device == torch.device("cpu")
+
+
 def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_path):
     t1 = CLIPTeacher(make_clip("tiny", seed=1), tokenizer, DIGIT_NAMES)
     t2 = CLIPTeacher(make_clip("tiny", seed=2), tokenizer, DIGIT_NAMES)
@@ -295,6 +319,35 @@ def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_pa
         torch.testing.assert_close(ensemble(pixels).exp(), expected)
     table = build_ril_table(digits_small, ensemble, num_regions=2, top_k=3, output_dir=str(tmp_path / "e"))
     assert len(ril_metadata(table)["teacher"]["members"]) == 2
+
+
+def test_examples_build_table_two_processes(fake_hub, tiny_checkpoints, tmp_path):
+    """`examples/build_table.py` under torchrun: the teacher's own normalisation goes into the
+    table, and only rank 0 publishes (one push, as many commits as a 1-process run makes)."""
+    import socket
+
+    from transformers import CLIPImageProcessor
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_checkpoints["teacher"], teacher)
+    processor = CLIPImageProcessor.from_pretrained(str(teacher))
+    processor.image_mean, processor.image_std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    processor.save_pretrained(str(teacher))
+    common = ["--teacher", str(teacher), "--dataset", "digits", "--num_shots", "2", "--classes", "all",
+              "--num_regions", "2", "--top_k", "3"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+            "127.0.0.1", "--master_port", port, os.path.join(REPO, "examples", "build_table.py"), *common,
+            "--output_dir", str(tmp_path / "two"), "--push_to_hub", "tester/table2"], env=env, timeout=300)
+    run_ok([sys.executable, os.path.join(REPO, "examples", "build_table.py"), *common,
+            "--output_dir", str(tmp_path / "one"), "--push_to_hub", "tester/table1"], env=env, timeout=300)
+    meta = ril_metadata(load_ril_table(str(tmp_path / "two")))
+    assert meta["teacher"]["image_mean"] == [0.5] * 3 and meta["teacher"]["image_std"] == [0.25] * 3
+    one, two = fake_hub.repos[("dataset", "tester/table1")], fake_hub.repos[("dataset", "tester/table2")]
+    assert len(two.commits) == len(one.commits) > 1
 
 
 def test_two_process_build_equals_one_process(tmp_path):
@@ -317,11 +370,9 @@ def test_two_process_build_equals_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                    "127.0.0.1", "--master_port", port, str(script), str(tmp_path / "two")],
-                   check=True, capture_output=True, env=env, timeout=300)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, capture_output=True, env=env,
-                   timeout=300)
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+            "127.0.0.1", "--master_port", port, str(script), str(tmp_path / "two")], env=env, timeout=300)
+    run_ok([sys.executable, str(script), str(tmp_path / "one")], env=env, timeout=300)
     assert load_ril_table(str(tmp_path / "two")).data.equals(load_ril_table(str(tmp_path / "one")).data)
 
     # rank 0 refuses to resume a folder left by another build: both ranks stop with the reason,

@@ -91,10 +91,45 @@ def test_gradient_clipping_sees_the_same_norm(digits_small, varied_table, tokeni
     expected = torch.linalg.vector_norm(torch.stack(
         [p.grad.norm() for p in model.parameters() if p.grad is not None]))
     assert expected > 1e-3  # so the clip below really scales
+    grads = [p.grad.clone() for p in model.prompts.parameters()]
+    torch.testing.assert_close(trainer._get_grad_norm(model), expected)  # the logged norm, unclipped
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.prompts.parameters()))
     norm = trainer._clip_grad_norm(model)
     torch.testing.assert_close(norm, expected)
     clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.prompts.parameters()]))
     assert clipped == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_paper_optimisation_defaults_and_overrides(digits_small, varied_table, tokenizer, tmp_path):
+    args = FDBPLTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert (args.optim, args.learning_rate, args.momentum, args.weight_decay) == ("sgd", 0.002, 0.9, 5e-4)
+    assert args.max_grad_norm == 0  # the recipe does not clip
+    data = RILDataset(digits_small, varied_table, image_mean=MEAN, image_std=STD, class_names=DIGIT_NAMES)
+    adam = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, optim="adamw_torch", max_steps=2),
+                        train_dataset=data)
+    adam.train()
+    params = [p for g in adam.optimizer.param_groups for p in g["params"]]
+    assert isinstance(adam.optimizer.optimizer, torch.optim.AdamW) and len(params) == 2
+    with pytest.raises(ValueError, match="pass warmup_epochs=0"):
+        train_args(tmp_path, warmup_steps=3)
+    with pytest.raises(ValueError, match="set --momentum"):
+        train_args(tmp_path, optim_args="momentum=0.5")
+    steps = train_args(tmp_path, warmup_epochs=0, warmup_steps=2, max_steps=4)  # the Trainer's own schedule
+    trainer = FDBPLTrainer(model=student(tokenizer), args=steps, train_dataset=data)
+    trainer.train()
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[:3] == pytest.approx([0.0, 0.025, 0.05])  # the Trainer's linear warm-up over 2 steps
+
+
+def test_only_the_writer_rank_saves(digits_small, varied_table, tokenizer, tmp_path, monkeypatch):
+    data = RILDataset(digits_small, varied_table, image_mean=MEAN, image_std=STD, class_names=DIGIT_NAMES)
+    trainer = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path / "run"), train_dataset=data)
+    monkeypatch.setattr(FDBPLTrainingArguments, "should_save", property(lambda self: False))
+    trainer.save_model(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    trainer.save_model(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists() or any((tmp_path / "out").iterdir())
 
 
 def test_epochs_replay_new_regions(digits_small, dense_table, tokenizer, tmp_path):
@@ -177,6 +212,7 @@ def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tm
     assert not any(f.startswith("checkpoint-") for f in files)
     card = fake_hub.read_file("tester/trained", "README.md").decode()
     assert "FDBPL, offline RIL table" in card and "M=5, K=10" in card and "hf_fake_token" not in card
+    assert 'from_pretrained(clip, "tester/trained"' in card
     config = json.loads(fake_hub.read_file("tester/trained", "config.json"))
     assert config["class_names"] == DIGIT_NAMES and config["training"]["steps"] == trainer.state.global_step
     loaded = FDBPLCLIPModel.from_pretrained(make_clip("tiny", seed=2), "tester/trained", tokenizer=tokenizer)
@@ -184,6 +220,9 @@ def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tm
 
 
 def test_bad_inputs(digits_small, dense_table, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="gradient_checkpointing is not supported"):
+        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, gradient_checkpointing=True),
+                     train_dataset=RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD))
     data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
     big = get_fdbpl_model(make_clip("tiny", image_size=64), FDBPLConfig(), tokenizer)
     with pytest.raises(ValueError, match="image size 64 differs from the table's region size 32"):
@@ -230,9 +269,9 @@ def _script_env():
     return env
 
 
-def test_examples_train_two_processes_over_gloo(digits_small, tiny_checkpoints, tmp_path):
+def test_examples_train_two_processes_over_gloo(fake_hub, digits_small, tiny_checkpoints, tmp_path):
     """`examples/train.py` under torchrun with 2 CPU processes (gloo) equals a 1-process run with the
-    same global batch (PCD off: its pairs do not span ranks), and only rank 0 writes."""
+    same global batch (PCD off: its pairs do not span ranks), and only rank 0 writes and pushes."""
     common = ["--student", tiny_checkpoints["student"], "--dataset", "digits", "--num_shots", "8",  # 40 images: whole global batches of 8
               "--split_seed", "1", "--classes", "base", "--num_train_epochs", "2", "--logging_steps", "1",
               "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--use_pcd", "false",
@@ -242,13 +281,16 @@ def test_examples_train_two_processes_over_gloo(digits_small, tiny_checkpoints, 
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                     "--master_port", _free_port(),
                     os.path.join(REPO, "examples", "train.py"), *common, "--per_device_train_batch_size", "4",
-                    "--output_dir", str(ddp_out)], check=True, env=_script_env(), timeout=600,
-                   capture_output=True)
+                    "--output_dir", str(ddp_out), "--push_to_hub", "--hub_model_id", "tester/ddp"],
+                   check=True, env=_script_env(), timeout=600, capture_output=True)
     subprocess.run([sys.executable, os.path.join(REPO, "examples", "train.py"), *common,
                     "--per_device_train_batch_size", "8", "--output_dir", str(single_out)],
                    check=True, env=_script_env(), timeout=600, capture_output=True)
     assert sorted(os.listdir(ddp_out)) == sorted(os.listdir(single_out))
     assert {"config.json", "model.safetensors", "README.md", "few_shot_split.json"} <= set(os.listdir(ddp_out))
+    pushed = fake_hub.repos[("model", "tester/ddp")]
+    assert len(pushed.commits) == 2  # the repo's first commit, then one push with everything in it
+    assert {"model.safetensors", "few_shot_split.json", "train_log.json"} <= set(fake_hub.list_files("tester/ddp"))
     clip = make_clip("tiny", seed=2)
     from fdbpl_hf.offline import clip_tokenizer
 

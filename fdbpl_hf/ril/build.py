@@ -243,12 +243,25 @@ def build_ril_table(
             `pixel_values -> logits [B, C]` (pass `teacher_input_size`).
         num_regions: M, regions per image (paper: 500).
         top_k: K, teacher classes kept per region (paper: 20); default min(20, number of classes).
+        seed: seed of the region sampling (region r of image i depends only on seed, i and r).
+        class_names: the classes, in label order; default the label column's `ClassLabel` names.
+        template: prompt template(s) of a `CLIPModel` teacher (several are ensembled).
+        teacher_tokenizer: the tokenizer of a `CLIPModel` teacher.
+        teacher_input_size, teacher_image_mean, teacher_image_std: region size and normalisation
+            of a callable teacher (a `CLIPModel`'s size comes from its config).
+        teacher_name, teacher_revision, source_id, source_revision: recorded in the metadata, so
+            that a table used with another teacher or dataset fails loudly.
+        region_spec: crop scale/ratio, flip probability, output size and renderer
+            (`RegionSpec`; default the paper's RandomResizedCrop at the teacher's input size).
+        image_column, label_column: the dataset's columns; `label_column=None` for unlabelled data
+            (then pass `class_names`).
         output_dir: where the finished table goes; default a cache folder named by the settings,
             so calling again with the same inputs returns the cached table.
         images_per_batch: images per `map` batch; `teacher_batch_size`: regions per teacher call.
         shard_size: images per resumable shard.
         num_proc: `map` worker processes (`with_rank=True`: worker r uses GPU r); under
             `accelerate launch`/torchrun each process builds every world_size-th shard instead.
+        device: where the teacher runs (default: where it is; under `num_proc`, GPU `rank`).
         fill: how training rebuilds dense logits ("mr": top-K then min - 10; "dense": needs K = C).
 
     Returns:

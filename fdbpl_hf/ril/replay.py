@@ -140,6 +140,8 @@ class RILDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def region_for(self, index: int, epoch: Optional[int] = None) -> int:
+        """Which of image `index`'s stored regions an epoch replays (default: the current one):
+        `perm_index[epoch mod num_regions]`, a seeded permutation per image."""
         e = self.epoch if epoch is None else epoch
         # Each image has its own seeded permutation, so every epoch shows it a new region.
         perm = np.random.default_rng([self.seed, index, 1]).permutation(self.num_regions)

@@ -7,10 +7,14 @@ or an ensemble that averages its members' distributions.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import itertools
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, PreTrainedTokenizerBase
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -35,9 +39,11 @@ class Teacher:
 
     @property
     def device(self) -> torch.device:
+        """Where the teacher runs (the builder moves pixels here)."""
         return torch.device("cpu")
 
     def to(self, device) -> "Teacher":
+        """Move the teacher to `device`, in place; returns it."""
         return self
 
     def describe(self) -> dict:
@@ -55,7 +61,8 @@ class CLIPTeacher(Teacher):
     prompt ensembling).
     """
 
-    def __init__(self, clip_model, tokenizer, class_names: Sequence[str], templates: str | Sequence[str] = "a photo of a {}.",
+    def __init__(self, clip_model: "CLIPModel", tokenizer: "PreTrainedTokenizerBase", class_names: Sequence[str],
+                 templates: str | Sequence[str] = "a photo of a {}.",
                  image_mean: Sequence[float] = OPENAI_CLIP_MEAN, image_std: Sequence[float] = OPENAI_CLIP_STD,
                  name: Optional[str] = None, revision: Optional[str] = None):
         self.model = clip_model.eval().requires_grad_(False)
@@ -87,6 +94,7 @@ class CLIPTeacher(Teacher):
         return self
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, C]` = logit_scale x cosine(image, class text) for normalised pixels `[B, 3, S, S]`."""
         image = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.model.dtype)).pooler_output
         return self.logit_scale * F.normalize(image.float(), dim=-1) @ self.text_features.t()
 
@@ -118,6 +126,7 @@ class CallableTeacher(Teacher):
         return self
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`fn`'s float logits `[B, C]`, the pixels moved to the teacher's device first."""
         return self.fn(pixel_values.to(self.device)).float()
 
 
@@ -153,6 +162,8 @@ class EnsembleTeacher(Teacher):
         return self
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Log of the weighted mean of the members' softmaxes; takes [0, 1] pixels (each member
+        normalises for itself)."""
         from .regions import normalize
 
         probs = 0
@@ -182,5 +193,9 @@ def as_teacher(teacher, class_names: Sequence[str], tokenizer=None, template: st
     if callable(teacher):
         if input_size is None:
             raise ValueError("a callable teacher needs teacher_input_size= (the region size it expects)")
-        return CallableTeacher(teacher, len(class_names), input_size, image_mean, image_std)
+        device = "cpu"
+        if isinstance(teacher, torch.nn.Module):  # run where its weights are (e.g. a CUDA module)
+            tensor = next(itertools.chain(teacher.parameters(), teacher.buffers()), None)
+            device = tensor.device if tensor is not None else device
+        return CallableTeacher(teacher, len(class_names), input_size, image_mean, image_std, device=device)
     raise TypeError(f"cannot use {type(teacher).__name__} as a teacher: give a CLIPModel, a Teacher or a callable")
