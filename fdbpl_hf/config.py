@@ -65,6 +65,17 @@ class FDBPLConfig:
         return asdict(self)
 
     @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, **kwargs) -> "FDBPLConfig":
+        """Read an adapter's config (folder or Hub repo) without its weights, like
+        `peft.PeftConfig.from_pretrained`; takes `revision`, `token`, `cache_dir`, ..."""
+        import json
+
+        from .prompts import ADAPTER_CONFIG_NAME, adapter_file
+
+        with open(adapter_file(path_or_repo_id, ADAPTER_CONFIG_NAME, **kwargs), encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FDBPLConfig":
         """Build a config, ignoring keys this version does not know (forward compatible)."""
         known = {f.name for f in fields(cls)}

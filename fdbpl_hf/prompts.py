@@ -73,6 +73,25 @@ Trained on {{ class_names|length }} classes: {{ class_names|join(", ") }}.
 """
 
 
+def adapter_file(model_id: str, name: str, *, revision: Optional[str] = None, cache_dir=None,
+                 force_download: bool = False, local_files_only: bool = False, token=None) -> str:
+    """Local path of file `name` of an adapter folder or Hub repo (downloaded if needed)."""
+    model_id = str(model_id)
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{model_id} is not an FDBPL adapter: no {name}")
+        return path
+    try:
+        return hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir,
+                               force_download=force_download, local_files_only=local_files_only, token=token)
+    except Exception as err:
+        # "runs/eurosat" is a folder name and a Hub id alike: say both were tried
+        raise FileNotFoundError(
+            f"no FDBPL adapter at {model_id!r}: no folder {os.path.abspath(model_id)}, and no {name} "
+            f"could be read from a Hub repo {model_id} ({type(err).__name__}: {err})") from err
+
+
 class FDBPLPromptLearner(
     nn.Module,
     ModelHubMixin,
@@ -127,20 +146,8 @@ class FDBPLPromptLearner(
     def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir, force_download: bool,
                          local_files_only: bool, token, **model_kwargs) -> "FDBPLPromptLearner":
         def fetch(name: str) -> str:
-            if os.path.isdir(model_id):
-                path = os.path.join(model_id, name)
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{model_id} is not an FDBPL adapter: no {name}")
-                return path
-            try:
-                return hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir,
-                                       force_download=force_download, local_files_only=local_files_only,
-                                       token=token)
-            except Exception as err:
-                # "runs/eurosat" is a folder name and a Hub id alike: say both were tried
-                raise FileNotFoundError(
-                    f"no FDBPL adapter at {model_id!r}: no folder {os.path.abspath(model_id)}, and no {name} "
-                    f"could be read from a Hub repo {model_id} ({type(err).__name__}: {err})") from err
+            return adapter_file(model_id, name, revision=revision, cache_dir=cache_dir,
+                                force_download=force_download, local_files_only=local_files_only, token=token)
 
         with open(fetch(ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
             config = FDBPLConfig.from_dict(json.load(f))

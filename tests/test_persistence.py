@@ -61,6 +61,8 @@ def test_push_and_pull_through_the_hub(fake_hub, tiny_clip, tokenizer, tmp_path)
     assert 'from_pretrained(clip, "tester/fdbpl-adapter"' in card  # the loading snippet names this repo
     with pytest.raises(FileNotFoundError, match="no folder .*runs/missing, and no config.json could be read"):
         FDBPLCLIPModel.from_pretrained(tiny_clip, "runs/missing", tokenizer=tokenizer)
+    remote = FDBPLConfig.from_pretrained("tester/fdbpl-adapter")  # the config alone, as with peft
+    assert remote == model.fdbpl_config and remote.base_model_name_or_path == "tiny-clip"
     tiny_clip.config._name_or_path = "tiny-clip"
     loaded = FDBPLCLIPModel.from_pretrained(tiny_clip, "tester/fdbpl-adapter", tokenizer=tokenizer)
     assert torch.equal(loaded.prompts.ctx_pos, model.prompts.ctx_pos)
@@ -73,6 +75,7 @@ def test_loaded_for_inference_unless_trainable(tiny_clip, tokenizer, tmp_path, c
     assert 'from_pretrained(clip, "me/a"' in (tmp_path / "a" / "README.md").read_text()
     model.save_pretrained(tmp_path / "b", is_main_process=False)
     assert not (tmp_path / "b").exists()
+    assert FDBPLConfig.from_pretrained(tmp_path / "a") == model.fdbpl_config
     served = FDBPLCLIPModel.from_pretrained(make_clip("tiny"), tmp_path / "a", tokenizer=tokenizer)
     assert not served.training and served.get_nb_trainable_parameters()[0] == 0
     tuned = FDBPLCLIPModel.from_pretrained(make_clip("tiny"), tmp_path / "a", tokenizer=tokenizer, is_trainable=True)
