@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     teacher = CLIPTeacher(narrow_clip(12, 24), tokenizer, names, "a photo of a {}.", name="narrow-l-14")
     workdir = tempfile.mkdtemp(prefix="fdbpl_overhead_")
     # speed_real's step helpers read these fields
-    run = argparse.Namespace(batch=args.batch, warmup=3, steps=args.steps, bf16=False, device="cpu")
+    run = argparse.Namespace(batch=args.batch, warmup=3, steps=args.steps, bf16=False, device="cpu", compile=None)
     images = speed_real.synthetic_images(args.batch * (run.warmup + run.steps + 1), names)
     table = build_ril_table(images, teacher, num_regions=1, top_k=min(20, args.classes),
                             region_spec=RegionSpec(output_size=32), output_dir=os.path.join(workdir, "table"))
