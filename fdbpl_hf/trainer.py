@@ -125,10 +125,10 @@ class FDBPLTrainer(Trainer):
         if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
             raise ValueError("dataloader_persistent_workers would freeze the replayed region at epoch 0: "
                              "persistent workers never see the new epoch")
-        if args.gradient_checkpointing:
-            raise ValueError("gradient_checkpointing is not supported: the frozen backbone runs in eval mode, where "
-                             "transformers does not checkpoint; only the text tower's activations over the class "
-                             "prompts are kept for the backward pass")
+        if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
+            raise ValueError("activation (gradient) checkpointing is not supported: the frozen backbone runs in "
+                             "eval mode, where transformers does not checkpoint; only the text tower's activations "
+                             "over the class prompts are kept for the backward pass")
         if args.n_gpu > 1:
             raise ValueError("several GPUs in one process (DataParallel) are not supported: launch one process per "
                              "GPU with `accelerate launch` or torchrun (DDP)")

@@ -389,6 +389,31 @@ def test_two_process_build_equals_one_process(tmp_path):
     assert "interrupted build with other settings" in proc.stderr
     assert "rank 0 failed, so this rank stops too" in proc.stderr
 
+    # a rank failing on its own shards stops the others too, before assembling (no barrier wait)
+    failing = tmp_path / "failing.py"
+    failing.write_text(textwrap.dedent("""
+        import os, sys
+        from fdbpl_hf import build_ril_table
+        from fdbpl_hf.offline import load_digits
+        import torch
+        def teacher(px):
+            if os.environ["RANK"] == "1":
+                raise RuntimeError("teacher exploded on rank 1")
+            return torch.zeros(len(px), 10)
+        build_ril_table(load_digits(num_per_class=3), teacher, teacher_input_size=16, num_regions=2, top_k=3,
+                        output_dir=sys.argv[1], shard_size=4)
+    """))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", port, str(failing), str(tmp_path / "failing")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "teacher exploded on rank 1" in proc.stderr
+    assert "rank 1 failed, so this rank stops too" in proc.stderr
+    assert not (tmp_path / "failing").exists()  # nothing assembled from half the shards
+
 
 def test_batched_items_equal_single_items(digits_small, teacher_clip, tokenizer, tmp_path):
     table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")

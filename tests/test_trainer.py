@@ -220,8 +220,8 @@ def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tm
 
 
 def test_bad_inputs(digits_small, dense_table, tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="gradient_checkpointing is not supported"):
-        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, gradient_checkpointing=True),
+    with pytest.raises(ValueError, match="checkpointing is not supported"):
+        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, activation_checkpointing=True),
                      train_dataset=RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD))
     data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
     big = get_fdbpl_model(make_clip("tiny", image_size=64), FDBPLConfig(), tokenizer)

@@ -170,11 +170,6 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _on_rank0(rank: int, fn, *args, **kwargs) -> None:
     """Run `fn` on rank 0 while the other ranks wait; if it fails, every rank raises (instead of
     the others waiting at a barrier until the process group times out)."""
@@ -189,6 +184,25 @@ def _on_rank0(rank: int, fn, *args, **kwargs) -> None:
         torch.distributed.broadcast_object_list(box, src=0)
         if box[0] is not None and error is None:
             raise RuntimeError(f"rank 0 failed, so this rank stops too: {box[0]}")
+    if error is not None:
+        raise error
+
+
+def _on_every_rank(rank: int, fn, *args, **kwargs) -> None:
+    """Run `fn` on every rank, then wait for all of them; if any rank failed, every rank raises
+    (the failed one its own error), instead of the others waiting at a barrier until the process
+    group times out."""
+    error = None
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:  # re-raised below, after telling the other ranks
+        error = err
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reports = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+        if failed and error is None:
+            raise RuntimeError("rank {} failed, so this rank stops too: {}".format(*failed[0]))
     if error is not None:
         raise error
 
@@ -329,25 +343,28 @@ def build_ril_table(
     index_dtype = np.dtype(features["topk_indices"].feature.dtype)
     num_shards = math.ceil(len(dataset) / shard_size)
     source = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-    for shard in range(rank, num_shards, world):
-        shard_dir = os.path.join(work, f"shard-{shard:05d}")
-        if os.path.isdir(shard_dir):
-            logger.info("RIL shard %d/%d already built, skipping", shard + 1, num_shards)
-            continue
-        start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
-        labeler = _RegionLabeler(teacher, spec, num_regions, top_k, seed, image_column, start,
-                                 teacher_batch_size, device, index_dtype)
-        part = source.select(range(start, stop)).map(
-            labeler, batched=True, batch_size=images_per_batch, with_indices=True, with_rank=num_proc is not None,
-            remove_columns=[image_column], features=features, num_proc=num_proc, keep_in_memory=True,
-            new_fingerprint=f"ril-{key}-{shard}", desc=f"RIL shard {shard + 1}/{num_shards}",
-        )
-        tmp = shard_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        part.save_to_disk(tmp)
-        os.replace(tmp, shard_dir)  # a shard exists only once fully written
 
-    _barrier()
+    def build_my_shards() -> None:
+        for shard in range(rank, num_shards, world):
+            shard_dir = os.path.join(work, f"shard-{shard:05d}")
+            if os.path.isdir(shard_dir):
+                logger.info("RIL shard %d/%d already built, skipping", shard + 1, num_shards)
+                continue
+            start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
+            labeler = _RegionLabeler(teacher, spec, num_regions, top_k, seed, image_column, start,
+                                     teacher_batch_size, device, index_dtype)
+            part = source.select(range(start, stop)).map(
+                labeler, batched=True, batch_size=images_per_batch, with_indices=True,
+                with_rank=num_proc is not None, remove_columns=[image_column], features=features,
+                num_proc=num_proc, keep_in_memory=True, new_fingerprint=f"ril-{key}-{shard}",
+                desc=f"RIL shard {shard + 1}/{num_shards}",
+            )
+            tmp = shard_dir + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            part.save_to_disk(tmp)
+            os.replace(tmp, shard_dir)  # a shard exists only once fully written
+
+    _on_every_rank(rank, build_my_shards)  # also the barrier before assembling
     _on_rank0(rank, _assemble, work, output_dir, num_shards, metadata)
     return load_ril_table(output_dir)
 

@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from ..modeling import FDBPLCLIPModel, _model_name
-from .build import _absent_or_empty, _assemble, _barrier, _dist_info, _on_rank0, _prepare_workdir, default_table_dir
+from .build import (_absent_or_empty, _assemble, _dist_info, _on_every_rank, _on_rank0, _prepare_workdir,
+                    default_table_dir)
 from .table import attach_metadata, described_metadata, library_version
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     mine = range(rank, num_shards, world)
     own_images = sum(min((k + 1) * shard_size, len(data)) - k * shard_size for k in mine)
     bar = _progress(progress and rank == 0, own_images * epochs)
-    try:
+
+    def build_my_shards() -> None:
         for shard in mine:
             shard_dir = os.path.join(work, f"shard-{shard:05d}")
             start, stop = shard * shard_size, min((shard + 1) * shard_size, len(data))
@@ -189,10 +191,12 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
             shutil.rmtree(tmp, ignore_errors=True)
             part.save_to_disk(tmp)
             os.replace(tmp, shard_dir)  # a shard exists only once fully written
+
+    try:
+        _on_every_rank(rank, build_my_shards)  # also the barrier before assembling
     finally:
         bar.close()
         clip.train(was_training)
-    _barrier()
     _on_rank0(rank, _assemble, work, output_dir, num_shards, metadata, metadata_file=CACHE_METADATA_FILE)
     return load_feature_cache(output_dir)
 
