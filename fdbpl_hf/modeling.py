@@ -72,6 +72,16 @@ class _ClassPrompts:
         return _ClassPrompts(self.input_ids.to(device), self.attention_mask.to(device), self.ctx_mask.to(device))
 
 
+def _modules_of(root: nn.Module):
+    """Every module below `root` (itself included), without `named_modules`' prefix strings and
+    memo: the per-step checks below run it at each training step."""
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        yield module
+        stack.extend(m for m in module._modules.values() if m is not None)
+
+
 def _weak_inject(ref, module, args, output):
     model = ref()
     return None if model is None else model._inject_context(module, args, output)
@@ -102,8 +112,6 @@ class FDBPLCLIPModel(nn.Module):
         self.clip = clip_model
         self.clip.requires_grad_(False)
         self.clip.eval()
-        # A flat list (the parameters keep their identity through .to()) for the per-step zero_grad.
-        self._backbone_parameters = tuple(self.clip.parameters())
         self.prompts = prompts.to(clip_model.device)
         self.tokenizer = tokenizer
         self.class_names: Optional[list[str]] = None
@@ -130,23 +138,24 @@ class FDBPLCLIPModel(nn.Module):
         return self.clip.logit_scale.exp()
 
     def train(self, mode: bool = True) -> "FDBPLCLIPModel":
-        # The Trainer calls train() at every step. Recursing through the backbone's hundreds of
-        # modules each time costs milliseconds of host time per step (as much as a launch-bound
-        # GPU step's text tower), so only the prompts follow `mode` and the backbone is put back
-        # in eval mode only when something switched it: it is frozen, its dropout never runs.
+        # The Trainer calls train() at every step. nn.Module.train() through the backbone's
+        # hundreds of modules, twice, cost about 1 ms of host time per step (a launch-bound GPU
+        # step is host time), so only the prompts follow `mode`, and the backbone (frozen, its
+        # dropout never runs) goes back to eval mode only where something switched it on.
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
         self.training = mode
         self.prompts.train(mode)
-        if self.clip.training:
+        if any(m.training for m in _modules_of(self.clip)):
             self.clip.eval()
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients like `nn.Module.zero_grad`, without walking the module tree per call
-        (the Trainer calls it every step): the contexts, and backbone parameters that hold one."""
-        for p in itertools.chain(self.prompts.parameters(), self._backbone_parameters):
-            if p.grad is None:
+        """Clear gradients like `nn.Module.zero_grad` (the Trainer calls it every step), with a
+        cheaper walk of the module tree: the contexts, and backbone parameters that hold one."""
+        params = (p for m in itertools.chain([self.prompts], _modules_of(self.clip)) for p in m._parameters.values())
+        for p in params:
+            if p is None or p.grad is None:
                 continue
             if set_to_none:
                 p.grad = None
@@ -218,6 +227,8 @@ class FDBPLCLIPModel(nn.Module):
         # The backbone's hook points at this wrapper: a plain deep copy would give the copy a hook
         # that injects nothing (its prompts silently ignored). Copy the backbone without our hook,
         # then wrap the copies again, which hooks the new backbone to the new wrapper.
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError("this FDBPLCLIPModel was unloaded: deep-copy the CLIP model unload() returned")
         embedding = self.clip.text_model.embeddings.token_embedding
         hooks = embedding._forward_hooks
         saved = dict(hooks)

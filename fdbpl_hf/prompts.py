@@ -138,7 +138,12 @@ class FDBPLPromptLearner(
         return super().save_pretrained(save_directory, model_card_kwargs=model_card_kwargs, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, model_card_kwargs=None, **kwargs) -> str:
-        """Publish the adapter; its card's loading snippet names `repo_id`."""
+        """Publish the adapter; its card's loading snippet names the repo (owner included)."""
+        from huggingface_hub import HfApi
+
+        # resolved first, so that "name" becomes "user/name" on the card as on the Hub
+        repo_id = HfApi(token=kwargs.get("token")).create_repo(
+            repo_id, private=kwargs.get("private"), exist_ok=True).repo_id
         return super().push_to_hub(repo_id, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})},
                                    **kwargs)
 

@@ -145,6 +145,9 @@ class FDBPLTrainer(Trainer):
                 raise ValueError(f"the student-feature cache covers {cached} epochs of replay, training asks for "
                                  f"{needed}: rebuild it with build_feature_cache(..., epochs={needed})")
             check_feature_cache(train_dataset, model)
+        if not any(p.requires_grad for p in model.prompts.parameters()):
+            raise ValueError("the model's prompts are frozen (FDBPLCLIPModel.from_pretrained loads for inference): "
+                             "load it with is_trainable=True to train it further")
         model.set_class_names(train_dataset.class_names)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_EpochToDataset(train_dataset)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
@@ -155,7 +158,7 @@ class FDBPLTrainer(Trainer):
 
     # ---- optimisation -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
-        if self.args.optim != "sgd":
+        if self.args.optim != "sgd" or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
             return super().create_optimizer(model)  # the Trainer's optimisers see only the contexts
         if self.optimizer is None:
             params = [p for p in self.model.parameters() if p.requires_grad]

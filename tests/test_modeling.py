@@ -90,6 +90,22 @@ def test_train_eval_modes_keep_the_backbone_in_eval(tiny_clip, tokenizer):
     tiny_clip.train()  # something switched the backbone on: the next train() puts all of it back
     model.train()
     assert not any(m.training for m in tiny_clip.modules())
+    tiny_clip.text_model.encoder.train()  # only a part of it, under a top level still in eval mode
+    model.train()
+    assert not any(m.training for m in tiny_clip.modules())
+    calls = []
+    original_train = torch.nn.Module.train
+
+    def counting_train(module, mode=True):
+        calls.append(module)
+        return original_train(module, mode)
+
+    torch.nn.Module.train = counting_train
+    try:
+        model.train()  # the per-step call: nothing to switch in the backbone, so nothing walks it
+    finally:
+        torch.nn.Module.train = original_train
+    assert not any(any(c is m for m in tiny_clip.modules()) for c in calls)
     model.eval()
     assert not model.training and not model.prompts.training
     with pytest.raises(ValueError, match="boolean"):
@@ -109,6 +125,12 @@ def test_zero_grad_clears_contexts_and_unfrozen_backbone(tiny_clip, tokenizer, s
     for p in grads:
         assert p.grad is None if set_to_none else (p.grad is not None and not p.grad.any())
     assert all(p.grad is None for n, p in tiny_clip.named_parameters() if p is not unfrozen)
+    tiny_clip.text_projection = torch.nn.Linear(32, 16, bias=False)  # a module swapped in after wrapping
+    (model(torch.randn(2, 3, 32, 32), class_names=["cat"]).pos_logits.sum()).backward()
+    assert tiny_clip.text_projection.weight.grad is not None
+    model.zero_grad(set_to_none=set_to_none)
+    grad = tiny_clip.text_projection.weight.grad
+    assert grad is None if set_to_none else not grad.any()
 
 
 def test_deepcopy_keeps_its_own_prompts(tiny_clip, tokenizer):
@@ -120,7 +142,7 @@ def test_deepcopy_keeps_its_own_prompts(tiny_clip, tokenizer):
     assert twin.clip is not model.clip and twin.class_names == NAMES and twin.training == model.training
     with torch.no_grad():
         torch.testing.assert_close(twin.get_text_features(NAMES), model.get_text_features(NAMES), atol=0, rtol=0)
-        twin.prompts.ctx_pos.add_(1.0)  # the copy's prompts drive the copy, and only the copy
+        twin.prompts.ctx_pos.add_(torch.randn_like(twin.prompts.ctx_pos))  # drives the copy, and only the copy
         changed, original = twin.get_text_features(NAMES), model.get_text_features(NAMES)
     assert not torch.allclose(changed, original)
     torch.testing.assert_close(original, reference_features(tiny_clip, tokenizer, [f"a photo of a {c}." for c in NAMES]),
@@ -128,6 +150,8 @@ def test_deepcopy_keeps_its_own_prompts(tiny_clip, tokenizer):
     twin.unload()  # removes the copy's hook only
     with torch.no_grad():
         torch.testing.assert_close(model.get_text_features(NAMES), original, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="unloaded"):
+        copy.deepcopy(twin)
 
 
 def test_hook_is_inert_outside_the_wrapper(tiny_clip, tokenizer):

@@ -3,6 +3,7 @@
 import json
 import os
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import make_clip
@@ -61,6 +62,10 @@ def test_push_and_pull_through_the_hub(fake_hub, tiny_clip, tokenizer, tmp_path)
     assert 'from_pretrained(clip, "tester/fdbpl-adapter"' in card  # the loading snippet names this repo
     with pytest.raises(FileNotFoundError, match="no folder .*runs/missing, and no config.json could be read"):
         FDBPLCLIPModel.from_pretrained(tiny_clip, "runs/missing", tokenizer=tokenizer)
+    model.push_to_hub("short-name")  # no owner: the Hub adds the user's, and so does the card
+    owner = huggingface_hub.HfApi().whoami()["name"]
+    assert f'from_pretrained(clip, "{owner}/short-name"' in fake_hub.read_file(f"{owner}/short-name",
+                                                                             "README.md").decode()
     remote = FDBPLConfig.from_pretrained("tester/fdbpl-adapter")  # the config alone, as with peft
     assert remote == model.fdbpl_config and remote.base_model_name_or_path == "tiny-clip"
     tiny_clip.config._name_or_path = "tiny-clip"

@@ -214,11 +214,15 @@ def test_publish_round_trip(fake_hub, digits_small, teacher_clip, tokenizer, tmp
     loaded = load_ril_table("tester/digits-ril", name2, cache_dir=str(tmp_path / "c2"))
     assert ril_metadata(loaded)["top_k"] == 10 and loaded.data.table.equals(table2.data.table)
     replay(digits_small, loaded, class_names=DIGIT_NAMES)[0]  # usable for training as is
+    offline = run_ok([sys.executable, "-c", "from fdbpl_hf import load_ril_table; print(len(load_ril_table("
+                      f"'tester/digits-ril', '{name2}', cache_dir={str(tmp_path / 'c2')!r})))"],
+                     env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO), timeout=120)
+    assert offline.stdout.strip() == str(len(table2))  # the cached table loads without the network
     card = fake_hub.read_file("tester/digits-ril", "README.md", repo_type="dataset").decode()
     assert f"Config `{name}`" in card and f"Config `{name2}`" in card
     assert "| regions per image (M) | 6 |" in card and "| top-K | 4 |" in card
     assert "load_ril_table" in card and "hf_fake_token" not in card
-    with pytest.raises(ValueError, match="has no table config 'nope'; it has"):
+    with pytest.raises(ValueError, match="has no table config 'nope': .*Available: \\['clipmodel"):
         load_ril_table("tester/digits-ril", "nope")
     with pytest.raises(FileNotFoundError, match="no folder .*tables/missing, and no Hub dataset repo"):
         load_ril_table("tables/missing")  # a relative folder that is not there, or a repo id

@@ -94,7 +94,17 @@ def test_gradient_clipping_sees_the_same_norm(digits_small, varied_table, tokeni
     grads = [p.grad.clone() for p in model.prompts.parameters()]
     torch.testing.assert_close(trainer._get_grad_norm(model), expected)  # the logged norm, unclipped
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.prompts.parameters()))
+    seen = []
+    clip_grad_norm = trainer.accelerator.clip_grad_norm_
+
+    def recording(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        seen.append(len(parameters))
+        return clip_grad_norm(parameters, *args, **kwargs)
+
+    trainer.accelerator.clip_grad_norm_ = recording
     norm = trainer._clip_grad_norm(model)
+    assert seen == [2]  # the two contexts, not the backbone's hundreds of parameters
     torch.testing.assert_close(norm, expected)
     clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.prompts.parameters()]))
     assert clipped == pytest.approx(1e-3, rel=1e-4)
@@ -110,6 +120,10 @@ def test_paper_optimisation_defaults_and_overrides(digits_small, varied_table, t
     adam.train()
     params = [p for g in adam.optimizer.param_groups for p in g["params"]]
     assert isinstance(adam.optimizer.optimizer, torch.optim.AdamW) and len(params) == 2
+    custom = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path), train_dataset=data,
+                          optimizer_cls_and_kwargs=(torch.optim.Adagrad, {"lr": 0.01}))
+    custom.create_optimizer()
+    assert isinstance(custom.optimizer, torch.optim.Adagrad)
     with pytest.raises(ValueError, match="pass warmup_epochs=0"):
         train_args(tmp_path, warmup_steps=3)
     with pytest.raises(ValueError, match="set --momentum"):
@@ -220,6 +234,13 @@ def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tm
 
 
 def test_bad_inputs(digits_small, dense_table, tokenizer, tmp_path):
+    served = student(tokenizer)
+    served.save_pretrained(tmp_path / "adapter")
+    frozen = FDBPLCLIPModel.from_pretrained(make_clip("tiny", seed=2), str(tmp_path / "adapter"), tokenizer=tokenizer,
+                                            check_base_model=False)
+    with pytest.raises(ValueError, match="load it with is_trainable=True"):
+        FDBPLTrainer(model=frozen, args=train_args(tmp_path),
+                     train_dataset=RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD))
     with pytest.raises(ValueError, match="checkpointing is not supported"):
         FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, activation_checkpointing=True),
                      train_dataset=RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD))

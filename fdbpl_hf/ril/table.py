@@ -118,20 +118,26 @@ def load_ril_table(path_or_repo_id: str, config_name: Optional[str] = None, *, r
     else:
         from huggingface_hub import hf_hub_download
 
-        try:
-            names = datasets.get_dataset_config_names(path, revision=revision, token=token)
-        except Exception as err:
+        def unreadable(err: Exception) -> FileNotFoundError:
             # "tables/eurosat_s1" is a folder name and a Hub id alike: say both were tried
-            raise FileNotFoundError(f"no RIL table at {path!r}: no folder {os.path.abspath(path)}, and no Hub "
-                                    f"dataset repo {path} could be read ({type(err).__name__}: {err})") from err
+            return FileNotFoundError(f"no RIL table at {path!r}: no folder {os.path.abspath(path)}, and no Hub "
+                                     f"dataset repo {path} could be read ({type(err).__name__}: {err})")
+
         if config_name is None:
+            try:
+                names = datasets.get_dataset_config_names(path, revision=revision, token=token)
+            except Exception as err:
+                raise unreadable(err) from err
             if len(names) != 1:
                 raise ValueError(f"{path} has several table configs {names}: pass config_name=")
             config_name = names[0]
-        elif config_name not in names:
-            raise ValueError(f"{path} has no table config {config_name!r}; it has {names}")
-        table = datasets.load_dataset(path, config_name, split="train", revision=revision, token=token,
-                                      cache_dir=cache_dir)
+        try:
+            table = datasets.load_dataset(path, config_name, split="train", revision=revision, token=token,
+                                          cache_dir=cache_dir)
+        except ValueError as err:  # datasets' "BuilderConfig ... not found. Available: [...]"
+            raise ValueError(f"{path} has no table config {config_name!r}: {err}") from err
+        except Exception as err:
+            raise unreadable(err) from err
         meta_file = hf_hub_download(path, f"{config_name}/{METADATA_FILE}", repo_type="dataset",
                                     revision=revision, token=token, cache_dir=cache_dir)
         with open(meta_file, encoding="utf-8") as f:
