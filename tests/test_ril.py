@@ -429,6 +429,13 @@ def test_batched_items_equal_single_items(digits_small, teacher_clip, tokenizer,
         assert item.keys() == single.keys()
         for key in item:
             assert torch.equal(item[key], single[key]), key
+    # all epochs of one image at once (what feature caches build from) = each epoch's item
+    epochs = data.replay_epochs(9, M + 2)  # past M: the permutation wraps around
+    assert epochs["pixel_values"].shape == (M + 2, 3, 32, 32)
+    for epoch in range(M + 2):
+        data.set_epoch(epoch)
+        assert torch.equal(epochs["pixel_values"][epoch], data[9]["pixel_values"])
+        assert int(epochs["region"][epoch]) == int(data[9]["region"])
 
 
 def test_resume_refuses_another_shard_size(tmp_path):

@@ -75,6 +75,19 @@ def _clip_of(student):
     return student.clip if isinstance(student, FDBPLCLIPModel) else student
 
 
+class _AllEpochs(torch.utils.data.Dataset):
+    """Item i: image i's regions for the first `epochs` epochs of replay (`RILDataset.replay_epochs`)."""
+
+    def __init__(self, data, epochs: int):
+        self.data, self.epochs = data, epochs
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.data.replay_epochs(index, self.epochs)
+
+
 def _image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return clip.get_image_features(pixel_values=pixel_values).pooler_output.float()
@@ -156,7 +169,6 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     model_device = next(clip.parameters()).device
     was_training = clip.training
     clip.eval()
-    replay = copy.copy(data)  # own epoch counter: the caller's dataset keeps its epoch
     features = datasets.Features({"region": datasets.Value("int32"),
                                   "image_features": datasets.List(datasets.Value(dtype), length=dim)})
     num_shards = math.ceil(len(data) / shard_size)
@@ -173,18 +185,20 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
                 continue
             out = np.empty((stop - start, epochs, dim), dtype=dtype)
             regions = np.empty((stop - start, epochs), dtype=np.int32)
-            for epoch in range(epochs):
-                replay.set_epoch(epoch)  # before the loader starts: its workers copy the dataset
-                loader = DataLoader(replay, batch_size=batch_size, sampler=range(start, stop), num_workers=num_workers,
-                                    collate_fn=default_collate, pin_memory=model_device.type == "cuda")
-                first = start
-                for batch in loader:
-                    feats = _image_features(clip, batch["pixel_values"].to(model_device, non_blocking=True))
-                    n = feats.shape[0]
-                    out[first - start: first - start + n, epoch] = feats.cpu().numpy()
-                    regions[first - start: first - start + n, epoch] = batch["region"].numpy()
-                    first += n
-                    bar.update(n)
+            # each image is decoded once and rendered for all its cached epochs; about batch_size
+            # regions per forward
+            loader = DataLoader(_AllEpochs(data, epochs), batch_size=max(1, batch_size // epochs),
+                                sampler=range(start, stop), num_workers=num_workers, collate_fn=default_collate,
+                                pin_memory=model_device.type == "cuda")
+            first = start
+            for batch in loader:
+                pixels = batch["pixel_values"]  # [images, epochs, 3, S, S]
+                n = pixels.shape[0]
+                feats = _image_features(clip, pixels.flatten(0, 1).to(model_device, non_blocking=True))
+                out[first - start: first - start + n] = feats.view(n, epochs, dim).cpu().numpy()
+                regions[first - start: first - start + n] = batch["region"].numpy()
+                first += n
+                bar.update(n * epochs)
             part = datasets.Dataset.from_dict(
                 {"region": regions.reshape(-1), "image_features": out.reshape(-1, dim)}, features=features)
             tmp = shard_dir + ".tmp"

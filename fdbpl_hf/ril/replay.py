@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import datasets
@@ -40,6 +41,19 @@ def dense_teacher_logits(topk_indices: torch.Tensor, topk_logits: torch.Tensor, 
         floor = values.min(dim=-1, keepdim=True).values - MR_FILL_GAP
         out = floor.expand(-1, num_classes).clone()
     return out.scatter_(1, index, values)
+
+
+@contextlib.contextmanager
+def _one_thread_in_main_process():
+    """Rendering is many tiny ops per crop: in the training process, extra intra-op threads only
+    contend with the training step (measured 27x slower with 2 threads on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    if threads > 1 and torch.utils.data.get_worker_info() is None:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class RILDataset(torch.utils.data.Dataset):
@@ -163,13 +177,8 @@ class RILDataset(torch.utils.data.Dataset):
         sources = self.source[indices]
         if self.table is not None:
             rows = self._table_rows(indices, regions)
-        threads = torch.get_num_threads()
-        if threads > 1 and torch.utils.data.get_worker_info() is None:
-            # Many tiny ops per crop: extra intra-op threads only contend with the training step
-            # (measured 27x slower with 2 threads on a busy 2-core machine).
-            torch.set_num_threads(1)
         mean, std = self._mean_std
-        try:
+        with _one_thread_in_main_process():
             items = []
             for n, (index, region) in enumerate(zip(indices, regions)):
                 image = image_to_tensor(decode_image(sources[self.image_column][n], index))
@@ -189,9 +198,22 @@ class RILDataset(torch.utils.data.Dataset):
                 if self.table is not None:
                     item["topk_indices"], item["topk_logits"] = rows["topk_indices"][n], rows["topk_logits"][n]
                 items.append(item)
-        finally:
-            torch.set_num_threads(threads)
         return items
+
+    def replay_epochs(self, index: int, epochs: int) -> dict:
+        """Image `index` as epochs 0 .. `epochs` - 1 replay it, decoded once: `pixel_values`
+        `[epochs, 3, S, S]` (each equal to that epoch's item) and `region` `[epochs]`."""
+        if self.table is None:
+            raise TypeError("replay_epochs reads stored regions: the online dataset has no table")
+        index = int(index)
+        regions = [self.region_for(index, e) for e in range(epochs)]
+        rows = self.table[[index * self.num_regions + r for r in regions]]
+        mean, std = self._mean_std
+        with _one_thread_in_main_process():
+            image = image_to_tensor(decode_image(self.source[index][self.image_column], index))
+            pixels = torch.stack([render_region(image, rows["box"][n], bool(rows["flip"][n]), self.spec)
+                                  for n in range(epochs)])
+        return {"pixel_values": pixels.sub_(mean).div_(std), "region": torch.tensor(regions)}
 
     def _table_rows(self, indices: list[int], regions: list[int]) -> dict:
         """The batch's table rows, top-K columns as torch tensors (one conversion per batch; items
