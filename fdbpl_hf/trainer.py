@@ -344,12 +344,21 @@ class FDBPLTrainer(Trainer):
             "steps": self.state.global_step,
             "batch size per device": self.args.per_device_train_batch_size,
             "learning rate": self.args.learning_rate,
+            "optimizer": self._optimizer_description(),
+            "gradient clipping": self.args.max_grad_norm if self.args.max_grad_norm > 0 else "none",
             "lambdas (neg, sim, pcd)": f"{self.args.lambda_neg}, {self.args.lambda_sim}, {self.args.lambda_pcd}",
         }
         history = [h for h in self.state.log_history if "loss" in h]
         if history:
             summary["final train loss"] = round(history[-1]["loss"], 4)
         return {k: v for k, v in summary.items() if v is not None}
+
+    def _optimizer_description(self) -> str:
+        args = self.args
+        if args.optim == "sgd" and getattr(self, "optimizer_cls_and_kwargs", None) is None:
+            return f"SGD, momentum {args.momentum}, weight decay {args.weight_decay}"
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        return type(optimizer).__name__ if optimizer is not None else str(args.optim)
 
     def _hub_repo_id(self) -> Optional[str]:
         # the Trainer resolves the repo (namespace included) when pushing; before that, the argument

@@ -120,6 +120,7 @@ def test_paper_optimisation_defaults_and_overrides(digits_small, varied_table, t
     adam.train()
     params = [p for g in adam.optimizer.param_groups for p in g["params"]]
     assert isinstance(adam.optimizer.optimizer, torch.optim.AdamW) and len(params) == 2
+    assert adam._training_summary()["optimizer"] == "AdamW"  # what the model card says
     custom = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path), train_dataset=data,
                           optimizer_cls_and_kwargs=(torch.optim.Adagrad, {"lr": 0.01}))
     custom.create_optimizer()
@@ -227,6 +228,7 @@ def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tm
     card = fake_hub.read_file("tester/trained", "README.md").decode()
     assert "FDBPL, offline RIL table" in card and "M=5, K=10" in card and "hf_fake_token" not in card
     assert 'from_pretrained(clip, "tester/trained"' in card
+    assert "| optimizer | SGD, momentum 0.9, weight decay 0.0005 |" in card and "| gradient clipping | none |" in card
     config = json.loads(fake_hub.read_file("tester/trained", "config.json"))
     assert config["class_names"] == DIGIT_NAMES and config["training"]["steps"] == trainer.state.global_step
     loaded = FDBPLCLIPModel.from_pretrained(make_clip("tiny", seed=2), "tester/trained", tokenizer=tokenizer)
