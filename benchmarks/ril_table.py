@@ -28,7 +28,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -486,7 +485,7 @@ def bench_replay(args, workdir: str) -> dict:
     print(md_table(["classes", f"main process ({threads} threads)"] + [f"N={w}" for w in workers], rows))
     worst = max(r1 / steps[c] for c in args.step_classes)
     worst_main = max(rn / steps[c] for c in args.step_classes)
-    print(f"\n**(c) single-process replay / step (1 thread, as a worker pays it) = "
+    print("\n**(c) single-process replay / step (1 thread, as a worker pays it) = "
           + ", ".join(f"{r1 / steps[c]:.2%} at {c} classes" for c in args.step_classes)
           + f" (goal < 5%): {verdict(worst < 0.05)}**")
     print(f"\n**(c') in the main process with {threads} threads (num_workers=0) = "

@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -150,13 +150,10 @@ class FDBPLPromptLearner(
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir, force_download: bool,
                          local_files_only: bool, token, **model_kwargs) -> "FDBPLPromptLearner":
-        def fetch(name: str) -> str:
-            return adapter_file(model_id, name, revision=revision, cache_dir=cache_dir,
-                                force_download=force_download, local_files_only=local_files_only, token=token)
-
-        with open(fetch(ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
-            config = FDBPLConfig.from_dict(json.load(f))
-        state = load_file(fetch(ADAPTER_WEIGHTS_NAME))
+        where = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                     local_files_only=local_files_only, token=token)
+        config = FDBPLConfig.from_pretrained(model_id, **where)
+        state = load_file(adapter_file(model_id, ADAPTER_WEIGHTS_NAME, **where))
         learner = cls(config)
         expected = {k: tuple(v.shape) for k, v in learner.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items()}

@@ -54,6 +54,26 @@ def tiny_clip():
     return make_clip("tiny")
 
 
+def run_ok(cmd: list, **kwargs):
+    """`subprocess.run` that fails the test with the child's stderr (torchrun children are noisy)."""
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, f"{cmd} exited with {proc.returncode}\n--- stderr ---\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def torchrun_command(*script_and_args: str, processes: int = 2) -> list:
+    """`python -m torch.distributed.run` over `processes` local processes, on a free port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", port, *script_and_args]
+
+
 @pytest.fixture(scope="session")
 def digits_small():
     """30 real MNIST digits (3 per class), `image` + `ClassLabel` columns."""

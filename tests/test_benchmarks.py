@@ -2,18 +2,16 @@
 
 import json
 import os
-import subprocess
 import sys
+
+from conftest import run_ok
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(*args: str, timeout: int = 300) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=REPO)
-    assert proc.returncode == 0, f"{args} exited with {proc.returncode}\n{proc.stderr[-4000:]}"
-    return proc.stdout
+    return run_ok([sys.executable, *args], env=env, timeout=timeout, cwd=REPO).stdout
 
 
 def test_host_overhead_smoke():

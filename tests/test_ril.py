@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip
+from conftest import make_clip, run_ok, torchrun_command
 from PIL import Image
 
 from fdbpl_hf import (
@@ -24,12 +24,6 @@ from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-def run_ok(cmd: list, **kwargs) -> subprocess.CompletedProcess:
-    """`subprocess.run` that fails the test with the child's stderr (torchrun children are noisy)."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    assert proc.returncode == 0, f"{cmd} exited with {proc.returncode}\n--- stderr ---\n{proc.stderr[-4000:]}"
-    return proc
 
 M, K = 6, 4
 
@@ -328,8 +322,6 @@ def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_pa
 def test_examples_build_table_two_processes(fake_hub, tiny_checkpoints, tmp_path):
     """`examples/build_table.py` under torchrun: the teacher's own normalisation goes into the
     table, and only rank 0 publishes (one push, as many commits as a 1-process run makes)."""
-    import socket
-
     from transformers import CLIPImageProcessor
 
     teacher = tmp_path / "teacher"
@@ -339,13 +331,9 @@ def test_examples_build_table_two_processes(fake_hub, tiny_checkpoints, tmp_path
     processor.save_pretrained(str(teacher))
     common = ["--teacher", str(teacher), "--dataset", "digits", "--num_shots", "2", "--classes", "all",
               "--num_regions", "2", "--top_k", "3"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-            "127.0.0.1", "--master_port", port, os.path.join(REPO, "examples", "build_table.py"), *common,
-            "--output_dir", str(tmp_path / "two"), "--push_to_hub", "tester/table2"], env=env, timeout=300)
+    run_ok(torchrun_command(os.path.join(REPO, "examples", "build_table.py"), *common, "--output_dir",
+                            str(tmp_path / "two"), "--push_to_hub", "tester/table2"), env=env, timeout=300)
     run_ok([sys.executable, os.path.join(REPO, "examples", "build_table.py"), *common,
             "--output_dir", str(tmp_path / "one"), "--push_to_hub", "tester/table1"], env=env, timeout=300)
     meta = ril_metadata(load_ril_table(str(tmp_path / "two")))
@@ -356,8 +344,6 @@ def test_examples_build_table_two_processes(fake_hub, tiny_checkpoints, tmp_path
 
 def test_two_process_build_equals_one_process(tmp_path):
     """Under torchrun (2 CPU processes, gloo) each rank builds every other shard; rank 0 assembles."""
-    import socket
-
     script = tmp_path / "build.py"
     script.write_text(textwrap.dedent("""
         import sys, torch
@@ -370,12 +356,8 @@ def test_two_process_build_equals_one_process(tmp_path):
         build_ril_table(ds, teacher, teacher_input_size=16, num_regions=4, top_k=3, output_dir=sys.argv[1],
                         shard_size=4)
     """))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-            "127.0.0.1", "--master_port", port, str(script), str(tmp_path / "two")], env=env, timeout=300)
+    run_ok(torchrun_command(str(script), str(tmp_path / "two")), env=env, timeout=300)
     run_ok([sys.executable, str(script), str(tmp_path / "one")], env=env, timeout=300)
     assert load_ril_table(str(tmp_path / "two")).data.equals(load_ril_table(str(tmp_path / "one")).data)
 
@@ -383,12 +365,8 @@ def test_two_process_build_equals_one_process(tmp_path):
     # rather than rank 1 waiting at a barrier until the process group times out
     (tmp_path / "clash.incomplete").mkdir()
     (tmp_path / "clash.incomplete" / "build.json").write_text('{"build_key": "other", "shard_size": 4}')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", port, str(script), str(tmp_path / "clash")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(torchrun_command(str(script), str(tmp_path / "clash")), capture_output=True, text=True,
+                          env=env, timeout=120)
     assert proc.returncode != 0
     assert "interrupted build with other settings" in proc.stderr
     assert "rank 0 failed, so this rank stops too" in proc.stderr
@@ -407,12 +385,8 @@ def test_two_process_build_equals_one_process(tmp_path):
         build_ril_table(load_digits(num_per_class=3), teacher, teacher_input_size=16, num_regions=2, top_k=3,
                         output_dir=sys.argv[1], shard_size=4)
     """))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", port, str(failing), str(tmp_path / "failing")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(torchrun_command(str(failing), str(tmp_path / "failing")), capture_output=True,
+                          text=True, env=env, timeout=120)
     assert proc.returncode != 0
     assert "teacher exploded on rank 1" in proc.stderr
     assert "rank 1 failed, so this rank stops too" in proc.stderr

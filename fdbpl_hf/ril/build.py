@@ -170,24 +170,6 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _on_rank0(rank: int, fn, *args, **kwargs) -> None:
-    """Run `fn` on rank 0 while the other ranks wait; if it fails, every rank raises (instead of
-    the others waiting at a barrier until the process group times out)."""
-    error = None
-    if rank == 0:
-        try:
-            fn(*args, **kwargs)
-        except Exception as err:  # re-raised below, after telling the other ranks
-            error = err
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [None if error is None else f"{type(error).__name__}: {error}"]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if box[0] is not None and error is None:
-            raise RuntimeError(f"rank 0 failed, so this rank stops too: {box[0]}")
-    if error is not None:
-        raise error
-
-
 def _on_every_rank(rank: int, fn, *args, **kwargs) -> None:
     """Run `fn` on every rank, then wait for all of them; if any rank failed, every rank raises
     (the failed one its own error), instead of the others waiting at a barrier until the process
@@ -205,6 +187,15 @@ def _on_every_rank(rank: int, fn, *args, **kwargs) -> None:
             raise RuntimeError("rank {} failed, so this rank stops too: {}".format(*failed[0]))
     if error is not None:
         raise error
+
+
+def _on_rank0(rank: int, fn, *args, **kwargs) -> None:
+    """Run `fn` on rank 0 while the other ranks wait; if it fails, every rank raises."""
+    _on_every_rank(rank, fn if rank == 0 else _nothing, *args, **kwargs)
+
+
+def _nothing(*args, **kwargs) -> None:
+    return None
 
 
 def default_table_dir(key: str, kind: str = "ril_tables") -> str:

@@ -177,7 +177,6 @@ class RILDataset(torch.utils.data.Dataset):
         sources = self.source[indices]
         if self.table is not None:
             rows = self._table_rows(indices, regions)
-        mean, std = self._mean_std
         with _one_thread_in_main_process():
             items = []
             for n, (index, region) in enumerate(zip(indices, regions)):
@@ -189,9 +188,8 @@ class RILDataset(torch.utils.data.Dataset):
                 else:
                     box, flip = rows["box"][n], rows["flip"][n]
                 label = sources[self.label_column][n] if self.label_column else -1
-                pixels = render_region(image, box, bool(flip), self.spec)
                 item = {
-                    "pixel_values": pixels.sub_(mean).div_(std),  # a fresh CPU tensor: normalised in place
+                    "pixel_values": self._pixels(image, box, flip),
                     "labels": torch.tensor(-1 if label is None else int(label)),
                     "region": torch.tensor(region),
                 }
@@ -208,12 +206,15 @@ class RILDataset(torch.utils.data.Dataset):
         index = int(index)
         regions = [self.region_for(index, e) for e in range(epochs)]
         rows = self.table[[index * self.num_regions + r for r in regions]]
-        mean, std = self._mean_std
         with _one_thread_in_main_process():
             image = image_to_tensor(decode_image(self.source[index][self.image_column], index))
-            pixels = torch.stack([render_region(image, rows["box"][n], bool(rows["flip"][n]), self.spec)
-                                  for n in range(epochs)])
-        return {"pixel_values": pixels.sub_(mean).div_(std), "region": torch.tensor(regions)}
+            pixels = torch.stack([self._pixels(image, rows["box"][n], rows["flip"][n]) for n in range(epochs)])
+        return {"pixel_values": pixels, "region": torch.tensor(regions)}
+
+    def _pixels(self, image: torch.Tensor, box, flip) -> torch.Tensor:
+        """One stored region of a decoded image, rendered as the teacher saw it, normalised for the student."""
+        mean, std = self._mean_std
+        return render_region(image, box, bool(flip), self.spec).sub_(mean).div_(std)  # a fresh tensor: in place
 
     def _table_rows(self, indices: list[int], regions: list[int]) -> dict:
         """The batch's table rows, top-K columns as torch tensors (one conversion per batch; items
