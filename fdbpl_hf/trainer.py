@@ -12,12 +12,13 @@ from accelerate.utils import DistributedType
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .losses import WEIGHT_MODES, coop_loss, fdbpl_loss
+from .losses import PCD_REDUCTIONS, WEIGHT_MODES, coop_loss, fdbpl_loss
 from .modeling import FDBPLCLIPModel
 from .prompts import FDBPLPromptLearner
 from .ril.regions import normalize
 from .ril.features import check_feature_cache
 from .ril.replay import RILDataset, dense_teacher_logits
+from .ril.table import ENTROPY_COLUMN
 from .ril.teachers import Teacher
 
 LOSS_TERMS = ("pos", "neg", "sim", "pcd", "weight")
@@ -52,8 +53,13 @@ class FDBPLTrainingArguments(TrainingArguments):
     lambda_pcd: float = field(default=0.1, metadata={"help": "Weight of the PCD ranking loss."})
     pcd_margin: float = field(default=0.2, metadata={"help": "Margin of the PCD ranking loss."})
     use_pcd: bool = field(default=True, metadata={"help": "False reproduces the released code (PCD off)."})
+    pcd_reduction: str = field(default="mean", metadata={"help": "PCD over region pairs: mean or sum."})
     weight_mode: str = field(default="soft", metadata={"help": "Region information weight: soft or threshold."})
     entropy_threshold: float = field(default=0.5, metadata={"help": "Normalised entropy cut for threshold mode."})
+    weight_entropy: str = field(default="full", metadata={
+        "help": "Entropy behind the region weights: full (the table's stored entropy of the teacher's full "
+                "distribution, or the live teacher's; the paper's weights) or topk (of the top-K rebuild, "
+                "as fdbpl_hf 0.3 did; for ablations)."})
     loss_type: str = field(default="fdbpl", metadata={"help": "fdbpl (distillation) or coop (labels, baseline)."})
 
     def replay_epochs(self, num_items: int) -> int:
@@ -68,6 +74,10 @@ class FDBPLTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.weight_mode not in WEIGHT_MODES:
             raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
+        if self.pcd_reduction not in PCD_REDUCTIONS:
+            raise ValueError(f"pcd_reduction must be one of {PCD_REDUCTIONS}, got {self.pcd_reduction!r}")
+        if self.weight_entropy not in ("full", "topk"):
+            raise ValueError(f"weight_entropy must be 'full' or 'topk', got {self.weight_entropy!r}")
         if self.loss_type not in ("fdbpl", "coop"):
             raise ValueError(f"loss_type must be 'fdbpl' or 'coop', got {self.loss_type!r}")
         if self.remove_unused_columns:
@@ -224,6 +234,15 @@ class FDBPLTrainer(Trainer):
         with torch.no_grad():
             return self.teacher(pixels).float()
 
+    def teacher_entropy(self, inputs: dict) -> Optional[torch.Tensor]:
+        """The entropy behind the region weights: the table's stored full-distribution entropy, or
+        `None` (the loss computes it from the dense teacher logits): for a live teacher, whose
+        logits are full, for tables of 0.3 without the column, and for `weight_entropy="topk"`
+        (the top-K rebuild's entropy, 0.3's weights, kept for ablations)."""
+        if self.teacher is not None or self.args.weight_entropy == "topk":
+            return None
+        return inputs.get(ENTROPY_COLUMN)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # image_features: the student-feature cache (no image tower); else the replayed pixels
         pixel_values = inputs.get("pixel_values")
@@ -241,6 +260,7 @@ class FDBPLTrainer(Trainer):
                 outputs.pos_text_features, outputs.neg_text_features, lambda_neg=args.lambda_neg,
                 lambda_sim=args.lambda_sim, lambda_pcd=args.lambda_pcd, pcd_margin=args.pcd_margin,
                 use_pcd=args.use_pcd, weight_mode=args.weight_mode, entropy_threshold=args.entropy_threshold,
+                teacher_entropy=self.teacher_entropy(inputs), pcd_reduction=args.pcd_reduction,
             )
         mode = "train" if model.training else "eval"
         terms = [key for key in LOSS_TERMS if key in losses]

@@ -319,3 +319,54 @@ def test_coop_loss_is_cross_entropy() -> None:
     assert coop_loss(logits.bfloat16(), labels).dtype == torch.float32
     with pytest.raises(ValueError):
         coop_loss(logits, labels[:-1])
+
+
+# --- the full-distribution entropy and the PCD reduction (K < C) -----------------------------------
+
+def test_stored_entropy_drives_the_weights_not_the_top_k_rebuild() -> None:
+    """A uniform teacher over C = 1000 classes: its top-20 rebuild alone would give w >= 1 - log 20 / log 1000;
+    with the full entropy the weight is 0, as the spec says."""
+    from fdbpl_hf.ril.replay import dense_teacher_logits
+
+    c, k = 1000, 20
+    full = torch.zeros(3, c)
+    top = torch.log_softmax(full, -1).topk(k)
+    rebuilt = dense_teacher_logits(top.indices, top.values, c)
+    from_top_k = kd_weights(rebuilt)
+    # the 0.3 bug: ~0.56 (just under 1 - log K / log C = 0.566, the MR fill's tail adds a little entropy)
+    assert (from_top_k > 0.55).all()
+    stored = torch.full((3,), math.log(c))  # H of the full uniform distribution
+    torch.testing.assert_close(kd_weights(rebuilt, entropy=stored), torch.zeros(3))
+    # and in the objective: no positive loss and full negative weight on a meaningless region
+    x = _inputs(0, dtype=torch.float32)
+    x["teacher_logits"] = torch.zeros(B, C)
+    out = fdbpl_loss(**x, teacher_entropy=torch.full((B,), math.log(C)))
+    assert float(out["weight"]) == pytest.approx(0.0, abs=1e-6) and float(out["pos"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_argument_equals_computing_it() -> None:
+    x = _inputs(3)
+    p = torch.log_softmax(x["teacher_logits"], -1)
+    h = -(p.exp() * p).sum(-1)
+    for mode in ("soft", "threshold"):
+        torch.testing.assert_close(kd_weights(x["teacher_logits"], mode, entropy=h), kd_weights(x["teacher_logits"], mode))
+    a, b = fdbpl_loss(**x), fdbpl_loss(**x, teacher_entropy=h)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    with pytest.raises(ValueError, match=r"entropy must be \[B\]"):
+        kd_weights(x["teacher_logits"], entropy=h[:2])
+
+
+def test_pcd_sum_reduction_is_mean_times_valid_pairs() -> None:
+    x = _inputs(1)
+    labels = x["teacher_logits"].argmax(-1)
+    valid = int((labels[:, None] != labels[None, :]).sum())
+    assert valid > 0
+    args = (torch.nn.functional.normalize(x["image_features"], dim=-1),
+            torch.nn.functional.normalize(x["pos_text_features"], dim=-1),
+            torch.nn.functional.normalize(x["neg_text_features"], dim=-1), labels, torch.rand(B, dtype=torch.float64))
+    torch.testing.assert_close(pcd_loss(*args, reduction="sum"), pcd_loss(*args) * valid)
+    out = fdbpl_loss(**x, pcd_reduction="sum")
+    torch.testing.assert_close(out["pcd"], torch.tensor(_ref_terms(x)["pcd"] * valid, dtype=torch.float64))
+    with pytest.raises(ValueError, match="reduction"):
+        pcd_loss(*args, reduction="max")

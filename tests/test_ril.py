@@ -50,7 +50,9 @@ def test_table_layout_and_metadata(digits_small, teacher_clip, tokenizer, tmp_pa
     assert f["flip"].dtype == "bool"
     assert (f["topk_indices"].feature.dtype, f["topk_indices"].length) == ("int16", K)
     assert (f["topk_logits"].feature.dtype, f["topk_logits"].length) == ("float16", K)
+    assert f["teacher_entropy"].dtype == "float16"
     meta = ril_metadata(table)
+    assert meta["entropy_column"] == "teacher_entropy"
     assert meta["num_regions"] == M and meta["top_k"] == K and meta["seed"] == 0 and meta["fill"] == "mr"
     assert meta["class_names"] == DIGIT_NAMES
     assert meta["teacher"]["templates"] == ["a photo of the digit {}."]
@@ -103,10 +105,41 @@ def test_replay_reproduces_the_teacher(digits_small, teacher_clip, tokenizer, tm
             assert torch.equal(top.indices, item["topk_indices"])
             # stored as float16: relative rounding 2^-11
             torch.testing.assert_close(item["topk_logits"], top.values, rtol=2e-3, atol=1e-3)
+            # the entropy of the FULL distribution over the 10 classes, not of the top-K
+            full = -(logp.exp() * logp).sum()
+            torch.testing.assert_close(item["teacher_entropy"], full, rtol=2e-3, atol=1e-3)
+            top_only = torch.log_softmax(top.values, -1)
+            assert float(full) > float(-(top_only.exp() * top_only).sum()) + 0.1  # K < C: they differ
             assert item["labels"] == digits_small[i]["label"]
     assert len(regions_seen) == 9  # a new region every epoch
     # the permutation visits every region once per M epochs
     assert sorted(data.region_for(5, e) for e in range(M)) == list(range(M))
+
+
+def test_tables_without_the_entropy_column_load_with_a_warning(digits_small, teacher_clip, tokenizer, tmp_path):
+    """A 0.3 table (no teacher_entropy column) still loads and replays, with a warning at K < C."""
+    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
+    old_dir = tmp_path / "old"
+    shutil.copytree(tmp_path / "t", old_dir)
+    old_rows = datasets.load_from_disk(str(old_dir / "data")).remove_columns("teacher_entropy")
+    old_rows.save_to_disk(str(tmp_path / "old_data"))
+    shutil.rmtree(old_dir / "data")
+    shutil.move(str(tmp_path / "old_data"), str(old_dir / "data"))
+    with pytest.warns(UserWarning, match=r"no 'teacher_entropy' column.*top-4 rebuild.*no weight below 0\.398"):
+        old = load_ril_table(str(old_dir))
+    item = replay(digits_small, old)[3]
+    assert "teacher_entropy" not in item
+    assert torch.equal(item["topk_indices"], replay(digits_small, table)[3]["topk_indices"])
+
+
+def test_corrupt_entropy_values_are_refused(digits_small, teacher_clip, tokenizer, tmp_path):
+    table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
+    bad = table.map(lambda row, i: {"teacher_entropy": 9.0 if i == 2 * M + 1 else row["teacher_entropy"]},
+                    with_indices=True, features=table.features)
+    data = replay(digits_small, bad)
+    data.set_epoch(next(e for e in range(M) if data.region_for(2, e) == 1))
+    with pytest.raises(ValueError, match=r"teacher entropy 9.0 .*image 2, region 1.*outside \[0, log C"):
+        data.__getitems__([0, 1, 2, 3])
 
 
 def test_dense_teacher_logits():

@@ -188,6 +188,41 @@ def test_online_baseline_matches_offline_dense_table(digits_small, dense_table, 
                                rtol=0)
 
 
+def _terms(trainer, key):
+    return np.array([h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h])
+
+
+def test_offline_at_k_below_c_weights_regions_like_the_online_teacher(digits_small, teacher_clip, tokenizer,
+                                                                      tmp_path):
+    """K = 3 of C = 10: the table's stored full-distribution entropy gives the region weights the live
+    teacher gives, at every step; 0.3's top-K weights (weight_entropy="topk") do not."""
+    table = build_ril_table(digits_small, teacher_clip, teacher_tokenizer=tokenizer, num_regions=5, top_k=3,
+                            output_dir=str(tmp_path / "k3"))
+    teacher = CLIPTeacher(teacher_clip, tokenizer, DIGIT_NAMES)
+    online_data = RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=MEAN, image_std=STD,
+                                    region_spec=RegionSpec(output_size=32), num_regions=5, seed=0)
+    runs = {}
+    for name, data, kw, extra in (
+            ("online", online_data, {"teacher": teacher}, {}),
+            ("offline", RILDataset(digits_small, table, image_mean=MEAN, image_std=STD), {}, {}),
+            ("topk", RILDataset(digits_small, table, image_mean=MEAN, image_std=STD), {}, {"weight_entropy": "topk"})):
+        trainer = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path / name, **extra),
+                               train_dataset=data, **kw)
+        trainer.train()
+        runs[name] = trainer
+    online, offline, topk = (_terms(runs[n], "loss_weight") for n in ("online", "offline", "topk"))
+    assert len(online) == len(offline) == 8
+    np.testing.assert_allclose(offline, online, rtol=0, atol=2e-3)  # fp16 entropies
+    assert np.abs(topk - online).min() > 0.05  # the top-3 rebuild overstates every step's weight
+    # The other terms differ because the positive prompt's target is the top-3 rebuild, not the
+    # full distribution (and the prompts then drift apart); largest gaps measured over the 8 steps:
+    # pos 0.167, neg 3.1e-4, sim 1.6e-4, pcd 0 (this tiny teacher's top-1 never varies, so PCD
+    # has no pairs). The bounds leave 1.5x room.
+    for key, bound in (("loss_pos", 0.25), ("loss_neg", 5e-4), ("loss_sim", 2.5e-4), ("loss_pcd", 1e-6)):
+        gap = np.abs(_terms(runs["offline"], key) - _terms(runs["online"], key)).max()
+        assert gap <= bound, (key, gap)
+
+
 def test_bf16_mixed_precision_on_cpu(digits_small, dense_table, tokenizer, tmp_path):
     model = student(tokenizer)
     data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)

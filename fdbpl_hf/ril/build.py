@@ -14,9 +14,10 @@ import datasets
 import numpy as np
 import torch
 
+from ..losses import shannon_entropy
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .table import (
-    FILL_RULES, METADATA_FILE, TABLE_FORMAT, attach_metadata, build_key, decode_image, describe_source,
+    ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, attach_metadata, build_key, decode_image, describe_source,
     library_version, load_ril_table, table_features,
 )
 from .teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Teacher, as_teacher
@@ -84,8 +85,8 @@ class _RegionLabeler:
             flips.append(f)
             jobs.extend((image, b[r], bool(f[r]), row) for r in range(self.num_regions))
         if not jobs:
-            return {"box": [], "flip": [], "topk_indices": [], "topk_logits": []}
-        top_idx, top_val = [], []
+            return {"box": [], "flip": [], "topk_indices": [], "topk_logits": [], "teacher_entropy": []}
+        top_idx, top_val, entropies = [], [], []
         chunks = [jobs[start : start + self.teacher_batch_size]
                   for start in range(0, len(jobs), self.teacher_batch_size)]
         # Crops of chunk k + 1 are rendered in a background thread while the teacher scores chunk k
@@ -106,14 +107,18 @@ class _RegionLabeler:
                     if not bool(finite.all()):
                         bad = chunk[int((~finite).nonzero()[0])][3]
                         raise ValueError(f"the teacher produced NaN or inf logits on a region of source row {bad}")
-                    values, idx = torch.log_softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
+                    log_p = torch.log_softmax(logits.float(), dim=-1)
+                    values, idx = log_p.topk(self.top_k, dim=-1)
                     top_idx.append(idx.cpu().numpy().astype(self.index_dtype))
                     top_val.append(values.cpu().numpy().astype(np.float16))
+                    # of the FULL distribution: a top-K rebuild caps it at log K (spec §3)
+                    entropies.append(shannon_entropy(log_p).cpu().numpy().astype(np.float16))
         return {
             "box": np.concatenate(boxes),
             "flip": np.concatenate(flips),
             "topk_indices": np.concatenate(top_idx),
             "topk_logits": np.concatenate(top_val),
+            "teacher_entropy": np.concatenate(entropies),
         }
 
 
@@ -311,6 +316,7 @@ def build_ril_table(
         "seed": seed,
         "fill": fill,
         "values": "log_softmax",
+        "entropy_column": ENTROPY_COLUMN,
         "class_names": names,
         "teacher": teacher.describe(),
         "regions": spec.to_dict(),

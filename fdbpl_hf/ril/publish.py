@@ -10,7 +10,7 @@ from typing import Optional
 import datasets
 from huggingface_hub import DatasetCard, HfApi
 
-from .table import METADATA_FILE, ril_metadata
+from .table import ENTROPY_COLUMN, METADATA_FILE, ril_metadata
 
 
 def default_config_name(metadata: dict) -> str:
@@ -60,7 +60,8 @@ _CARD_INTRO = """# FDBPL Region Information Lookup tables
 Offline teacher soft labels for [FDBPL](https://arxiv.org/abs/2505.18053) prompt learning, built
 with [`fdbpl_hf`](https://pypi.org/project/fdbpl-hf/). Each row is one random region of one image
 of the source dataset: `box` (top, left, height, width as uint16 / 65535 of the image size),
-`flip`, and the teacher's top-K class indices with their log-probabilities (float16). Row
+`flip`, the teacher's top-K class indices with their log-probabilities (float16), and
+`teacher_entropy`, the entropy (nats, float16) of the teacher's full distribution over all classes. Row
 `i * M + r` is region `r` of source image `i`. Training replays the region on the image and
 reads its soft label here instead of running the teacher. The source images are not included.
 """
@@ -77,7 +78,8 @@ def push_ril_table(table: datasets.Dataset, repo_id: str, config_name: Optional[
     """
     metadata = ril_metadata(table)
     config_name = config_name or default_config_name(metadata)
-    rows = table.select_columns(["box", "flip", "topk_indices", "topk_logits"])
+    rows = table.select_columns([c for c in ("box", "flip", "topk_indices", "topk_logits", ENTROPY_COLUMN)
+                                 if c in table.column_names])
     datasets.DatasetDict({"train": rows}).push_to_hub(
         repo_id, config_name=config_name, private=private, token=token, max_shard_size=max_shard_size,
         commit_message=commit_message or f"Add RIL table config {config_name}",

@@ -11,7 +11,7 @@ import torch
 
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .features import check_cache_matches_table, feature_cache_metadata
-from .table import FILL_RULES, check_table_matches, decode_image, ril_metadata
+from .table import ENTROPY_COLUMN, FILL_RULES, check_table_matches, decode_image, ril_metadata
 
 MR_FILL_GAP = 10.0
 
@@ -61,8 +61,9 @@ class RILDataset(torch.utils.data.Dataset):
 
     Item i at epoch e is region `perm_i[e mod M]` of image i, rendered exactly as the teacher
     saw it (same box, flip, size and interpolation) and normalised for the student. Items are
-    dicts with `pixel_values` `[3, S, S]`, `topk_indices` `[K]`, `topk_logits` `[K]`, `labels`
-    (the source label, or -1) and `region`.
+    dicts with `pixel_values` `[3, S, S]`, `topk_indices` `[K]`, `topk_logits` `[K]`,
+    `teacher_entropy` (a scalar: the entropy of the teacher's full distribution; absent for
+    tables of 0.3, which lack the column), `labels` (the source label, or -1) and `region`.
 
     With a `feature_cache` (from `build_feature_cache`), items carry the student's stored
     `image_features` `[D]` instead of `pixel_values`: no image is decoded or rendered. The cache is
@@ -194,7 +195,7 @@ class RILDataset(torch.utils.data.Dataset):
                     "region": torch.tensor(region),
                 }
                 if self.table is not None:
-                    item["topk_indices"], item["topk_logits"] = rows["topk_indices"][n], rows["topk_logits"][n]
+                    item.update(self._soft_label(rows, n))
                 items.append(item)
         return items
 
@@ -228,7 +229,26 @@ class RILDataset(torch.utils.data.Dataset):
                              f"{regions[bad]}): the table is corrupt; rebuild it")
         rows["topk_indices"] = torch.from_numpy(rows["topk_indices"].astype(np.int64))
         rows["topk_logits"] = torch.from_numpy(rows["topk_logits"].astype(np.float32))
+        if ENTROPY_COLUMN in rows:
+            h = rows[ENTROPY_COLUMN].astype(np.float32)
+            # fp16 rounding may put a one-hot teacher's entropy a hair below 0 or a uniform one's above log C
+            tol = 1e-2 * max(1.0, float(np.log(self.num_classes)))
+            bad = ~(np.isfinite(h) & (h >= -tol) & (h <= np.log(self.num_classes) + tol))
+            if bad.any():
+                n = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"teacher entropy {h[n]} in the RIL table (image {indices[n]}, region {regions[n]}) "
+                                 f"is outside [0, log C = {np.log(self.num_classes):.3f}]: the table is corrupt; "
+                                 "rebuild it")
+            rows[ENTROPY_COLUMN] = torch.from_numpy(h)
         return rows
+
+    @staticmethod
+    def _soft_label(rows: dict, n: int) -> dict:
+        """Item `n`'s teacher columns from `_table_rows` (views, no copies)."""
+        item = {"topk_indices": rows["topk_indices"][n], "topk_logits": rows["topk_logits"][n]}
+        if ENTROPY_COLUMN in rows:
+            item[ENTROPY_COLUMN] = rows[ENTROPY_COLUMN][n]
+        return item
 
     def _cached_items(self, indices: list[int], regions: list[int]) -> list[dict]:
         epochs = int(self.cache_metadata["epochs"])
@@ -250,7 +270,6 @@ class RILDataset(torch.utils.data.Dataset):
                 "image_features": features[n],
                 "labels": torch.tensor(label),
                 "region": torch.tensor(region),
-                "topk_indices": rows["topk_indices"][n],
-                "topk_logits": rows["topk_logits"][n],
+                **self._soft_label(rows, n),
             })
         return items

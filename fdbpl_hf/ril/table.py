@@ -2,9 +2,12 @@
 
 Layout: one row per region, `row = image_index * num_regions + region`, columns
 `box` (uint16[4]: top, left, height, width / 65535), `flip` (bool), `topk_indices`
-(int16[K], int32 past 32,767 classes) and `topk_logits` (float16[K]). The stored values are the
-teacher's top-K log-probabilities (logits minus their logsumexp): every softmax rebuilt from
-them equals the teacher's, and fp16 is precise near zero where the informative values sit.
+(int16[K], int32 past 32,767 classes), `topk_logits` (float16[K]) and `teacher_entropy` (float16,
+since 0.4). The stored values are the teacher's top-K log-probabilities (logits minus their
+logsumexp): every softmax rebuilt from them equals the teacher's, and fp16 is precise near zero
+where the informative values sit. `teacher_entropy` is the entropy (nats) of the teacher's full
+distribution over all C classes, which the information weights need: the top-K values alone
+cannot give it when K < C.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import warnings
 from typing import Any, Optional, Sequence
 
 import datasets
@@ -23,6 +28,7 @@ from ..version import __version__
 TABLE_FORMAT = "fdbpl-ril/1"
 METADATA_FILE = "ril_metadata.json"
 FILL_RULES = ("mr", "dense")
+ENTROPY_COLUMN = "teacher_entropy"
 
 
 def table_features(top_k: int, num_classes: int) -> datasets.Features:
@@ -32,7 +38,20 @@ def table_features(top_k: int, num_classes: int) -> datasets.Features:
         "flip": datasets.Value("bool"),
         "topk_indices": datasets.List(datasets.Value(index_dtype), length=top_k),
         "topk_logits": datasets.List(datasets.Value("float16"), length=top_k),
+        ENTROPY_COLUMN: datasets.Value("float16"),
     })
+
+
+def warn_if_weights_from_top_k(table: datasets.Dataset, metadata: dict, where: str) -> None:
+    """Tables of 0.3 have no entropy column: at K < C their information weights then come from the
+    top-K rebuild, which can never fall below 1 − log K / log C. Say so (they still load)."""
+    k, c = int(metadata["top_k"]), len(metadata["class_names"])
+    if ENTROPY_COLUMN not in table.column_names and k < c:
+        floor = 1 - math.log(k) / math.log(c) if c > 1 else 0.0
+        warnings.warn(f"the RIL table {where} has no {ENTROPY_COLUMN!r} column (built by fdbpl_hf "
+                      f"{metadata.get('library_version', '< 0.4')}): its region weights come from the top-{k} "
+                      f"rebuild, which overstates them at K < C (no weight below {floor:.3f} for {c} classes). "
+                      "Rebuild the table with fdbpl_hf >= 0.4 for the paper's weights.", UserWarning, stacklevel=3)
 
 
 def source_fingerprint(dataset: datasets.Dataset, image_column: str, label_column: Optional[str],
@@ -145,6 +164,7 @@ def load_ril_table(path_or_repo_id: str, config_name: Optional[str] = None, *, r
     expected_rows = metadata["source"]["num_rows"] * metadata["num_regions"]
     if len(table) != expected_rows:
         raise ValueError(f"RIL table {path} has {len(table)} rows, its metadata promises {expected_rows}")
+    warn_if_weights_from_top_k(table, metadata, path)
     return attach_metadata(table, metadata)
 
 
