@@ -162,7 +162,8 @@ class FDBPLTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_EpochToDataset(train_dataset)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
-        self._metrics: dict[str, Optional[torch.Tensor]] = {}  # per mode: term sums + batch count
+        # per mode: term sums, batches with a non-finite live teacher, batch count
+        self._metrics: dict[str, Optional[torch.Tensor]] = {}
         self._metric_keys: dict[str, set] = {}
         self._reset_metrics()
 
@@ -252,9 +253,6 @@ class FDBPLTrainer(Trainer):
             losses = {"total": coop_loss(outputs.pos_logits, inputs["labels"])}
         else:
             teacher = self.teacher_logits(inputs, pixel_values)
-            if self.teacher is not None and not torch.isfinite(teacher).all():
-                # table values are checked by the dataset, on the CPU; a live teacher only here
-                raise ValueError("non-finite teacher logits in this batch: the online teacher is broken")
             losses = fdbpl_loss(
                 outputs.pos_logits, outputs.neg_logits, teacher, outputs.image_features,
                 outputs.pos_text_features, outputs.neg_text_features, lambda_neg=args.lambda_neg,
@@ -262,6 +260,11 @@ class FDBPLTrainer(Trainer):
                 use_pcd=args.use_pcd, weight_mode=args.weight_mode, entropy_threshold=args.entropy_threshold,
                 teacher_entropy=self.teacher_entropy(inputs), pcd_reduction=args.pcd_reduction,
             )
+            if self.teacher is not None:
+                # Table values are checked by the dataset, on the CPU. A live teacher's are counted on
+                # the device and checked at the next log (which syncs anyway), not here: a check per
+                # step would stall the host while the GPU runs the teacher.
+                losses["nonfinite_teacher"] = (~torch.isfinite(teacher).all()).float()
         mode = "train" if model.training else "eval"
         terms = [key for key in LOSS_TERMS if key in losses]
         if terms:
@@ -269,7 +272,8 @@ class FDBPLTrainer(Trainer):
             # no host sync to the step (the Trainer's own logging_nan_inf_filter still has one).
             zero = losses["total"].detach().new_zeros((), dtype=torch.float32)
             row = torch.stack([losses[key].detach().float() if key in losses else zero for key in LOSS_TERMS]
-                              + [zero + 1.0])  # no index tensor to copy from host memory (a hidden sync)
+                              + [losses.get("nonfinite_teacher", zero), zero + 1.0])  # no index tensor to copy
+            # from host memory (a hidden sync)
             sums = self._metrics[mode]
             self._metrics[mode] = row if sums is None else sums + row
             self._metric_keys[mode].update(terms)
@@ -284,12 +288,17 @@ class FDBPLTrainer(Trainer):
         prefix = "eval_" if mode == "eval" else ""
         sums = self._metrics[mode]
         if sums is None:
-            sums = torch.zeros(len(LOSS_TERMS) + 1, device=self.args.device)
+            sums = torch.zeros(len(LOSS_TERMS) + 2, device=self.args.device)
         if self.args.world_size > 1:
             # One fixed-shape gather per call on every rank, even with nothing recorded, so ranks
             # with different numbers of batches (uneven evaluation) still match up.
             sums = self.accelerator.gather(sums.unsqueeze(0)).sum(0)
         totals = sums.tolist()
+        if totals[-2] > 0:  # every rank sees the gathered count, so every rank stops here
+            self._metrics[mode] = None
+            raise ValueError(f"the online teacher returned NaN or inf logits in {int(totals[-2])} batch(es) since the "
+                             f"last log (step {self.state.global_step}): the teacher is broken, and this run's "
+                             "prompts are not to be trusted")
         if totals[-1] > 0:
             keys = self._metric_keys[mode]
             logs.update({f"{prefix}loss_{key}": totals[i] / totals[-1]

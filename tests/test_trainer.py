@@ -269,6 +269,25 @@ def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tm
     torch.testing.assert_close(loaded.prompts.contexts(), model.prompts.contexts(), atol=0, rtol=0)
 
 
+def test_a_broken_online_teacher_stops_training_at_the_next_log(digits_small, tokenizer, tmp_path):
+    """The live teacher's logits are checked without a per-step host sync: a NaN batch is counted on
+    the device and raises at the next log, on every rank, before the run can be saved as good."""
+    calls = []
+
+    def flaky(pixels):
+        calls.append(1)
+        logits = torch.nn.functional.adaptive_avg_pool2d(pixels, 1).flatten(1).repeat(1, 4)[:, :10]
+        return logits * float("nan") if len(calls) == 2 else logits
+
+    online = RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=MEAN, image_std=STD,
+                               region_spec=RegionSpec(output_size=32), num_regions=5, seed=0)
+    trainer = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, logging_steps=3),
+                           train_dataset=online, teacher=CallableTeacher(flaky, 10, 32))
+    with pytest.raises(ValueError, match=r"online teacher returned NaN or inf logits in 1 batch\(es\).*step 3"):
+        trainer.train()
+    assert len(calls) == 3  # the run went on to the log step, then stopped
+
+
 def test_bad_inputs(digits_small, dense_table, tokenizer, tmp_path):
     served = student(tokenizer)
     served.save_pretrained(tmp_path / "adapter")
