@@ -376,6 +376,9 @@ class FDBPLTrainer(Trainer):
             "optimizer": self._optimizer_description(),
             "gradient clipping": self.args.max_grad_norm if self.args.max_grad_norm > 0 else "none",
             "lambdas (neg, sim, pcd)": f"{self.args.lambda_neg}, {self.args.lambda_sim}, {self.args.lambda_pcd}",
+            "PCD": f"{self.args.pcd_reduction} over region pairs" if self.args.use_pcd else "off",
+            "region weights": "entropy of the top-K rebuild" if self.args.weight_entropy == "topk" else
+            "entropy of the teacher's full distribution",
         }
         history = [h for h in self.state.log_history if "loss" in h]
         if history:
