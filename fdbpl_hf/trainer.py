@@ -377,13 +377,21 @@ class FDBPLTrainer(Trainer):
             "gradient clipping": self.args.max_grad_norm if self.args.max_grad_norm > 0 else "none",
             "lambdas (neg, sim, pcd)": f"{self.args.lambda_neg}, {self.args.lambda_sim}, {self.args.lambda_pcd}",
             "PCD": f"{self.args.pcd_reduction} over region pairs" if self.args.use_pcd else "off",
-            "region weights": "entropy of the top-K rebuild" if self.args.weight_entropy == "topk" else
-            "entropy of the teacher's full distribution",
+            "region weights": self._weight_source(),
         }
         history = [h for h in self.state.log_history if "loss" in h]
         if history:
             summary["final train loss"] = round(history[-1]["loss"], 4)
         return {k: v for k, v in summary.items() if v is not None}
+
+    def _weight_source(self) -> str:
+        data: RILDataset = self.train_dataset
+        if self.args.loss_type == "coop":
+            return "none (CoOp trains on labels)"
+        if self.teacher is None and (self.args.weight_entropy == "topk" or data.is_online
+                                     or ENTROPY_COLUMN not in data.table.column_names):
+            return "entropy of the top-K rebuild"
+        return "entropy of the teacher's full distribution"
 
     def _optimizer_description(self) -> str:
         args = self.args
