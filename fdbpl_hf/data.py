@@ -35,6 +35,7 @@ __all__ = [
     "FewShotSplit",
     "base_novel_split",
     "clean_class_name",
+    "domain_generalization_target",
     "few_shot_indices",
     "get_dataset_info",
     "kept_class_ids",
@@ -806,6 +807,29 @@ def _load_local(path: str, split: str | None, builder: str | None = None):
             raise ValueError(f"{path} has splits {sorted(loaded)}, not {split!r}")
         return loaded[split or "train"]
     return loaded
+
+
+def domain_generalization_target(dataset: "str | DatasetInfo", *, split: str | None = None,
+                                 data_dir: str | None = None, revision: str | None = None):
+    """`(test set with a "label" column, class ids in the source)` of a domain-generalisation target.
+
+    The pair is what `fdbpl_hf.evaluation.evaluate_domain_generalization` takes per target.
+    `data_dir` points an entry without a loadable mirror (imagenet_v2) at local files (an image
+    folder, or a `save_to_disk` folder).
+    """
+    import dataclasses
+
+    info = resolve_dataset(dataset)
+    if data_dir is not None:
+        info = dataclasses.replace(info, data_dir=data_dir, loader=None,
+                                   builder=None if _is_saved_dataset(data_dir) else "imagefolder")
+    data = info.load(split or info.test_split, revision=revision)
+    ids = info.class_ids_in_source(data)
+    if info.label_column != "label":
+        if "label" in data.column_names:
+            data = data.remove_columns("label")
+        data = data.rename_column(info.label_column, "label")
+    return data, ids
 
 
 def training_set(dataset: "str | DatasetInfo", *, num_shots: int | None = 16, seed: int = 1, classes: str = "base",

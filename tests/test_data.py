@@ -410,3 +410,18 @@ def test_image_folder_is_a_dataset(tmp_path):
     info = resolve_dataset(str(tmp_path / "imgs"))
     test = info.load(info.test_split)
     assert test.features["label"].names == ["cat", "dog", "emu"] and len(test) == 9
+
+
+def test_domain_generalization_target_from_a_folder_of_imagenet_ids(tmp_path):
+    from PIL import Image
+
+    from fdbpl_hf.data import domain_generalization_target
+
+    for cls in ("0", "1", "2", "10"):  # ImageNet-V2's layout: one folder per ImageNet id
+        (tmp_path / "v2" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (int(cls) * 20, 0, 0)).save(tmp_path / "v2" / cls / "a.png")
+    with pytest.warns(UserWarning, match="unverified registry entry"):
+        data, ids = domain_generalization_target("imagenet_v2", data_dir=str(tmp_path / "v2"))
+    assert data.features["label"].names == ["0", "1", "10", "2"] and ids == [0, 1, 10, 2]
+    # each image's ImageNet id is its folder's
+    assert sorted(ids[y] for y in data["label"]) == [0, 1, 2, 10]
