@@ -506,9 +506,8 @@ def evaluate_domain_generalization(model, source, targets: Mapping[str, Any], *,
     encode = _encode_kwargs(image_processor, batch_size, image_column, label_column, progress)
     text = _text_features(model, class_names, False, source_template)
     images = encode_images(model, dataset, name=f"source {source_name!r}", **encode)
-    out: dict[str, Any] = {"source": {"name": source_name, **_accuracy_block(_logits(model, images, text), images.labels,
-                                                                             class_names)},
-                           "targets": {}}
+    source_block = _accuracy_block(_logits(model, images, text), images.labels, class_names)
+    out: dict[str, Any] = {"source": {"name": source_name, **source_block}, "targets": {}}
     for name, spec in targets.items():
         target, ids = _dg_target(name, spec, len(class_names))
         if ids is None:
