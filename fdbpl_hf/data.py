@@ -7,12 +7,16 @@ ids) rebuilt on `datasets`:
   file (relative row ids plus their labels, so a different dataset or revision is detected);
 - `base_novel_split`, `subset_classes`, `make_base_novel`, `make_base_novel_test`: the
   base-to-novel split with relabelling to 0..m-1 and a matching `ClassLabel`;
-- `DATASETS` / `get_dataset_info`: the 11 benchmark datasets (plus the offline "digits") with
-  Hub ids, splits, columns, CoOp prompt templates and class-name cleaning.
+- `DATASETS` / `get_dataset_info`: the 11 benchmark datasets, the 4 ImageNet domain-generalisation
+  targets and the offline "digits", with Hub ids checked against each mirror's card (`verified`,
+  `evidence`), splits, columns, CoOp prompt templates and class-name cleaning;
+- `DatasetInfo.from_file` / `resolve_dataset`: a dataset declared in a JSON/YAML file, an image
+  folder, a `save_to_disk` folder or any Hub id, wherever a registry name is accepted.
 
-Class ids are the order of the dataset's `ClassLabel`. The base/novel sets match the literature
-only when that order matches CoOp's (sorted folder names for most datasets); a Hub mirror may
-order classes differently, so record the dataset id and revision with every result.
+Class ids are the order of the loaded `ClassLabel` after `DatasetInfo.prepare`. The base/novel
+sets match the literature only when that order is CoOp's (sorted folder names for most datasets);
+where a registered mirror orders classes differently, `class_order` relabels it to CoOp's order.
+Record the dataset id and revision with every result (docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -838,7 +842,8 @@ def training_set(dataset: "str | DatasetInfo", *, num_shots: int | None = 16, se
 
     `classes="base"`: few-shot rows of the base classes (base-to-novel); `"all"`: few-shot rows
     of every class (cross-dataset). `num_shots=None` keeps every row of those classes. Returns
-    `dataset` (relabelled 0..m-1), `class_names` (cleaned for prompts), `template`, `info`, and
+    `dataset` (relabelled 0..m-1, columns renamed to "image" and "label"), `class_names` (cleaned
+    for prompts), `template`, `info`, and
     `few_shot_split` (the chosen rows, to save with the results).
     """
     if classes not in ("base", "all"):
@@ -855,11 +860,19 @@ def training_set(dataset: "str | DatasetInfo", *, num_shots: int | None = 16, se
         split_record = None
         rows = full
     else:
-        split_record = FewShotSplit.create(full, num_shots, seed, label, classes=ids, dataset_id=info.hub_id,
+        split_record = FewShotSplit.create(full, num_shots, seed, label, classes=ids,
+                                           dataset_id=info.hub_id or info.data_dir,
                                            config=info.config, split=split or info.train_split, revision=revision)
         rows = split_record.apply(full)
+    chosen = subset_classes(rows, ids, label)
+    # The scripts (table build, replay, training) read "image" and "label": rename a custom dataset's columns.
+    for column, canonical in ((info.image_column, "image"), (label, "label")):
+        if column != canonical:
+            if canonical in chosen.column_names:
+                chosen = chosen.remove_columns(canonical)
+            chosen = chosen.rename_column(column, canonical)
     return {
-        "dataset": subset_classes(rows, ids, label),
+        "dataset": chosen,
         "class_names": info.clean_class_names([names[i] for i in ids]),
         "class_ids": ids,
         "template": info.template,

@@ -425,3 +425,20 @@ def test_domain_generalization_target_from_a_folder_of_imagenet_ids(tmp_path):
     assert data.features["label"].names == ["0", "1", "10", "2"] and ids == [0, 1, 10, 2]
     # each image's ImageNet id is its folder's
     assert sorted(ids[y] for y in data["label"]) == [0, 1, 2, 10]
+
+
+def test_custom_columns_become_image_and_label_for_the_scripts(tmp_path):
+    from PIL import Image
+
+    from fdbpl_hf.data import training_set
+
+    table = datasets.Dataset.from_dict(
+        {"img": [Image.new("RGB", (4, 4), (i * 30, 0, 0)) for i in range(6)], "species": ["b", "a", "c", "a", "b", "c"],
+         "label": [9] * 6},  # an unrelated column that happens to be called "label"
+        features=datasets.Features({"img": datasets.Image(), "species": datasets.Value("string"),
+                                    "label": datasets.Value("int64")}))
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "birds.yaml").write_text("data_dir: saved\nimage_column: img\nlabel_column: species\n")
+    data = training_set(str(tmp_path / "birds.yaml"), num_shots=1, seed=0, classes="all")
+    assert data["dataset"].column_names == ["image", "label"] and data["class_names"] == ["a", "b", "c"]
+    assert sorted(data["dataset"]["label"]) == [0, 1, 2]
