@@ -659,10 +659,10 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             "stanford_cars", hub_id="tanganke/stanford_cars", template="a photo of a {}.",
-            name_style="year_first", num_classes=196, coop_order=True, verified=False,
-            evidence="only class 0 ('AM General Hummer SUV 2000', the first class of the official cars_meta order "
-                     "CoOp uses) and the count (196) were seen on https://huggingface.co/datasets/tanganke/"
-                     "stanford_cars/viewer/; the full name list was not.",
+            name_style="year_first", num_classes=196, coop_order=True, verified=True,
+            evidence="https://huggingface.co/datasets/tanganke/stanford_cars/blob/eecb78ea10909d57ec0ace8afed332d342c"
+                     "36b79/README.md (196 names in the official cars_meta order CoOp uses: AM General Hummer SUV "
+                     "2000, Acura RL Sedan 2012, ..., Acura Integra Type R 2001 at 5, i.e. not alphabetical)",
         ),
         DatasetInfo(
             "oxford_flowers", hub_id="dpdl-benchmark/oxford_flowers102", validation_split="validation",

@@ -280,7 +280,18 @@ def _labelled(names, labels):
         features=datasets.Features({"label": datasets.ClassLabel(names=names), "row": datasets.Value("int32")}))
 
 
+# ethz/food101's first 21 class names in its ClassLabel order (its card) and the order CoOp-family code
+# lists them in (Python's sort of the folders): cheese_plate and cheesecake swap.
+FOOD_MIRROR = ["apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio", "beef_tartare", "beet_salad", "beignets",
+               "bibimbap", "bread_pudding", "breakfast_burrito", "bruschetta", "caesar_salad", "cannoli",
+               "caprese_salad", "carrot_cake", "ceviche", "cheesecake", "cheese_plate", "chicken_curry",
+               "chicken_quesadilla", "chicken_wings"]
+FOOD_COOP = FOOD_MIRROR[:16] + ["cheese_plate", "cheesecake"] + FOOD_MIRROR[18:]
+
+
 def test_food101_mirror_is_relabelled_to_coops_sorted_order():
+    prepared = DATASETS["food101"].prepare(_labelled(FOOD_MIRROR, list(range(len(FOOD_MIRROR)))))
+    assert prepared.features["label"].names == FOOD_COOP
     # ethz/food101 puts cheesecake before cheese_plate; CoOp's Python sort of the folders does not
     names = ["apple_pie", "cheesecake", "cheese_plate", "churros"]
     mirror = _labelled(names, [0, 1, 2, 3, 1, 2])
