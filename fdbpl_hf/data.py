@@ -635,8 +635,10 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             "imagenet", hub_id="ILSVRC/imagenet-1k", test_split="validation", template="a photo of a {}.",
             name_style="first_synonym", num_classes=1000, coop_order=True, verified=False,
-            evidence="gated on the Hub and its card was not available to check here; its labels are expected in "
-                     "the standard ILSVRC order (0 = tench, sorted WordNet ids), which CoOp uses.",
+            evidence="gated on the Hub and its card was not available to check here; timm's 'All the ImageNets' "
+                     "collection (https://huggingface.co/collections/timm/all-the-imagenets) describes it as a builder "
+                     "script, which datasets 4+ does not run (try revision='refs/convert/parquet' or a Parquet copy). "
+                     "Labels are expected in the standard ILSVRC order (0 = tench, sorted WordNet ids), CoOp's.",
             notes="CoOp evaluates on the validation set and uses CLIP's curated class names; here the first "
                   "synonym of each label name is used.",
         ),
