@@ -8,6 +8,7 @@ with nothing but Hub ids for models, data, table and adapter on the command line
 import json
 import os
 import runpy
+import shutil
 import sys
 from unittest import mock
 
@@ -42,12 +43,14 @@ def _pipeline(tmp_path, teacher, student, dataset, *, push: bool, in_process: bo
     else:
         train += ["--table", table]
         evaluate += ["--adapter", run]
-    for cmd in (build, train, evaluate):
+    for cmd, local_output in ((build, table), (train, run), (evaluate, None)):
         if in_process:  # the same scripts, without three more interpreter start-ups (seconds of imports each)
             with mock.patch.object(sys, "argv", cmd[1:]):
                 runpy.run_path(cmd[1], run_name="__main__")
         else:
             run_ok(cmd, env=_env(), timeout=300)
+        if push and local_output:  # the next step can only have read it from the Hub
+            shutil.rmtree(local_output)
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
