@@ -380,7 +380,7 @@ class DatasetInfo:
     Loading: `loader(split, **kwargs)` if given, else `datasets.load_dataset(builder, data_dir=...)`
     for local files (e.g. `builder="imagefolder"`), else `datasets.load_dataset(hub_id, config)`.
     After loading, `prepare` turns a string label column into a `ClassLabel` (sorted names), checks
-    `expected_class_names` and puts the classes in `class_order` (see `coop_class_order`).
+    `expected_class_names` and puts the classes in `class_order` (see `ordered_class_names`).
 
     Prompts: `classname_overrides` maps a raw name (compared case/punctuation-insensitively) to the
     name used in prompts; `exclude_classes` are dropped before the base/novel split.
@@ -398,9 +398,6 @@ class DatasetInfo:
     name: str
     hub_id: str | None = None
     config: str | None = None
-    revision: str | None = None
-    builder: str | None = None
-    data_dir: str | None = None
     train_split: str | None = "train"
     validation_split: str | None = None
     test_split: str | None = "test"
@@ -412,6 +409,12 @@ class DatasetInfo:
     classname_overrides: dict[str, str] = field(default_factory=dict)
     exclude_classes: tuple[str, ...] = ()
     num_classes: int | None = None  # after exclusions, as in CoOp
+    loader: Callable[..., Any] | None = None
+    notes: str = ""
+    # added later, after the original fields, so positional construction keeps working
+    revision: str | None = None
+    builder: str | None = None
+    data_dir: str | None = None
     class_order: Any = "dataset"  # "dataset", "sorted" (CoOp's sorted folder names) or a list of raw names
     folder_names: dict[str, str] = field(default_factory=dict)  # raw name -> original folder name, for "sorted"
     coop_order: bool | None = None  # does the mirror's own ClassLabel order equal CoOp's?
@@ -420,8 +423,6 @@ class DatasetInfo:
     source_class_ids: Any = None  # tuple of ids in `source`, or "from_names"
     verified: bool | None = None
     evidence: str = ""
-    loader: Callable[..., Any] | None = None
-    notes: str = ""
 
     def __post_init__(self) -> None:
         if "{}" not in self.template:
