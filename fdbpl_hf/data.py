@@ -679,7 +679,7 @@ DATASETS: dict[str, DatasetInfo] = {
             num_classes=101, class_order="sorted", coop_order=False, verified=True,
             evidence="https://huggingface.co/datasets/ethz/food101/blob/bbaf95de292391c807fd2bd7e1c5dd7d1d268002/"
                      "README.md (101 names apple_pie ... with cheesecake (16) before cheese_plate (17); splits train "
-                     "75,750 / validation 25,250 on the viewer)",
+                     "75.8k / validation 25.3k rows on the viewer)",
             notes="CoOp sorts the folder names with Python's sort, which puts cheese_plate before cheesecake; the "
                   "mirror is relabelled to that order.",
         ),
