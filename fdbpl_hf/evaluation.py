@@ -52,6 +52,7 @@ __all__ = [
     "encode_images",
     "evaluate_base_to_novel",
     "evaluate_cross_dataset",
+    "evaluate_domain_generalization",
     "evaluate_ood",
     "format_summary_markdown",
     "load_classifier",
@@ -454,6 +455,76 @@ def evaluate_cross_dataset(model, targets: Mapping[str, Any], *, image_processor
         images = encode_images(model, dataset, name=f"cross-dataset target {name!r}",
                                **_encode_kwargs(image_processor, batch_size, image_column, label_column, progress))
         out[name] = _accuracy_block(_logits(model, images, text), images.labels, class_names)
+    return out
+
+
+def _dg_source(spec) -> tuple[Any, list[str], Optional[str]]:
+    if isinstance(spec, Mapping):
+        return spec["dataset"], list(spec["class_names"]), spec.get("template")
+    if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3):
+        raise TypeError("the source is (dataset, class_names) or (dataset, class_names, template)")
+    return spec[0], list(spec[1]), (spec[2] if len(spec) == 3 else None)
+
+
+def _dg_target(name: str, spec, num_source_classes: int) -> tuple[Any, Optional[list[int]]]:
+    if isinstance(spec, Mapping):
+        dataset, ids = spec["dataset"], spec.get("class_ids")
+    elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+        dataset, ids = spec
+    else:
+        dataset, ids = spec, None
+    if ids is not None:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < num_source_classes]
+        if bad or len(set(ids)) != len(ids):
+            raise ValueError(f"target {name!r}: class ids must be distinct source class ids in "
+                             f"0..{num_source_classes - 1} (bad: {bad[:5]})")
+    return dataset, ids
+
+
+def evaluate_domain_generalization(model, source, targets: Mapping[str, Any], *, image_processor, tokenizer=None,
+                                   template: Optional[str] = None, source_name: str = "source", batch_size: int = 64,
+                                   image_column: str = "image", label_column: str = "label",
+                                   progress: bool = True) -> dict[str, Any]:
+    """Domain generalisation (CoOp's protocol): accuracy on the source test set and on each target.
+
+    `source`: `(dataset, class_names)` (or with a template), e.g. ImageNet's test split and its
+    cleaned class names. `targets`: `{name: (dataset, class_ids)}` where target label k is source
+    class `class_ids[k]` (ImageNet-A/R: 200 ids; `None` or a bare dataset: the source's classes in
+    the source's order, e.g. ImageNet-V2/Sketch). Each target is scored among its own classes,
+    with the source's class names (as CoOp scores ImageNet-A/R among their 200 classes).
+
+    Returns `{"source": {...}, "targets": {name: {...}}, "target_average": float, "table": {...}}`;
+    `table` is the paper's row: source accuracy, each target's accuracy and the targets' average
+    (percent). `DatasetInfo.class_ids_in_source` gives `class_ids` for the registered targets.
+    """
+    if not targets:
+        raise ValueError("no domain-generalisation targets given")
+    model = as_classifier(model, tokenizer, template)
+    dataset, class_names, source_template = _dg_source(source)
+    source_template = source_template or template
+    encode = _encode_kwargs(image_processor, batch_size, image_column, label_column, progress)
+    text = _text_features(model, class_names, False, source_template)
+    images = encode_images(model, dataset, name=f"source {source_name!r}", **encode)
+    source_block = _accuracy_block(_logits(model, images, text), images.labels, class_names)
+    out: dict[str, Any] = {"source": {"name": source_name, **source_block}, "targets": {}}
+    for name, spec in targets.items():
+        target, ids = _dg_target(name, spec, len(class_names))
+        if ids is None:
+            target_names, target_text = class_names, text
+        else:
+            target_names = [class_names[i] for i in ids]
+            target_text = text[torch.as_tensor(ids, device=text.device)]
+        images = encode_images(model, target, name=f"domain-generalisation target {name!r}", **encode)
+        if images.labels is not None and len(images.labels) and int(images.labels.max()) >= len(target_names):
+            raise ValueError(f"target {name!r} has label {int(images.labels.max())} but only {len(target_names)} "
+                             "classes: give its class ids in the source")
+        out["targets"][name] = {**_accuracy_block(_logits(model, images, target_text), images.labels, target_names),
+                                "num_classes": len(target_names)}
+    accuracies = [t["accuracy"] for t in out["targets"].values()]
+    out["target_average"] = float(np.mean(accuracies))
+    out["table"] = {source_name: out["source"]["accuracy"], **{n: t["accuracy"] for n, t in out["targets"].items()},
+                    "average": out["target_average"]}
     return out
 
 

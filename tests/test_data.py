@@ -1,6 +1,7 @@
 """The data protocol: few-shot splits, CoOp base/novel rule, relabelling, dataset registry."""
 
 import json
+import os
 import warnings
 
 import datasets
@@ -175,8 +176,12 @@ COOP_TEMPLATES = {
 }
 
 
+DG_TARGETS = {"imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
+
+
 def test_registry_has_the_benchmark_and_digits():
-    assert set(DATASETS) == set(COOP_TEMPLATES) | {"digits"}
+    # the four ImageNet domain-generalisation targets joined the benchmark (issue 15)
+    assert set(DATASETS) == set(COOP_TEMPLATES) | {"digits"} | DG_TARGETS
     for name, info in DATASETS.items():
         assert "{}" in info.template, name
         assert info.name == name
@@ -184,7 +189,7 @@ def test_registry_has_the_benchmark_and_digits():
             assert info.template == COOP_TEMPLATES[name]
         assert info.hub_id is None or info.hub_id.count("/") == 1
     assert DATASETS["digits"].template == "a photo of the digit {}."
-    assert sum(info.num_classes for n, info in DATASETS.items() if n != "digits") == 1000 + 100 + 37 + 196 + 102 + 101 + 100 + 397 + 47 + 10 + 101
+    assert sum(info.num_classes for n, info in DATASETS.items() if n in COOP_TEMPLATES) == 1000 + 100 + 37 + 196 + 102 + 101 + 100 + 397 + 47 + 10 + 101
 
 
 def test_get_dataset_info_is_lenient_about_names():
@@ -238,3 +243,213 @@ def test_dataset_specific_names():
     assert DATASETS["caltech101"].clean_class_names(["airplanes", "Faces", "yin_yang"]) == ["airplane", "face", "yin yang"]
     assert DATASETS["eurosat"].clean_class_names(["AnnualCrop", "SeaLake"]) == ["Annual Crop Land", "Sea or Lake"]
     assert DATASETS["oxford_pets"].clean_class_names(["Abyssinian", "american_bulldog"]) == ["abyssinian", "american bulldog"]
+
+
+# ---- verified registry, CoOp's class order ---------------------------------------------------------
+
+
+def test_every_registry_entry_is_verified_or_says_why():
+    for name, info in DATASETS.items():
+        if name == "digits":
+            continue
+        assert isinstance(info.verified, bool), name
+        assert info.evidence, f"{name}: no evidence"
+        if info.verified:
+            assert "https://huggingface.co/datasets/" in info.evidence and info.hub_id, name
+            # a verified entry knows whether the mirror's order is CoOp's, and maps it where it is not
+            assert info.coop_order is not None or info.source is not None, name
+        if info.coop_order is False:
+            assert info.class_order != "dataset", f"{name}: order differs from CoOp's but no mapping"
+
+
+def test_unverified_entry_warns_and_verified_one_does_not():
+    table = datasets.Dataset.from_dict({"label": [0, 1]}, features=datasets.Features(
+        {"label": datasets.ClassLabel(names=["a", "b"])}))
+    unverified = DatasetInfo("x", verified=False, evidence="card not seen.", loader=lambda split: table)
+    with pytest.warns(UserWarning, match="unverified registry entry: card not seen"):
+        unverified.load("train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DatasetInfo("y", verified=True, evidence="...", loader=lambda split: table).load("train")
+        DatasetInfo.custom(loader=lambda split: table).load("train")  # a user's own data: no claim, no warning
+
+
+def _labelled(names, labels):
+    return datasets.Dataset.from_dict(
+        {"label": labels, "row": list(range(len(labels)))},
+        features=datasets.Features({"label": datasets.ClassLabel(names=names), "row": datasets.Value("int32")}))
+
+
+# ethz/food101's first 21 class names in its ClassLabel order (its card) and the order CoOp-family code
+# lists them in (Python's sort of the folders): cheese_plate and cheesecake swap.
+FOOD_MIRROR = ["apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio", "beef_tartare", "beet_salad", "beignets",
+               "bibimbap", "bread_pudding", "breakfast_burrito", "bruschetta", "caesar_salad", "cannoli",
+               "caprese_salad", "carrot_cake", "ceviche", "cheesecake", "cheese_plate", "chicken_curry",
+               "chicken_quesadilla", "chicken_wings"]
+FOOD_COOP = FOOD_MIRROR[:16] + ["cheese_plate", "cheesecake"] + FOOD_MIRROR[18:]
+
+
+def test_food101_mirror_is_relabelled_to_coops_sorted_order():
+    prepared = DATASETS["food101"].prepare(_labelled(FOOD_MIRROR, list(range(len(FOOD_MIRROR)))))
+    assert prepared.features["label"].names == FOOD_COOP
+    # ethz/food101 puts cheesecake before cheese_plate; CoOp's Python sort of the folders does not
+    names = ["apple_pie", "cheesecake", "cheese_plate", "churros"]
+    mirror = _labelled(names, [0, 1, 2, 3, 1, 2])
+    prepared = DATASETS["food101"].prepare(mirror)
+    assert prepared.features["label"].names == ["apple_pie", "cheese_plate", "cheesecake", "churros"]
+    # every row keeps its class; only the ids change
+    for before, after in zip(mirror, prepared):
+        assert names[before["label"]] == prepared.features["label"].names[after["label"]]
+    assert prepared["label"] == [0, 2, 1, 3, 2, 1]
+
+
+def test_caltech101_mirror_gets_coops_base_and_novel_classes():
+    # dpdl-benchmark/caltech101 names (a 9-class excerpt, in its alphabetical order)
+    names = ["accordion", "airplanes", "anchor", "background_google", "faces", "faces_easy", "leopards",
+             "motorbikes", "yin_yang"]
+    mirror = _labelled(names, list(range(len(names))))
+    info = DATASETS["caltech101"]
+    prepared = info.prepare(mirror)
+    order = prepared.features["label"].names
+    # CoOp: sorted original folders BACKGROUND_Google, Faces, Faces_easy, Leopards, Motorbikes, accordion, ...
+    assert order == ["background_google", "faces", "faces_easy", "leopards", "motorbikes", "accordion", "airplanes",
+                     "anchor", "yin_yang"]
+    split = make_base_novel_test(prepared, info=info)
+    assert split["base_classnames"] == ["face", "leopard", "motorbike", "accordion"]
+    assert split["novel_classnames"] == ["airplane", "anchor", "yin yang"]
+    # without the mapping the halves would differ (the reason for the mapping)
+    plain = make_base_novel_test(mirror, info=DatasetInfo.custom(exclude_classes=info.exclude_classes,
+                                                                 classname_overrides=info.classname_overrides))
+    assert plain["base_classnames"] != split["base_classnames"]
+
+
+def test_explicit_class_order_and_its_errors():
+    mirror = _labelled(["b", "a", "c"], [0, 1, 2])
+    info = DatasetInfo.custom(class_order=["c", "a", "b"], loader=lambda split: mirror)
+    assert info.load("train")["label"] == [2, 1, 0]
+    with pytest.raises(ValueError, match="not the dataset's 3 classes"):
+        DatasetInfo.custom(class_order=["a", "b"]).prepare(mirror)
+    with pytest.raises(ValueError, match="class_order must be"):
+        DatasetInfo.custom(class_order="alphabetical")
+
+
+def test_string_labels_are_encoded_and_checked():
+    table = datasets.Dataset.from_dict({"wnid": ["n2", "n1", "n2", "n3"]})
+    info = DatasetInfo.custom(label_column="wnid", expected_class_names=("n1", "n2", "n3"))
+    prepared = info.prepare(table)
+    assert prepared.features["wnid"].names == ["n1", "n2", "n3"] and prepared["wnid"] == [1, 0, 1, 2]
+    with pytest.raises(ValueError, match="classes differ from the registered ones"):
+        DatasetInfo.custom(label_column="wnid", expected_class_names=("n1", "n2")).prepare(table)
+    with pytest.raises(KeyError, match="no label column 'label'"):
+        DatasetInfo.custom().prepare(table)
+
+
+def test_imagenet_a_and_r_class_maps():
+    from fdbpl_hf.imagenet_variants import (IMAGENET_A_CLASS_IDS, IMAGENET_A_WNIDS, IMAGENET_R_CLASS_IDS,
+                                            IMAGENET_R_WNIDS)
+
+    for ids, wnids in ((IMAGENET_A_CLASS_IDS, IMAGENET_A_WNIDS), (IMAGENET_R_CLASS_IDS, IMAGENET_R_WNIDS)):
+        assert len(ids) == len(set(ids)) == len(wnids) == len(set(wnids)) == 200
+        assert list(ids) == sorted(ids) and list(wnids) == sorted(wnids) and 0 <= ids[0] and ids[-1] < 1000
+    # the two subsets were taken from independent lists; on their 86 shared classes they agree
+    a, r = dict(zip(IMAGENET_A_WNIDS, IMAGENET_A_CLASS_IDS)), dict(zip(IMAGENET_R_WNIDS, IMAGENET_R_CLASS_IDS))
+    shared = set(a) & set(r)
+    assert len(shared) == 86 and all(a[w] == r[w] for w in shared)
+    assert a["n01498041"] == 6 and r["n01443537"] == 1  # stingray, goldfish
+    assert DATASETS["imagenet_r"].class_ids_in_source(
+        DATASETS["imagenet_r"].prepare(datasets.Dataset.from_dict({"wnid": list(IMAGENET_R_WNIDS)}))) == list(
+        IMAGENET_R_CLASS_IDS)
+
+
+def test_imagenet_v2_folder_names_map_back_to_imagenet_ids():
+    # imagefolder sorts the folders 0..999 as strings: class k is not ImageNet class k
+    names = sorted(str(i) for i in range(12))
+    assert names[:4] == ["0", "1", "10", "11"]
+    table = _labelled(names, [2, 0])
+    assert DATASETS["imagenet_v2"].class_ids_in_source(table) == [int(n) for n in names]
+    with pytest.raises(ValueError, match="integer source ids"):
+        DATASETS["imagenet_v2"].class_ids_in_source(_labelled(["cat"], [0]))
+
+
+def test_test_only_entries_refuse_training():
+    from fdbpl_hf.data import training_set
+
+    with pytest.raises(ValueError, match="test-only"):
+        training_set("imagenet_a")
+
+
+# ---- custom datasets without code ----------------------------------------------------------------------
+
+
+def _image_folder(root, classes=("cat", "dog", "emu"), per_class=3):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        for split in ("train", "test"):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (40 * c, 10 * i, 90)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_dataset_info_from_json_and_yaml(tmp_path):
+    from fdbpl_hf.data import resolve_dataset, training_set
+
+    _image_folder(tmp_path / "pets")
+    spec = {"data_dir": "pets", "template": "a photo of a {}, a pet.", "classname_overrides": {"emu": "big bird"},
+            "class_order": ["emu", "cat", "dog"]}
+    (tmp_path / "pets.json").write_text(json.dumps(spec))
+    (tmp_path / "pets.yaml").write_text("data_dir: pets\ntemplate: 'a photo of a {}, a pet.'\n"
+                                        "classname_overrides: {emu: big bird}\nclass_order: [emu, cat, dog]\n")
+    for path in ("pets.json", "pets.yaml"):
+        info = resolve_dataset(str(tmp_path / path))
+        assert info.name == "pets" and info.builder == "imagefolder" and info.verified is None
+        data = training_set(str(tmp_path / path), num_shots=2, seed=1, classes="all")
+        assert data["class_names"] == ["big bird", "cat", "dog"] and data["template"] == "a photo of a {}, a pet."
+        assert len(data["dataset"]) == 6
+    (tmp_path / "bad.json").write_text(json.dumps({"data_dir": "pets", "labels": "y"}))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['labels'\]"):
+        resolve_dataset(str(tmp_path / "bad.json"))
+    with pytest.raises(FileNotFoundError):
+        resolve_dataset(str(tmp_path / "missing.json"))
+
+
+def test_image_folder_is_a_dataset(tmp_path):
+    from fdbpl_hf.data import resolve_dataset
+
+    _image_folder(tmp_path / "imgs")
+    info = resolve_dataset(str(tmp_path / "imgs"))
+    test = info.load(info.test_split)
+    assert test.features["label"].names == ["cat", "dog", "emu"] and len(test) == 9
+
+
+def test_domain_generalization_target_from_a_folder_of_imagenet_ids(tmp_path):
+    from PIL import Image
+
+    from fdbpl_hf.data import domain_generalization_target
+
+    for cls in ("0", "1", "2", "10"):  # ImageNet-V2's layout: one folder per ImageNet id
+        (tmp_path / "v2" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (int(cls) * 20, 0, 0)).save(tmp_path / "v2" / cls / "a.png")
+    with pytest.warns(UserWarning, match="unverified registry entry"):
+        data, ids = domain_generalization_target("imagenet_v2", data_dir=str(tmp_path / "v2"))
+    assert data.features["label"].names == ["0", "1", "10", "2"] and ids == [0, 1, 10, 2]
+    # each image's ImageNet id is its folder's
+    assert sorted(ids[y] for y in data["label"]) == [0, 1, 2, 10]
+
+
+def test_custom_columns_become_image_and_label_for_the_scripts(tmp_path):
+    from PIL import Image
+
+    from fdbpl_hf.data import training_set
+
+    table = datasets.Dataset.from_dict(
+        {"img": [Image.new("RGB", (4, 4), (i * 30, 0, 0)) for i in range(6)], "species": ["b", "a", "c", "a", "b", "c"],
+         "label": [9] * 6},  # an unrelated column that happens to be called "label"
+        features=datasets.Features({"img": datasets.Image(), "species": datasets.Value("string"),
+                                    "label": datasets.Value("int64")}))
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "birds.yaml").write_text("data_dir: saved\nimage_column: img\nlabel_column: species\n")
+    data = training_set(str(tmp_path / "birds.yaml"), num_shots=1, seed=0, classes="all")
+    assert data["dataset"].column_names == ["image", "label"] and data["class_names"] == ["a", "b", "c"]
+    assert sorted(data["dataset"]["label"]) == [0, 1, 2]
