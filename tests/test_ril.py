@@ -161,7 +161,8 @@ def test_dense_teacher_logits():
 def test_table_refuses_the_wrong_partner(digits_small, teacher_clip, tokenizer, tmp_path):
     table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
     other = digits_small.select(list(range(29, -1, -1)))  # same rows, other order
-    with pytest.raises(ValueError, match="fingerprint"):
+    # every image is bound (0.3 sampled 16 rows and said "fingerprint"): the error names the rows
+    with pytest.raises(ValueError, match="source images: row 0 \\(holds the table's image 29: reordered\\)"):
         replay(other, table)
     with pytest.raises(ValueError, match="source rows: table 30 vs dataset 20"):
         replay(digits_small.select(range(20)), table)
