@@ -145,6 +145,7 @@ class BuildLock:
 
     def acquire(self) -> "BuildLock":
         record = json.dumps(_owner_record(self.what), sort_keys=True)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
