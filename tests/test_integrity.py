@@ -21,7 +21,7 @@ from fdbpl_hf import RILDataset, build_feature_cache, build_ril_table, load_ril_
 from fdbpl_hf.integrity import BuildLock, IntegrityError
 from fdbpl_hf.offline import DIGIT_NAMES
 from fdbpl_hf.ril.features import load_feature_cache
-from fdbpl_hf.ril.regions import image_to_tensor, rgb_array
+from fdbpl_hf.ril.regions import image_to_tensor
 from fdbpl_hf.ril.table import attach_metadata
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN as MEAN
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_STD as STD
@@ -261,6 +261,8 @@ def test_a_feature_cache_with_two_rows_swapped_does_not_train(digits_small, tabl
 
 # ---- 5. images ------------------------------------------------------------------------------------
 def test_sixteen_bit_and_float_images_are_scaled_or_refused(tmp_path):
+    from fdbpl_hf.ril.regions import rgb_array
+
     gradient = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
     sixteen = Image.fromarray(gradient)
     assert sixteen.mode == "I;16"
