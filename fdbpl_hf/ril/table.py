@@ -165,36 +165,37 @@ def verify_rows(dataset: datasets.Dataset, metadata: dict, what: str, layout: st
 def validate_table_rows(rows: dict, num_classes: int, where) -> None:
     """Values no teacher can produce, refused with the row that holds them: log-probabilities above
     0 (beyond fp16 rounding) or not finite, class ids outside 0..C-1 or repeated in a row, empty boxes.
-    `where(n)` names row n of the batch."""
-    logits = np.asarray(rows["topk_logits"], dtype=np.float32)
-    bad = ~np.isfinite(logits).all(axis=-1)
-    if bad.any():
-        raise ValueError(f"non-finite teacher logits in the RIL table ({where(int(np.flatnonzero(bad)[0]))}): the "
-                         "table is corrupt; rebuild it")
-    bad = (logits > LOG_PROB_TOLERANCE).any(axis=-1)
-    if bad.any():
-        n = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"the RIL table holds a log-probability {logits[n].max():.4g} > 0 ({where(n)}): no softmax "
-                         "gives that; the table is corrupt or not a table of log-probabilities")
+    `where(n)` names row n of the batch. A few whole-batch reductions when all is well (replay
+    calls it for every batch, on the CPU)."""
+    logits = np.asarray(rows["topk_logits"])
     idx = np.asarray(rows["topk_indices"])
-    bad = ((idx < 0) | (idx >= num_classes)).any(axis=-1)
-    if bad.any():
-        n = int(np.flatnonzero(bad)[0])
+    srt = np.sort(idx, axis=-1)
+    box = np.asarray(rows["box"]) if "box" in rows else None
+    if ((logits <= LOG_PROB_TOLERANCE) & (logits > -np.inf)).all() and srt[:, 0].min() >= 0 and \
+            srt[:, -1].max() < num_classes and (srt[:, 1:] != srt[:, :-1]).all() and \
+            (box is None or box[:, 2:].min() > 0):
+        return
+    finite = np.isfinite(logits).all(axis=-1)
+    if not finite.all():
+        n = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"non-finite teacher logits in the RIL table ({where(n)}): the table is corrupt; rebuild it")
+    positive = (logits > LOG_PROB_TOLERANCE).any(axis=-1)
+    if positive.any():
+        n = int(np.flatnonzero(positive)[0])
+        raise ValueError(f"the RIL table holds a log-probability {float(logits[n].max()):.4g} > 0 ({where(n)}): no "
+                         "softmax gives that; the table is corrupt or not a table of log-probabilities")
+    outside = ((idx < 0) | (idx >= num_classes)).any(axis=-1)
+    if outside.any():
+        n = int(np.flatnonzero(outside)[0])
         raise ValueError(f"the RIL table holds class ids {idx[n].tolist()} outside 0-{num_classes - 1} ({where(n)}): "
                          "it was built for other classes, or is corrupt")
-    if idx.shape[-1] > 1:
-        srt = np.sort(idx, axis=-1)
-        bad = (srt[:, 1:] == srt[:, :-1]).any(axis=-1)
-        if bad.any():
-            n = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"the RIL table repeats a class id within one region, {idx[n].tolist()} ({where(n)}): "
-                             "the table is corrupt")
-    if "box" in rows:
-        box = np.asarray(rows["box"])
-        bad = (box[:, 2] == 0) | (box[:, 3] == 0)
-        if bad.any():
-            raise ValueError(f"the RIL table holds an empty box ({where(int(np.flatnonzero(bad)[0]))}): the table "
-                             "is corrupt")
+    repeated = (srt[:, 1:] == srt[:, :-1]).any(axis=-1)
+    if repeated.any():
+        n = int(np.flatnonzero(repeated)[0])
+        raise ValueError(f"the RIL table repeats a class id within one region, {idx[n].tolist()} ({where(n)}): "
+                         "the table is corrupt")
+    n = int(np.flatnonzero((box[:, 2] == 0) | (box[:, 3] == 0))[0])
+    raise ValueError(f"the RIL table holds an empty box ({where(n)}): the table is corrupt")
 
 
 def described_metadata(dataset: datasets.Dataset, fmt: str, error: str) -> dict[str, Any]:
