@@ -244,7 +244,7 @@ def table_digests(dataset, chunk_rows: int = DIGEST_CHUNK_ROWS) -> dict:
     (an indices mapping, e.g. after `select`/`shuffle`, is applied first)."""
     pa_table = _arrow_rows(dataset)
     n = pa_table.num_rows
-    return {"chunk_rows": chunk_rows,
+    return {"chunk_rows": chunk_rows, "num_rows": n,
             "chunks": [chunk_digest(pa_table, s, min(s + chunk_rows, n)) for s in range(0, n, chunk_rows)]}
 
 
@@ -259,6 +259,9 @@ def verify_table_digests(dataset, recorded: dict, what: str, layout: str = "") -
     pa_table = _arrow_rows(dataset)
     n, size = pa_table.num_rows, int(recorded["chunk_rows"])
     chunks = list(recorded["chunks"])
+    if recorded.get("num_rows", n) != n:
+        raise IntegrityError(f"{what} has {n} rows, {recorded['num_rows']} were written when it was built: rows were "
+                             "added or removed (a subset or another table)")
     if len(chunks) != -(-n // size):
         raise IntegrityError(f"{what} has {n} rows, which is not the {len(chunks)} chunk(s) of {size} rows its "
                              "metadata records: rows were added or removed")

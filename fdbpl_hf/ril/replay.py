@@ -122,13 +122,13 @@ class RILDataset(torch.utils.data.Dataset):
                 raise ValueError("a feature cache replays an RIL table's regions: the online dataset has none")
             self.cache_metadata = feature_cache_metadata(feature_cache)
             check_cache_metadata(self.cache_metadata, "the student-feature cache's metadata")
-            if verify and not is_verified(feature_cache):
-                verify_cache(feature_cache, self.cache_metadata, "the student-feature cache")
             check_cache_matches_table(self.cache_metadata, self.metadata, self.image_mean, self.image_std)
             expected = len(dataset) * int(self.cache_metadata["epochs"])
             if len(feature_cache) != expected:
                 raise ValueError(f"the student-feature cache has {len(feature_cache)} rows, its table needs "
                                  f"{expected} ({len(dataset)} images x {self.cache_metadata['epochs']} epochs)")
+            if verify and not is_verified(feature_cache):
+                verify_cache(feature_cache, self.cache_metadata, "the student-feature cache")
             self.feature_cache = feature_cache.with_format("numpy")
             if self.label_column:
                 # labels without touching the image column; missing labels are -1, as on the pixel path
