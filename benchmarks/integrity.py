@@ -1,7 +1,7 @@
 """What the integrity checks cost (issue 12): load-time verification of a large synthetic RIL
 table, the per-image source digests, and the per-batch value validation at replay.
 
-    python benchmarks/integrity.py --gb 2          # a 2 GB table on disk (K = 20, 89 B/region)
+    python benchmarks/integrity.py --gb 2          # a 2 GB table on disk (K = 20, 91 B/region)
     python benchmarks/integrity.py --gb 0.05 --images 500   # smoke run
 
 Prints a Markdown table; the figure for a 57 GB table is the measured seconds per GB x 57 (the
@@ -34,7 +34,11 @@ def synthetic_table(rows: int, top_k: int, seed: int = 0) -> datasets.Dataset:
     arrays = [pa.FixedSizeListArray.from_arrays(pa.array(box.reshape(-1)), 4), pa.array(flip),
               pa.FixedSizeListArray.from_arrays(pa.array(idx.reshape(-1)), top_k),
               pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), top_k)]
-    table = pa.Table.from_arrays(arrays, names=["box", "flip", "topk_indices", "topk_logits"])
+    names = ["box", "flip", "topk_indices", "topk_logits"]
+    if "teacher_entropy" in features:  # 0.4 tables: the full distribution's entropy, fp16
+        arrays.append(pa.array(rng.uniform(0, np.log(1000), rows).astype(np.float16)))
+        names.append("teacher_entropy")
+    table = pa.Table.from_arrays(arrays, names=names)
     return datasets.Dataset(table.cast(features.arrow_schema), info=datasets.DatasetInfo(features=features))
 
 
@@ -51,7 +55,7 @@ def main() -> None:
     from fdbpl_hf.ril.table import validate_table_rows
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="fdbpl_integrity_")
-    rows_per_gb = int(1e9 / (9 + 4 * args.top_k))
+    rows_per_gb = int(1e9 / (11 + 4 * args.top_k))
     rows = int(args.gb * rows_per_gb)
     out = []
     try:
