@@ -14,9 +14,9 @@ import datasets
 import numpy as np
 import torch
 
+from ..integrity import BuildLock, claim_workdir, expand_path, metadata_digest, remove_owned, table_digests
 from ..losses import shannon_entropy
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
-from ..integrity import BuildLock, claim_workdir, expand_path, metadata_digest, remove_owned, table_digests
 from .table import (
     ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, attach_metadata, build_key, decode_image, describe_source,
     library_version, load_from_disk_named, load_ril_table, read_metadata_file, table_features,

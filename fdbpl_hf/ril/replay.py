@@ -9,8 +9,8 @@ import datasets
 import numpy as np
 import torch
 
-from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from ..integrity import verification_enabled
+from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .features import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
 from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_matches, decode_image,
                     is_verified, ril_metadata, validate_table_rows, verify_rows)
@@ -203,7 +203,8 @@ class RILDataset(torch.utils.data.Dataset):
         with _one_thread_in_main_process():
             items = []
             for n, (index, region) in enumerate(zip(indices, regions)):
-                image = image_to_tensor(decode_image(sources[self.image_column][n], index), f"row {index} of the source dataset")
+                image = image_to_tensor(decode_image(sources[self.image_column][n], index),
+                                        f"row {index} of the source dataset")
                 if self.table is None:
                     boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
                                                   region_rng(self.seed, index))
