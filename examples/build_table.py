@@ -48,6 +48,7 @@ def main() -> None:
                         split=args.split)
     # one GPU per process under accelerate launch / torchrun
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    args.output_dir = os.path.expanduser(args.output_dir)  # a quoted "~/x" is the home folder's x, not ./~
     teacher = CLIPModel.from_pretrained(args.teacher, revision=args.teacher_revision).to(device)
     # the teacher's own normalisation, as the online baseline in examples/train.py uses it
     processor = CLIPImageProcessor.from_pretrained(args.teacher, revision=args.teacher_revision)

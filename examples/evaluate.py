@@ -130,6 +130,7 @@ def main() -> None:
         "cross_datasets": cross_protocol or None,
         "ood": None if args.no_ood else "ID = base test images, OOD = novel test images, scored over base classes",
     }
+    args.output_dir = os.path.expanduser(args.output_dir)  # a quoted "~/x" is the home folder's x, not ./~
     os.makedirs(args.output_dir, exist_ok=True)
     path = write_results(os.path.join(args.output_dir, "results.json"), results, protocol)
 

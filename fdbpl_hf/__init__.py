@@ -1,6 +1,7 @@
 """fdbpl_hf: Faster Distillation-Based Prompt Learning (arXiv 2505.18053) on the Hugging Face stack."""
 
 from .config import FDBPLConfig
+from .integrity import IntegrityError
 from .modeling import FDBPLCLIPModel, FDBPLOutput, get_fdbpl_model
 from .prompts import FDBPLPromptLearner
 from .ril import (
@@ -31,5 +32,6 @@ __all__ = [
     "CLIPTeacher",
     "CallableTeacher",
     "EnsembleTeacher",
+    "IntegrityError",
     "__version__",
 ]

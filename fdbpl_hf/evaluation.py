@@ -218,15 +218,20 @@ class EncodedImages:
         return self.features.shape[0]
 
 
-def _rgb(image):
+def _rgb(image, where: str = "an image"):
+    from .ril.regions import rgb_image
+
+    if image is None:
+        raise ValueError(f"{where} has no image (None): drop that row (dataset.filter) or fill it")
     if isinstance(image, dict) and image.get("bytes") is not None:  # undecoded datasets.Image
         import io
 
         from PIL import Image
 
         image = Image.open(io.BytesIO(image["bytes"]))
-    # MNIST-like grayscale (and RGBA/palette) images become 3-channel, as CLIP expects.
-    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+    # MNIST-like grayscale (and RGBA/palette) images become 3-channel, as CLIP expects; 16-bit and
+    # float images are scaled by their pixel type (the same helper as the table build and replay).
+    return rgb_image(image, where)
 
 
 def encode_images(model: Classifier, dataset, *, image_processor, batch_size: int = 64, image_column: str = "image",
@@ -253,7 +258,7 @@ def encode_images(model: Classifier, dataset, *, image_processor, batch_size: in
     for start in tqdm(range(0, len(dataset), batch_size), desc=f"Encoding {name}", disable=not progress,
                       unit="batch"):
         rows = dataset[start : start + batch_size]
-        images = [_rgb(im) for im in rows[image_column]]
+        images = [_rgb(im, f"row {start + n} of {name}") for n, im in enumerate(rows[image_column])]
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         with torch.inference_mode():
             feats = model.get_image_features(pixels).float()

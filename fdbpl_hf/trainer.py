@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +24,33 @@ from .ril.replay import RILDataset, dense_teacher_logits
 from .ril.table import ENTROPY_COLUMN
 from .ril.teachers import Teacher
 
+logger = logging.getLogger(__name__)
+
 LOSS_TERMS = ("pos", "neg", "sim", "pcd", "weight")
+# written last into a checkpoint folder, once everything else in it is saved: a checkpoint without
+# it was interrupted while being written (or comes from fdbpl_hf <= 0.3)
+CHECKPOINT_COMPLETE = "fdbpl_checkpoint_complete.json"
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest `checkpoint-<step>` folder of `output_dir` that was completely written; newer
+    incomplete ones are skipped with a warning. None when there is none."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(steps, reverse=True):
+        if os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE)):
+            return path
+        logger.warning("skipping checkpoint %s: it is incomplete (no %s; its writing was interrupted, or an older "
+                       "fdbpl_hf wrote it). Pass its path as resume_from_checkpoint to use it anyway.",
+                       path, CHECKPOINT_COMPLETE)
+    return None
 _PLAIN_DDP = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
@@ -71,6 +100,13 @@ class FDBPLTrainingArguments(TrainingArguments):
         return max(1, math.ceil(self.num_train_epochs))
 
     def __post_init__(self):
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: without use_cpu each
+            # process would train alone (world size 1) into the same output_dir; with it they form one
+            # gloo process group (real DDP)
+            logger.info("WORLD_SIZE=%s and no GPU: training on CPU processes over gloo (use_cpu=True)",
+                        os.environ["WORLD_SIZE"])
+            self.use_cpu = True
         super().__post_init__()
         if self.weight_mode not in WEIGHT_MODES:
             raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
@@ -89,6 +125,12 @@ class FDBPLTrainingArguments(TrainingArguments):
             raise ValueError("warmup_steps and lr_scheduler_kwargs belong to the Trainer's own schedules, and the "
                              "default one is CoOp's constant warm-up (warmup_epochs at warmup_lr, then cosine): "
                              "pass warmup_epochs=0 to use them")
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or bool(mps and mps.is_available())
 
 
 class _EpochToDataset(TrainerCallback):
@@ -142,6 +184,13 @@ class FDBPLTrainer(Trainer):
         if args.n_gpu > 1:
             raise ValueError("several GPUs in one process (DataParallel) are not supported: launch one process per "
                              "GPU with `accelerate launch` or torchrun (DDP)")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size == 1:
+            # each process would train alone on the whole data and write the same output_dir
+            raise RuntimeError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one trains "
+                               "alone (the Trainer's world size is 1), so every process would run its own training "
+                               f"into {args.output_dir}. On a machine without GPUs pass --use_cpu (use_cpu=True) so "
+                               "the processes join one gloo process group, or launch a single process.")
         model_size = model.clip.config.vision_config.image_size
         if model_size != train_dataset.spec.output_size:
             raise ValueError(f"the student's image size {model_size} differs from the table's region size "
@@ -310,9 +359,26 @@ class FDBPLTrainer(Trainer):
         for m in ("train", "eval") if mode is None else (mode,):
             self._metrics[m], self._metric_keys[m] = None, set()
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete*
+        checkpoint (one killed while being written is skipped with a warning)."""
         self._reset_metrics("train")  # nothing left over from an earlier run or evaluation
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from (a checkpoint is "
+                                 f"complete once {CHECKPOINT_COMPLETE} is written into it, last)")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, CHECKPOINT_COMPLETE), "w", encoding="utf-8") as f:
+                    json.dump({"global_step": self.state.global_step}, f)
 
     def evaluation_loop(self, *args, **kwargs):
         self._reset_metrics("eval")

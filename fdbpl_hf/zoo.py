@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .offline import DIGIT_NAMES, image_processor_for
+from .ril.regions import rgb_image
 
 __all__ = [
     "CAPTION_TEMPLATES",
@@ -141,7 +142,7 @@ def _to_rgb_uint8(images: Sequence[Any], size: int) -> torch.Tensor:
 
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        image = image.convert("RGB") if image.mode != "RGB" else image
+        image = rgb_image(image, f"image {i}")
         w, h = image.size
         if (w, h) != (size, size):
             scale = size / min(w, h)
@@ -431,7 +432,7 @@ def zero_shot_accuracy(
                 mean, std = processor_or_norm
                 x = _normalize(_to_rgb_uint8(rows[image_column], size).float().div_(255), mean, std)
             else:
-                x = processor_or_norm(images=[im.convert("RGB") for im in rows[image_column]],
+                x = processor_or_norm(images=[rgb_image(im, f"row {start + n}") for n, im in enumerate(rows[image_column])],
                                       return_tensors="pt")["pixel_values"]
             image = F.normalize(model.get_image_features(pixel_values=x.to(device)).pooler_output.float(), dim=-1)
             pred = (image @ text.t()).argmax(-1).cpu()
@@ -620,7 +621,7 @@ def build_zoo(
         raise ValueError(f"teacher and student must share the image size (FDBPL replays teacher-sized regions), "
                          f"got {teacher.image_size} and {student.image_size}")
     settings = _zoo_settings(teacher, student)
-    root = os.path.abspath(os.fspath(cache_dir) if cache_dir is not None else default_zoo_root())
+    root = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)) if cache_dir is not None else default_zoo_root())
     zoo_dir = os.path.join(root, _settings_key(settings))
     paths = {"teacher": os.path.join(zoo_dir, "teacher"), "student": os.path.join(zoo_dir, "student")}
     if not force and _complete(zoo_dir, settings):
@@ -684,6 +685,10 @@ def build_zoo(
             say(f"zoo built concurrently by another process: {zoo_dir}")
             return paths
         if os.path.exists(zoo_dir):  # stale, incomplete, or being forced
+            if not os.path.isfile(os.path.join(zoo_dir, MARKER_NAME)):
+                # never delete what this library did not write: a zoo always carries its marker
+                raise ValueError(f"{zoo_dir} exists but holds no {MARKER_NAME}, so fdbpl_hf did not write it; "
+                                 "move it away or pass another cache_dir")
             _remove_tree(zoo_dir)
         try:
             os.replace(tmp, zoo_dir)

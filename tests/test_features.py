@@ -120,12 +120,18 @@ def test_another_student_checkpoint_is_refused(digits_small, table, tokenizer, t
     data = data_for(digits_small, table, cache)
     with pytest.raises(ValueError, match="student weights: the cache was built with another checkpoint"):
         FDBPLTrainer(model=student(tokenizer, seed=5), args=args, train_dataset=data)
+    # a cache whose stored values are wrong but whose metadata looks right: its content digests
+    # refuse it when the dataset is made (since 0.4) ...
+    wrong = cache.map(lambda b: {"image_features": [[0.5] * len(v) for v in b["image_features"]]},
+                      batched=True, features=cache.features)
+    wrong.info.description = cache.info.description
+    with pytest.raises(ValueError, match="student-feature cache: rows 0-59 differ from what was written"):
+        data_for(digits_small, table, wrong)
     with pytest.raises(ValueError, match="stored features of image 0, epoch 0 differ"):
-        # a cache whose stored values are wrong but whose metadata looks right
-        wrong = cache.map(lambda b: {"image_features": [[0.5] * len(v) for v in b["image_features"]]},
-                          batched=True, features=cache.features)
-        wrong.info.description = cache.info.description
-        FDBPLTrainer(model=student(tokenizer, seed=2), args=args, train_dataset=data_for(digits_small, table, wrong))
+        # ... and, unverified, the trainer's probe of recomputed rows still does
+        FDBPLTrainer(model=student(tokenizer, seed=2), args=args, train_dataset=RILDataset(
+            digits_small, table, image_mean=MEAN, image_std=STD, class_names=DIGIT_NAMES, feature_cache=wrong,
+            verify=False))
     config = clip_config("tiny")
     config.vision_config.num_hidden_layers += 1
     deeper = get_fdbpl_model(CLIPModel(config).eval(), FDBPLConfig(), tokenizer)

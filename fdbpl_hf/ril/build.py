@@ -14,11 +14,12 @@ import datasets
 import numpy as np
 import torch
 
+from ..integrity import BuildLock, claim_workdir, expand_path, metadata_digest, remove_owned, table_digests
 from ..losses import shannon_entropy
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .table import (
     ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, attach_metadata, build_key, decode_image, describe_source,
-    library_version, load_ril_table, table_features,
+    library_version, load_from_disk_named, load_ril_table, read_metadata_file, table_features,
 )
 from .teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Teacher, as_teacher
 
@@ -78,7 +79,7 @@ class _RegionLabeler:
         render_device = torch.device("cpu") if self.spec.renderer == "uint8" else device
         for item, index in zip(batch[self.image_column], indices):
             row = index + self.offset
-            image = image_to_tensor(decode_image(item, row)).to(render_device)
+            image = image_to_tensor(decode_image(item, row), f"row {row} of the source dataset").to(render_device)
             b, f = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
                                   region_rng(self.seed, row))
             boxes.append(b)
@@ -296,7 +297,7 @@ def build_ril_table(
     if fill == "dense" and top_k != len(names):
         raise ValueError(f"fill='dense' stores every class: top_k must equal the class count {len(names)}")
     if len(dataset) == 0:
-        raise ValueError("the dataset is empty")
+        raise ValueError("the dataset is empty (0 rows): there are no images to label")
 
     teacher = as_teacher(teacher, names, teacher_tokenizer, template, teacher_input_size,
                          teacher_image_mean, teacher_image_std)
@@ -320,12 +321,18 @@ def build_ril_table(
         "class_names": names,
         "teacher": teacher.describe(),
         "regions": spec.to_dict(),
-        "source": describe_source(dataset, image_column, label_column, source_id, source_revision),
+        "source": describe_source(dataset, image_column, label_column, source_id, source_revision, len(names)),
         "layout": "row = image_index * num_regions + region",
     }
     key = build_key(metadata)
     metadata.update(build_key=key, library_version=library_version())
-    output_dir = os.path.abspath(output_dir or default_table_dir(key))
+    if output_dir is None and metadata["teacher"].get("weights") is None and not teacher.revision:
+        # the default folder is named by the build key: without the teacher's content in it, two
+        # different callables of one name would share (and return) one table
+        raise ValueError(f"the teacher {teacher.name!r} is a callable whose weights fdbpl_hf cannot fingerprint, so "
+                         "the default cache folder could hand back another teacher's table: pass output_dir=, or "
+                         "teacher_revision= (a string that identifies its weights), or give a torch.nn.Module")
+    output_dir = expand_path(output_dir) if output_dir else default_table_dir(key)
 
     done = _existing_table(output_dir, key)
     if done is not None:
@@ -334,7 +341,19 @@ def build_ril_table(
 
     rank, world = _dist_info()
     work = output_dir + ".incomplete"
-    _on_rank0(rank, _prepare_workdir, work, dict(metadata, shard_size=shard_size))
+    lock = BuildLock(output_dir + ".lock", "RIL table")
+    try:
+        _on_rank0(rank, _start_build, lock, work, dict(metadata, shard_size=shard_size), "RIL table")
+        return _build_table(dataset, teacher, spec, metadata, key, output_dir, work, rank, world, names, top_k,
+                            seed, num_regions, image_column, shard_size, images_per_batch, teacher_batch_size,
+                            num_proc, device)
+    finally:
+        lock.release()
+
+
+def _build_table(dataset, teacher, spec, metadata, key, output_dir, work, rank, world, names, top_k, seed,
+                 num_regions, image_column, shard_size, images_per_batch, teacher_batch_size, num_proc,
+                 device) -> datasets.Dataset:
 
     features = table_features(top_k, len(names))
     index_dtype = np.dtype(features["topk_indices"].feature.dtype)
@@ -372,12 +391,12 @@ def _existing_table(output_dir: str, key: str) -> Optional[datasets.Dataset]:
         return None
     if not os.path.isfile(meta_path):
         raise ValueError(f"output_dir {output_dir} exists but is not an RIL table; choose another folder")
-    with open(meta_path, encoding="utf-8") as f:
-        existing = json.load(f)
+    existing = read_metadata_file(meta_path)
     if existing.get("build_key") != key:
         raise ValueError(f"output_dir {output_dir} already holds an RIL table built with other settings "
-                         f"(teacher {existing['teacher']['name']}, M={existing['num_regions']}, "
-                         f"K={existing['top_k']}, seed {existing['seed']}); delete it or pick another folder")
+                         f"(teacher {existing.get('teacher', {}).get('name')}, M={existing.get('num_regions')}, "
+                         f"K={existing.get('top_k')}, seed {existing.get('seed')}; or another teacher's weights or "
+                         "source images); delete it or pick another folder")
     return load_ril_table(output_dir)
 
 
@@ -386,40 +405,52 @@ def _absent_or_empty(path: str) -> bool:
     return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
 
 
-def _prepare_workdir(work: str, metadata: dict) -> None:
+def _start_build(lock: BuildLock, work: str, metadata: dict, kind: str) -> None:
+    """Take the build lock, then create (or resume) the owned work folder."""
+    lock.acquire()
+    _prepare_workdir(work, metadata, kind)
+
+
+def _prepare_workdir(work: str, metadata: dict, kind: str = "RIL table") -> None:
+    resumed = claim_workdir(work, kind, legacy_marker="build.json")
     build_file = os.path.join(work, "build.json")
-    if os.path.isfile(build_file):
+    if resumed and os.path.isfile(build_file):
         with open(build_file, encoding="utf-8") as f:
             previous = json.load(f)
         if previous.get("build_key") != metadata["build_key"]:
-            raise ValueError(f"{work} holds an interrupted build with other settings; delete it to start over")
+            raise ValueError(f"{work} holds an interrupted build with other settings (another teacher, its weights, "
+                             "the source images, M, K or seed); delete it to start over")
         if previous.get("shard_size") != metadata["shard_size"]:
             # finished shards are named by index: another shard_size would map them to other rows
             raise ValueError(f"{work} holds an interrupted build with shard_size={previous.get('shard_size')}; "
                              f"resume it with that shard_size (got {metadata['shard_size']}) or delete it")
-        logger.info("resuming the interrupted RIL build in %s", work)
+        logger.info("resuming the interrupted %s build in %s", kind, work)
         return
-    os.makedirs(work, exist_ok=True)
     with open(build_file, "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2, sort_keys=True)
 
 
 def _assemble(work: str, output_dir: str, num_shards: int, metadata: dict,
               metadata_file: str = METADATA_FILE) -> None:
-    parts = [datasets.load_from_disk(os.path.join(work, f"shard-{s:05d}")) for s in range(num_shards)]
+    shard_names = [f"shard-{s:05d}" for s in range(num_shards)]
+    parts = [load_from_disk_named(os.path.join(work, name)) for name in shard_names]
     table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     staging = os.path.join(work, "table")
     shutil.rmtree(staging, ignore_errors=True)
+    # content digests of the rows, in order: verified when the table is loaded
+    metadata = dict(metadata, integrity={"rows": table_digests(table)})
     attach_metadata(table, metadata)
     table.save_to_disk(os.path.join(staging, "data"))
     data_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(staging) for f in fs)
     regions = len(table)
     final = dict(metadata, complete=True, stats={"num_rows": regions, "disk_bytes": data_bytes,
                                                  "bytes_per_region": data_bytes / max(regions, 1)})
+    final["metadata_digest"] = metadata_digest(final)
     with open(os.path.join(staging, metadata_file), "w", encoding="utf-8") as f:
         json.dump(final, f, indent=2, sort_keys=True)
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     if os.path.isdir(output_dir):
         os.rmdir(output_dir)  # an empty folder made for the table; a non-empty one was refused before
     os.replace(staging, output_dir)  # the table appears whole, or not at all
-    shutil.rmtree(work, ignore_errors=True)
+    # only what the build wrote; anything else a user put there stays
+    remove_owned(work, shard_names + [n + ".tmp" for n in shard_names] + ["build.json", "table"])

@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from ..integrity import tensor_fingerprint
 from ..modeling import FDBPLCLIPModel, _model_name
-from .build import (_absent_or_empty, _assemble, _dist_info, _on_every_rank, _on_rank0, _prepare_workdir,
-                    default_table_dir)
-from .table import attach_metadata, described_metadata, library_version
+from ..integrity import BuildLock, IntegrityError, expand_path, metadata_digest, require_keys, verification_enabled
+from .build import _absent_or_empty, _assemble, _dist_info, _on_every_rank, _on_rank0, _start_build, default_table_dir
+from .table import (attach_metadata, described_metadata, is_verified, library_version, load_from_disk_named,
+                    read_metadata_file, verify_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +62,8 @@ def student_signature(clip) -> dict:
 def weights_fingerprint(clip, samples_per_tensor: int = 4096) -> str:
     """A hash of the image side's weights (an even subsample of every tensor): two checkpoints of
     the same architecture get different fingerprints, so one never reuses the other's cache."""
-    h = hashlib.sha256()
-    modules = {"vision_model": clip.vision_model, "visual_projection": clip.visual_projection}
-    for prefix, module in modules.items():
-        for name, tensor in sorted(module.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // samples_per_tensor)
-            h.update(f"{prefix}.{name}:{tuple(tensor.shape)}".encode())
-            h.update(flat[::step].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_fingerprint({"vision_model": clip.vision_model, "visual_projection": clip.visual_projection},
+                              samples_per_tensor)
 
 
 def _clip_of(student):
@@ -149,21 +144,39 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     key = _content_key(metadata)  # the name is information only: ./ckpt and ckpt are the same weights
     metadata["student"]["name"] = _model_name(clip) or None
     metadata.update(build_key=key, library_version=library_version())
-    output_dir = os.path.abspath(output_dir or default_table_dir(f"{table_meta['build_key']}-{key}", "feature_caches"))
-    if not _absent_or_empty(output_dir):
-        if not os.path.isfile(os.path.join(output_dir, CACHE_METADATA_FILE)):
-            raise ValueError(f"output_dir {output_dir} exists but is not a student-feature cache; choose another "
-                             "folder")
-        existing = load_feature_cache(output_dir)
-        if feature_cache_metadata(existing).get("build_key") != key:
-            raise ValueError(f"output_dir {output_dir} already holds a feature cache built with other settings "
-                             "(another table, student checkpoint, epochs or dtype): delete it or pass another "
-                             "output_dir")
+    output_dir = expand_path(output_dir) if output_dir else default_table_dir(f"{table_meta['build_key']}-{key}",
+                                                                              "feature_caches")
+    existing = _existing_cache(output_dir, key)
+    if existing is not None:
         return existing
 
     rank, world = _dist_info()
     work = output_dir + ".incomplete"
-    _on_rank0(rank, _prepare_workdir, work, dict(metadata, shard_size=shard_size))
+    lock = BuildLock(output_dir + ".lock", "student-feature cache")
+    try:
+        _on_rank0(rank, _start_build, lock, work, dict(metadata, shard_size=shard_size), "student-feature cache")
+        return _build_cache(data, clip, metadata, output_dir, work, rank, world, epochs, dim, dtype, batch_size,
+                            shard_size, device, num_workers, progress)
+    finally:
+        lock.release()
+
+
+def _existing_cache(output_dir: str, key: str) -> Optional[datasets.Dataset]:
+    if _absent_or_empty(output_dir):
+        return None
+    if not os.path.isfile(os.path.join(output_dir, CACHE_METADATA_FILE)):
+        raise ValueError(f"output_dir {output_dir} exists but is not a student-feature cache; choose another "
+                         "folder")
+    existing = load_feature_cache(output_dir)
+    if feature_cache_metadata(existing).get("build_key") != key:
+        raise ValueError(f"output_dir {output_dir} already holds a feature cache built with other settings "
+                         "(another table, student checkpoint, epochs or dtype): delete it or pass another "
+                         "output_dir")
+    return existing
+
+
+def _build_cache(data, clip, metadata, output_dir, work, rank, world, epochs, dim, dtype, batch_size, shard_size,
+                 device, num_workers, progress) -> datasets.Dataset:
     if device is not None:
         clip.to(device)
     model_device = next(clip.parameters()).device
@@ -231,23 +244,53 @@ def feature_cache_metadata(cache: datasets.Dataset) -> dict:
                               "with fdbpl_hf.ril.load_feature_cache(path)")
 
 
-def load_feature_cache(path: str) -> datasets.Dataset:
-    """Load a complete feature cache written by `build_feature_cache` (an interrupted build is refused)."""
-    path = os.path.abspath(str(path))
+CACHE_REQUIRED_KEYS = ("format", "table_build_key", "num_images", "num_regions", "seed", "epochs", "dim", "dtype",
+                       "student.signature", "student.weights", "student.image_mean", "student.image_std",
+                       "build_key")
+CACHE_LAYOUT = "; row = image_index * epochs + epoch"
+
+
+def check_cache_metadata(metadata: dict, where: str) -> None:
+    """Refuse cache metadata that lacks a key or was edited after the build (build key and digest)."""
+    require_keys(metadata, CACHE_REQUIRED_KEYS, where)
+    content = {k: v for k, v in metadata.items()
+               if k not in ("build_key", "library_version", "complete", "stats", "integrity", "metadata_digest")}
+    content["student"] = {k: v for k, v in content["student"].items() if k != "name"}
+    if _content_key(content) != metadata["build_key"]:
+        raise IntegrityError(f"{where} was edited after the build: its build key is not the hash of its content. "
+                             "Rebuild the cache.")
+    if "metadata_digest" in metadata and metadata["metadata_digest"] != metadata_digest(metadata):
+        raise IntegrityError(f"{where} was edited after the build (its metadata digest does not match). Rebuild "
+                             "the cache.")
+
+
+def verify_cache(cache: datasets.Dataset, metadata: dict, what: str) -> None:
+    """Check a cache's rows against the digests recorded when it was built."""
+    verify_rows(cache, metadata, what, CACHE_LAYOUT)
+
+
+def load_feature_cache(path: str, *, verify: Optional[bool] = None) -> datasets.Dataset:
+    """Load a complete feature cache written by `build_feature_cache` (an interrupted build is refused).
+
+    Its metadata is checked, and, unless `verify=False` or `FDBPL_HF_VERIFY=0`, every row is hashed
+    and compared with the digests recorded at build time (rows swapped, edited or corrupted fail)."""
+    path = expand_path(path)
     meta_path = os.path.join(path, CACHE_METADATA_FILE)
     if not os.path.isfile(meta_path):
         if os.path.isdir(path + ".incomplete"):
             raise ValueError(f"the feature cache at {path} was never finished (its build was interrupted); "
                              "call build_feature_cache with the same arguments to resume it")
         raise FileNotFoundError(f"no student-feature cache at {path}")
-    with open(meta_path, encoding="utf-8") as f:
-        metadata = json.load(f)
-    if metadata.get("format") != CACHE_FORMAT or not metadata.get("complete"):
+    metadata = read_metadata_file(meta_path)
+    if not isinstance(metadata, dict) or metadata.get("format") != CACHE_FORMAT or not metadata.get("complete"):
         raise ValueError(f"{path} holds no complete student-feature cache")
-    cache = datasets.load_from_disk(os.path.join(path, "data"))
+    check_cache_metadata(metadata, meta_path)
+    cache = load_from_disk_named(os.path.join(path, "data"))
     expected = metadata["num_images"] * metadata["epochs"]
     if len(cache) != expected:
         raise ValueError(f"feature cache {path} has {len(cache)} rows, its metadata promises {expected}")
+    if verification_enabled(verify):
+        verify_cache(cache, metadata, f"student-feature cache {path}")
     return attach_metadata(cache, metadata)
 
 

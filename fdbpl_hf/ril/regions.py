@@ -111,13 +111,58 @@ def decode_box(box, height: int, width: int) -> tuple[int, int, int, int]:
     return top, left, bh, bw
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> uint8 `[3, H, W]`. Grayscale, palette, CMYK and alpha images become RGB
-    (alpha is dropped, as PIL's `convert("RGB")` does)."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+# 16-bit integer modes: values 0..65535 map to 0..255 (x / 257: 65535 -> 255 exactly)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def rgb_array(image: Image.Image, where: str = "the image") -> np.ndarray:
+    """A PIL image as uint8 RGB `[H, W, 3]`, scaled by what its pixel type means.
+
+    8-bit modes (L, P, CMYK, RGBA, LA, 1, ...) go through PIL's `convert("RGB")` (alpha dropped).
+    16-bit images (I;16*) and 32-bit integer images (I, as PIL opens 16-bit PNGs) are 16-bit
+    intensities: x / 257. Float images (F) must hold intensities in [0, 1]: x * 255. Anything
+    else (negative or larger values, NaN) is refused with `where` named, since PIL's own
+    conversion clips such images to black and white.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    if mode in _SIXTEEN_BIT or mode == "I" or mode == "F":
+        values = np.asarray(image)
+        if mode == "F":
+            values = values.astype(np.float64)
+            lo, hi = (float(np.nanmin(values)), float(np.nanmax(values))) if values.size else (0.0, 0.0)
+            if not np.isfinite(values).all() or lo < 0 or hi > 1:
+                raise ValueError(f"{where} is a float image (mode F) with values in [{lo:g}, {hi:g}]: float images "
+                                 "must hold intensities in [0, 1]. Rescale it (or convert it to 8-bit) first.")
+            scaled = np.rint(values * 255.0)
+        else:
+            values = values.astype(np.int64)
+            lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+            if lo < 0 or hi > 65535:
+                raise ValueError(f"{where} is a 32-bit integer image (mode {mode}) with values in [{lo}, {hi}], "
+                                 "outside the 16-bit range 0-65535 it is read as. Rescale it to 8 or 16 bits "
+                                 "first.")
+            scaled = np.rint(values / 257.0)
+        gray = scaled.astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("I;16S", "I;32", "I;32S", "I;32L", "I;32B", "F;16", "F;32"):
+        raise ValueError(f"{where} has the raw pixel mode {mode}, which fdbpl_hf cannot scale to 8 bits reliably: "
+                         "convert it to RGB yourself")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def rgb_image(image: Image.Image, where: str = "the image") -> Image.Image:
+    """`rgb_array` as a PIL RGB image (for image processors)."""
+    if image.mode == "RGB":
+        return image
+    return Image.fromarray(rgb_array(image, where), mode="RGB")
+
+
+def image_to_tensor(image: Image.Image, where: str = "the image") -> torch.Tensor:
+    """PIL image -> uint8 `[3, H, W]` through `rgb_array` (16-bit and float images scaled by their
+    pixel type, or refused; 8-bit modes converted by PIL)."""
+    return torch.from_numpy(rgb_array(image, where).copy()).permute(2, 0, 1)
 
 
 def render_region(image: torch.Tensor, box, flip: bool, spec: RegionSpec) -> torch.Tensor:

@@ -9,9 +9,11 @@ import datasets
 import numpy as np
 import torch
 
+from ..integrity import verification_enabled
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
-from .features import check_cache_matches_table, feature_cache_metadata
-from .table import ENTROPY_COLUMN, FILL_RULES, check_table_matches, decode_image, ril_metadata
+from .features import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
+from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_matches, decode_image,
+                    is_verified, ril_metadata, validate_table_rows, verify_rows)
 
 MR_FILL_GAP = 10.0
 
@@ -78,15 +80,27 @@ class RILDataset(torch.utils.data.Dataset):
                  image_std: Sequence[float], image_size: Optional[int] = None,
                  class_names: Optional[Sequence[str]] = None, epoch: int = 0,
                  image_column: Optional[str] = None, label_column: Optional[str] = None,
-                 metadata: Optional[dict] = None, verify: bool = True,
+                 metadata: Optional[dict] = None, verify: Optional[bool] = None,
                  feature_cache: Optional[datasets.Dataset] = None):
         self.metadata = metadata if metadata is not None else ril_metadata(table)
+        verify = verification_enabled(verify)
+        if table is not None:
+            check_metadata(self.metadata, "the RIL table's metadata")
+            if verify and not is_verified(table):
+                # a table that did not come from load_ril_table/build_ril_table as is (e.g. shuffled,
+                # selected or rebuilt in memory): its rows must still be the ones that were built
+                verify_rows(table, self.metadata, "the RIL table", TABLE_LAYOUT)
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty (0 rows): there is nothing to train on")
         src = self.metadata["source"]
         self.image_column = image_column or src["image_column"]
+        if self.image_column not in dataset.column_names:
+            raise ValueError(f"the dataset has no image column {self.image_column!r} (columns: "
+                             f"{dataset.column_names}): pass image_column=")
         self.label_column = label_column if label_column is not None else src.get("label_column")
         if self.label_column not in dataset.column_names:
             self.label_column = None
-        if verify:
+        if verify and table is not None:
             check_table_matches(self.metadata, dataset=dataset, image_column=self.image_column,
                                 label_column=self.label_column, class_names=class_names, image_size=image_size)
         else:
@@ -107,16 +121,24 @@ class RILDataset(torch.utils.data.Dataset):
             if table is None:
                 raise ValueError("a feature cache replays an RIL table's regions: the online dataset has none")
             self.cache_metadata = feature_cache_metadata(feature_cache)
+            check_cache_metadata(self.cache_metadata, "the student-feature cache's metadata")
             check_cache_matches_table(self.cache_metadata, self.metadata, self.image_mean, self.image_std)
             expected = len(dataset) * int(self.cache_metadata["epochs"])
             if len(feature_cache) != expected:
                 raise ValueError(f"the student-feature cache has {len(feature_cache)} rows, its table needs "
                                  f"{expected} ({len(dataset)} images x {self.cache_metadata['epochs']} epochs)")
+            if verify and not is_verified(feature_cache):
+                verify_cache(feature_cache, self.cache_metadata, "the student-feature cache")
             self.feature_cache = feature_cache.with_format("numpy")
             if self.label_column:
                 # labels without touching the image column; missing labels are -1, as on the pixel path
                 self._labels = np.array([-1 if v is None else int(v) for v in dataset[self.label_column]],
                                         dtype=np.int64)
+                bad = (self._labels < -1) | (self._labels >= self.num_classes)
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    raise ValueError(f"row {row} of the dataset has label {self._labels[row]}, outside the "
+                                     f"{self.num_classes} classes (0-{self.num_classes - 1})")
 
     @classmethod
     def online(cls, dataset: datasets.Dataset, *, class_names: Sequence[str], image_mean: Sequence[float],
@@ -181,7 +203,8 @@ class RILDataset(torch.utils.data.Dataset):
         with _one_thread_in_main_process():
             items = []
             for n, (index, region) in enumerate(zip(indices, regions)):
-                image = image_to_tensor(decode_image(sources[self.image_column][n], index))
+                image = image_to_tensor(decode_image(sources[self.image_column][n], index),
+                                        f"row {index} of the source dataset")
                 if self.table is None:
                     boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
                                                   region_rng(self.seed, index))
@@ -189,6 +212,9 @@ class RILDataset(torch.utils.data.Dataset):
                 else:
                     box, flip = rows["box"][n], rows["flip"][n]
                 label = sources[self.label_column][n] if self.label_column else -1
+                if label is not None and not -1 <= int(label) < self.num_classes:
+                    raise ValueError(f"row {index} of the dataset has label {label}, outside the {self.num_classes} "
+                                     f"classes (0-{self.num_classes - 1})")
                 item = {
                     "pixel_values": self._pixels(image, box, flip),
                     "labels": torch.tensor(-1 if label is None else int(label)),
@@ -208,7 +234,8 @@ class RILDataset(torch.utils.data.Dataset):
         regions = [self.region_for(index, e) for e in range(epochs)]
         rows = self.table[[index * self.num_regions + r for r in regions]]
         with _one_thread_in_main_process():
-            image = image_to_tensor(decode_image(self.source[index][self.image_column], index))
+            image = image_to_tensor(decode_image(self.source[index][self.image_column], index),
+                                    f"row {index} of the source dataset")
             pixels = torch.stack([self._pixels(image, rows["box"][n], rows["flip"][n]) for n in range(epochs)])
         return {"pixel_values": pixels, "region": torch.tensor(regions)}
 
@@ -220,13 +247,11 @@ class RILDataset(torch.utils.data.Dataset):
     def _table_rows(self, indices: list[int], regions: list[int]) -> dict:
         """The batch's table rows, top-K columns as torch tensors (one conversion per batch; items
         take views)."""
-        rows = self.table[[i * self.num_regions + r for i, r in zip(indices, regions)]]
+        positions = [i * self.num_regions + r for i, r in zip(indices, regions)]
+        rows = self.table[positions]
         # Checked here, on the CPU, so the training step needs no device sync for it.
-        finite = np.isfinite(rows["topk_logits"]).all(axis=-1)
-        if not finite.all():
-            bad = int(np.flatnonzero(~finite)[0])
-            raise ValueError(f"non-finite teacher logits in the RIL table (image {indices[bad]}, region "
-                             f"{regions[bad]}): the table is corrupt; rebuild it")
+        validate_table_rows(rows, self.num_classes, lambda n: f"row {positions[n]}: image {indices[n]}, region "
+                                                              f"{regions[n]}")
         rows["topk_indices"] = torch.from_numpy(rows["topk_indices"].astype(np.int64))
         rows["topk_logits"] = torch.from_numpy(rows["topk_logits"].astype(np.float32))
         if ENTROPY_COLUMN in rows:
@@ -263,6 +288,11 @@ class RILDataset(torch.utils.data.Dataset):
                              "built for this table and seed")
         rows = self._table_rows(indices, regions)
         features = torch.from_numpy(np.asarray(cached["image_features"], dtype=np.float32))
+        finite = torch.isfinite(features).all(-1)
+        if not bool(finite.all()):
+            n = int((~finite).nonzero()[0])
+            raise ValueError(f"non-finite stored features in the student-feature cache (image {indices[n]}, epoch "
+                             f"{slot}): the cache is corrupt; rebuild it")
         items = []
         for n, (index, region) in enumerate(zip(indices, regions)):
             label = int(self._labels[index]) if self._labels is not None else -1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import warnings
@@ -23,12 +24,21 @@ from typing import Any, Optional, Sequence
 import datasets
 import numpy as np
 
+from ..integrity import (
+    IMAGE_DIGEST_BYTES, IntegrityError, decode_digests, encode_digests, expand_path, first_differences,
+    image_digests, metadata_digest, require_keys, verification_enabled, verify_table_digests,
+)
 from ..version import __version__
+
+logger = logging.getLogger(__name__)
 
 TABLE_FORMAT = "fdbpl-ril/1"
 METADATA_FILE = "ril_metadata.json"
 FILL_RULES = ("mr", "dense")
 ENTROPY_COLUMN = "teacher_entropy"
+# stored log-probabilities are <= 0; fp16 rounding of a value just below 0 stays <= 0, so anything
+# above this is not a log-probability
+LOG_PROB_TOLERANCE = 1e-3
 
 
 def table_features(top_k: int, num_classes: int) -> datasets.Features:
@@ -56,8 +66,8 @@ def warn_if_weights_from_top_k(table: datasets.Dataset, metadata: dict, where: s
 
 def source_fingerprint(dataset: datasets.Dataset, image_column: str, label_column: Optional[str],
                        num_samples: int = 16) -> str:
-    """A content hash of the source dataset: row count, features, and the encoded bytes of
-    `num_samples` evenly spaced images with their labels. Cheap to recompute at train time."""
+    """The 0.3 source fingerprint (row count, features and `num_samples` evenly spaced images):
+    kept only to check tables built before every image got its own digest."""
     h = hashlib.sha256()
     h.update(str(len(dataset)).encode())
     h.update(json.dumps(dataset.features.to_dict(), sort_keys=True).encode())
@@ -66,9 +76,20 @@ def source_fingerprint(dataset: datasets.Dataset, image_column: str, label_colum
             image_column, datasets.Image(decode=False))
         for row in sorted(set(np.linspace(0, len(dataset) - 1, num_samples).astype(int).tolist())):
             item = raw[row]
+            if item[image_column] is None:
+                raise ValueError(f"row {row} of the source dataset has no image (column {image_column!r} is None)")
             h.update(image_bytes(item[image_column]))
             if label_column:
                 h.update(str(item[label_column]).encode())
+    return h.hexdigest()[:32]
+
+
+def content_fingerprint(num_rows: int, features: dict, digests: bytes) -> str:
+    """The source fingerprint of a table: row count, features and every image's digest, in order."""
+    h = hashlib.sha256()
+    h.update(str(num_rows).encode())
+    h.update(json.dumps(features, sort_keys=True).encode())
+    h.update(digests)
     return h.hexdigest()[:32]
 
 
@@ -79,12 +100,102 @@ def image_bytes(item: dict) -> bytes:
         return f.read()
 
 
+# keys that describe a stored table, not what determines its content
+_NOT_CONTENT = ("library_version", "build_key", "complete", "stats", "integrity", "metadata_digest")
+
+
 def build_key(metadata: dict) -> str:
     """Hash of everything that determines a table's content (not the library version)."""
-    content = {k: v for k, v in metadata.items() if k not in ("library_version", "build_key", "complete", "stats")}
-    # datasets' own fingerprint is random for in-memory datasets; the content hash stands for it.
-    content["source"] = {k: v for k, v in content["source"].items() if k != "datasets_fingerprint"}
+    content = {k: v for k, v in metadata.items() if k not in _NOT_CONTENT}
+    # datasets' own fingerprint is random for in-memory datasets; the content hash stands for it,
+    # and covers the per-image digests.
+    content["source"] = {k: v for k, v in content["source"].items()
+                         if k not in ("datasets_fingerprint", "image_digests")}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+REQUIRED_KEYS = ("format", "num_regions", "top_k", "seed", "fill", "class_names", "teacher.name",
+                 "regions.output_size", "source.num_rows", "source.fingerprint", "source.image_column", "build_key")
+
+
+def check_metadata(metadata: dict, where: str) -> None:
+    """Refuse metadata that lacks a key, or was edited after the build: its build key is recomputed
+    from its content, and its digest (tables from 0.4 on) covers the rest."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    require_keys(metadata, REQUIRED_KEYS, where)
+    recomputed = build_key(metadata)
+    if metadata["build_key"] != recomputed:
+        raise IntegrityError(f"{where} was edited after the build: its build key {metadata['build_key']} is not "
+                             f"the hash of its content ({recomputed}); class names, teacher, regions or source "
+                             "changed. Rebuild or re-download the table.")
+    if "metadata_digest" in metadata and metadata["metadata_digest"] != metadata_digest(metadata):
+        raise IntegrityError(f"{where} was edited after the build (its metadata digest does not match its "
+                             "content). Rebuild or re-download the table.")
+    digests = metadata["source"].get("image_digests")
+    if digests is not None and len(decode_digests(digests)) != IMAGE_DIGEST_BYTES * int(metadata["source"]["num_rows"]):
+        raise IntegrityError(f"{where}: the source image digests do not cover its {metadata['source']['num_rows']} "
+                             "images. Rebuild or re-download the table.")
+
+
+# Tables and caches whose rows were checked against their metadata in this process, by datasets
+# fingerprint (any transform, e.g. shuffle or select, makes a new one).
+_VERIFIED: set = set()
+
+
+def mark_verified(dataset: datasets.Dataset) -> None:
+    _VERIFIED.add(dataset._fingerprint)
+
+
+def is_verified(dataset: datasets.Dataset) -> bool:
+    return dataset._fingerprint in _VERIFIED
+
+
+def verify_rows(dataset: datasets.Dataset, metadata: dict, what: str, layout: str) -> None:
+    """Check `dataset`'s rows against the content digests in `metadata` (when it has them)."""
+    record = metadata.get("integrity", {}).get("rows")
+    if record is None:
+        logger.warning("%s carries no content digests (built before fdbpl_hf 0.4): its rows cannot be verified",
+                       what)
+        return
+    verify_table_digests(dataset, record, what, layout)
+    mark_verified(dataset)
+
+
+def validate_table_rows(rows: dict, num_classes: int, where) -> None:
+    """Values no teacher can produce, refused with the row that holds them: log-probabilities above
+    0 (beyond fp16 rounding) or not finite, class ids outside 0..C-1 or repeated in a row, empty boxes.
+    `where(n)` names row n of the batch. A few whole-batch reductions when all is well (replay
+    calls it for every batch, on the CPU)."""
+    logits = np.asarray(rows["topk_logits"])
+    idx = np.asarray(rows["topk_indices"])
+    srt = np.sort(idx, axis=-1)
+    box = np.asarray(rows["box"]) if "box" in rows else None
+    if ((logits <= LOG_PROB_TOLERANCE) & (logits > -np.inf)).all() and srt[:, 0].min() >= 0 and \
+            srt[:, -1].max() < num_classes and (srt[:, 1:] != srt[:, :-1]).all() and \
+            (box is None or box[:, 2:].min() > 0):
+        return
+    finite = np.isfinite(logits).all(axis=-1)
+    if not finite.all():
+        n = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"non-finite teacher logits in the RIL table ({where(n)}): the table is corrupt; rebuild it")
+    positive = (logits > LOG_PROB_TOLERANCE).any(axis=-1)
+    if positive.any():
+        n = int(np.flatnonzero(positive)[0])
+        raise ValueError(f"the RIL table holds a log-probability {float(logits[n].max()):.4g} > 0 ({where(n)}): no "
+                         "softmax gives that; the table is corrupt or not a table of log-probabilities")
+    outside = ((idx < 0) | (idx >= num_classes)).any(axis=-1)
+    if outside.any():
+        n = int(np.flatnonzero(outside)[0])
+        raise ValueError(f"the RIL table holds class ids {idx[n].tolist()} outside 0-{num_classes - 1} ({where(n)}): "
+                         "it was built for other classes, or is corrupt")
+    repeated = (srt[:, 1:] == srt[:, :-1]).any(axis=-1)
+    if repeated.any():
+        n = int(np.flatnonzero(repeated)[0])
+        raise ValueError(f"the RIL table repeats a class id within one region, {idx[n].tolist()} ({where(n)}): "
+                         "the table is corrupt")
+    n = int(np.flatnonzero((box[:, 2] == 0) | (box[:, 3] == 0))[0])
+    raise ValueError(f"the RIL table holds an empty box ({where(n)}): the table is corrupt")
 
 
 def described_metadata(dataset: datasets.Dataset, fmt: str, error: str) -> dict[str, Any]:
@@ -111,14 +222,39 @@ def attach_metadata(table: datasets.Dataset, metadata: dict) -> datasets.Dataset
     return table
 
 
+def read_metadata_file(path: str) -> dict:
+    """A metadata JSON file, with errors that name it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the file is corrupt or was edited; rebuild or "
+                         "re-download it") from err
+
+
+def load_from_disk_named(folder: str) -> datasets.Dataset:
+    """`datasets.load_from_disk` with an error naming the folder and its files when they cannot be read."""
+    try:
+        return datasets.load_from_disk(folder)
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError, datasets FileNotFoundError/ValueError
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".arrow")) if os.path.isdir(folder) else []
+        raise ValueError(f"the data files in {folder} ({', '.join(files) or 'none'}) cannot be read "
+                         f"({type(err).__name__}: {err}): they are corrupt or truncated; rebuild the table or "
+                         "cache (delete the folder first)") from err
+
+
 def load_ril_table(path_or_repo_id: str, config_name: Optional[str] = None, *, revision: Optional[str] = None,
-                   token=None, cache_dir: Optional[str] = None) -> datasets.Dataset:
+                   token=None, cache_dir: Optional[str] = None, verify: Optional[bool] = None) -> datasets.Dataset:
     """Load a table from a folder written by `build_ril_table` or from a Hub dataset repo.
 
     A folder must be complete: an interrupted build leaves only `<dir>.incomplete`, which this
-    refuses to load.
+    refuses to load. The metadata is checked (required keys, build key recomputed from its
+    content, metadata digest) and, unless `verify=False` or `FDBPL_HF_VERIFY=0`, every row is
+    hashed and compared with the digests recorded at build time (about 1 s per GB on one core).
     """
     path = str(path_or_repo_id)
+    if path.startswith("~"):
+        path = expand_path(path)
     looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.path.exists(path)
     if looks_local and not os.path.isdir(path):
         if os.path.isdir(path + ".incomplete"):
@@ -129,60 +265,92 @@ def load_ril_table(path_or_repo_id: str, config_name: Optional[str] = None, *, r
         meta_path = os.path.join(path, METADATA_FILE)
         if not os.path.isfile(meta_path):
             raise ValueError(f"{path} is not a complete RIL table (no {METADATA_FILE})")
-        with open(meta_path, encoding="utf-8") as f:
-            metadata = json.load(f)
-        if not metadata.get("complete"):
+        metadata = read_metadata_file(meta_path)
+        if not isinstance(metadata, dict) or not metadata.get("complete"):
             raise ValueError(f"{path} holds an incomplete RIL table; rerun build_ril_table to resume it")
-        table = datasets.load_from_disk(os.path.join(path, "data"))
+        where = meta_path
+        table = load_from_disk_named(os.path.join(path, "data"))
     else:
-        from huggingface_hub import hf_hub_download
-
-        def unreadable(err: Exception) -> FileNotFoundError:
-            # "tables/eurosat_s1" is a folder name and a Hub id alike: say both were tried
-            return FileNotFoundError(f"no RIL table at {path!r}: no folder {os.path.abspath(path)}, and no Hub "
-                                     f"dataset repo {path} could be read ({type(err).__name__}: {err})")
-
-        if config_name is None:
-            try:
-                names = datasets.get_dataset_config_names(path, revision=revision, token=token)
-            except Exception as err:
-                raise unreadable(err) from err
-            if len(names) != 1:
-                raise ValueError(f"{path} has several table configs {names}: pass config_name=")
-            config_name = names[0]
-        try:
-            table = datasets.load_dataset(path, config_name, split="train", revision=revision, token=token,
-                                          cache_dir=cache_dir)
-        except ValueError as err:  # datasets' "BuilderConfig ... not found. Available: [...]"
-            raise ValueError(f"{path} has no table config {config_name!r}: {err}") from err
-        except Exception as err:
-            raise unreadable(err) from err
-        meta_file = hf_hub_download(path, f"{config_name}/{METADATA_FILE}", repo_type="dataset",
-                                    revision=revision, token=token, cache_dir=cache_dir)
-        with open(meta_file, encoding="utf-8") as f:
-            metadata = json.load(f)
+        table, metadata, where = _load_from_hub(path, config_name, revision, token, cache_dir)
+    check_metadata(metadata, where)
     expected_rows = metadata["source"]["num_rows"] * metadata["num_regions"]
     if len(table) != expected_rows:
         raise ValueError(f"RIL table {path} has {len(table)} rows, its metadata promises {expected_rows}")
     warn_if_weights_from_top_k(table, metadata, path)
+    if verification_enabled(verify):
+        verify_rows(table, metadata, f"RIL table {path}", TABLE_LAYOUT)
     return attach_metadata(table, metadata)
+
+
+TABLE_LAYOUT = "; row = image_index * num_regions + region"
+
+
+def _load_from_hub(path: str, config_name: Optional[str], revision, token, cache_dir):
+    from huggingface_hub import HfApi, hf_hub_download
+
+    def unreadable(err: Exception) -> Exception:
+        # "tables/eurosat_s1" is a folder name and a Hub id alike: say both were tried, and
+        # whether the repo exists (then its files are the problem, not the name)
+        try:
+            HfApi(token=token).dataset_info(path, revision=revision)
+        except Exception:
+            return FileNotFoundError(f"no RIL table at {path!r}: no folder {os.path.abspath(path)}, and no Hub "
+                                     f"dataset repo {path} could be read ({type(err).__name__}: {err})")
+        return ValueError(f"the Hub dataset repo {path} exists, but its table{f' config {config_name!r}' if config_name else ''} "
+                          f"could not be read ({type(err).__name__}: {err}): a data file is corrupt or "
+                          "incomplete; push the table again")
+
+    if config_name is None:
+        try:
+            names = datasets.get_dataset_config_names(path, revision=revision, token=token)
+        except Exception as err:
+            raise unreadable(err) from err
+        if len(names) != 1:
+            raise ValueError(f"{path} has several table configs {names}: pass config_name=")
+        config_name = names[0]
+    try:
+        table = datasets.load_dataset(path, config_name, split="train", revision=revision, token=token,
+                                      cache_dir=cache_dir)
+    except ValueError as err:  # datasets' "BuilderConfig ... not found. Available: [...]"
+        if "BuilderConfig" in str(err) or "not found" in str(err):
+            raise ValueError(f"{path} has no table config {config_name!r}: {err}") from err
+        raise unreadable(err) from err
+    except Exception as err:
+        raise unreadable(err) from err
+    meta_file = hf_hub_download(path, f"{config_name}/{METADATA_FILE}", repo_type="dataset",
+                                revision=revision, token=token, cache_dir=cache_dir)
+    return table, read_metadata_file(meta_file), f"{path}/{config_name}/{METADATA_FILE}"
 
 
 def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] = None,
                         image_column: str = "image", label_column: Optional[str] = "label",
                         class_names: Optional[Sequence[str]] = None, image_size: Optional[int] = None) -> None:
-    """Raise a `ValueError` that lists every way the table differs from what it is used with."""
+    """Raise a `ValueError` that lists every way the table differs from what it is used with.
+
+    The dataset is compared image by image (each image's encoded bytes and label against the
+    digest the table recorded), so a shuffled, subset, swapped or replaced row is named.
+    """
     problems = []
     if dataset is not None:
         src = metadata["source"]
         if len(dataset) != src["num_rows"]:
-            problems.append(f"source rows: table {src['num_rows']} vs dataset {len(dataset)}")
+            problems.append(f"source rows: table {src['num_rows']} vs dataset {len(dataset)} (a subset or another "
+                            "dataset: the table binds every row of the dataset it was built on)")
         else:
             label = label_column if label_column in dataset.column_names else None
-            fp = source_fingerprint(dataset, image_column, label)
-            if fp != src["fingerprint"]:
-                problems.append(f"source content fingerprint: table {src['fingerprint']} vs dataset {fp} "
-                                f"(table built from {src.get('id') or 'another dataset'}, split {src.get('split')})")
+            if src.get("image_digests") is None:  # a table from before per-image digests
+                fp = source_fingerprint(dataset, image_column, label)
+                if fp != src["fingerprint"]:
+                    problems.append(f"source content fingerprint: table {src['fingerprint']} vs dataset {fp} "
+                                    f"(table built from {src.get('id') or 'another dataset'}, split {src.get('split')})")
+            else:
+                found = image_digests(dataset, image_column, label, len(metadata["class_names"]))
+                recorded = decode_digests(src["image_digests"])
+                if found != recorded:
+                    rows = first_differences(recorded, found)
+                    problems.append(f"source images: {', '.join(rows)} of the dataset differ from the images the "
+                                    f"table was built on (table built from {src.get('id') or 'another dataset'}, "
+                                    f"split {src.get('split')}; shuffled, subset or edited datasets do not match)")
     if class_names is not None and list(class_names) != list(metadata["class_names"]):
         table_names = metadata["class_names"]
         if len(class_names) != len(table_names):
@@ -201,6 +369,9 @@ def decode_image(item, row: int):
     """Decode one `datasets.Image(decode=False)` cell with an error that names the row."""
     from PIL import Image
 
+    if item is None or (isinstance(item, dict) and item.get("bytes") is None and not item.get("path")):
+        raise ValueError(f"row {row} of the source dataset has no image (None): drop that row (dataset.filter) or "
+                         "fill it")
     try:
         if isinstance(item, Image.Image):
             item.load()
@@ -214,15 +385,20 @@ def decode_image(item, row: int):
 
 
 def describe_source(dataset: datasets.Dataset, image_column: str, label_column: Optional[str],
-                    source_id: Optional[str], source_revision: Optional[str]) -> dict:
+                    source_id: Optional[str], source_revision: Optional[str],
+                    num_classes: Optional[int] = None) -> dict:
+    """The source part of a table's metadata: where the images come from and a digest of each
+    (8 bytes per image; every label is checked against `num_classes` on the way)."""
     info = dataset.info
+    digests = image_digests(dataset, image_column, label_column, num_classes)
     return {
         "id": source_id or info.dataset_name,
         "config": info.config_name,
         "split": str(dataset.split) if dataset.split is not None else None,
         "revision": source_revision or (str(info.version) if info.version else None),
         "num_rows": len(dataset),
-        "fingerprint": source_fingerprint(dataset, image_column, label_column),
+        "fingerprint": content_fingerprint(len(dataset), dataset.features.to_dict(), digests),
+        "image_digests": encode_digests(digests),
         "datasets_fingerprint": dataset._fingerprint,
         "image_column": image_column,
         "label_column": label_column,

@@ -46,11 +46,18 @@ class Teacher:
         """Move the teacher to `device`, in place; returns it."""
         return self
 
+    def weights_fingerprint(self) -> Optional[str]:
+        """A content hash of what the teacher computes with (its weights), or None when it cannot
+        be known (a plain function). Tables key on it: two teachers of the same name and shapes
+        never share a table."""
+        return None
+
     def describe(self) -> dict:
         """What the table's metadata records about this teacher."""
         return {"type": type(self).__name__, "name": self.name, "revision": self.revision,
                 "input_size": self.input_size, "image_mean": list(self.image_mean),
-                "image_std": list(self.image_std), "num_classes": self.num_classes}
+                "image_std": list(self.image_std), "num_classes": self.num_classes,
+                "weights": self.weights_fingerprint()}
 
 
 class CLIPTeacher(Teacher):
@@ -76,6 +83,14 @@ class CLIPTeacher(Teacher):
         self.name = name or getattr(clip_model.config, "_name_or_path", "") or "CLIPModel"
         self.revision = revision
         self.logit_scale = float(clip_model.logit_scale.exp())
+        context = clip_model.config.text_config.max_position_embeddings
+        for template in self.templates:
+            for name in self.class_names:
+                count = len(tokenizer(template.format(name))["input_ids"])
+                if count > context:
+                    raise ValueError(f"the prompt {template.format(name)!r} of class {name!r} is {count} tokens "
+                                     f"long, more than the teacher's {context}-token context: shorten the class name "
+                                     "(or the template)")
         with torch.no_grad():
             feats = []
             for template in self.templates:
@@ -92,6 +107,11 @@ class CLIPTeacher(Teacher):
         self.model.to(device)
         self.text_features = self.text_features.to(device)
         return self
+
+    def weights_fingerprint(self) -> str:
+        from ..integrity import tensor_fingerprint
+
+        return tensor_fingerprint({"clip": self.model})
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, C]` = logit_scale x cosine(image, class text) for normalised pixels `[B, 3, S, S]`."""
@@ -124,6 +144,14 @@ class CallableTeacher(Teacher):
             self.fn.to(device)
         self._device = torch.device(device)
         return self
+
+    def weights_fingerprint(self) -> Optional[str]:
+        """The module's weights when `fn` is a `torch.nn.Module` (or a bound method of one); None for
+        other callables, whose content cannot be known."""
+        from ..integrity import tensor_fingerprint
+
+        module = self.fn if isinstance(self.fn, torch.nn.Module) else getattr(self.fn, "__self__", None)
+        return tensor_fingerprint({"fn": module}) if isinstance(module, torch.nn.Module) else None
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`fn`'s float logits `[B, C]`, the pixels moved to the teacher's device first."""
@@ -171,6 +199,14 @@ class EnsembleTeacher(Teacher):
             x = normalize(pixel_values, member.image_mean, member.image_std)
             probs = probs + weight * member.logits(x).float().softmax(-1)
         return probs.clamp_min(1e-12).log()
+
+    def weights_fingerprint(self) -> Optional[str]:
+        prints = [m.weights_fingerprint() for m in self.members]
+        if any(p is None for p in prints):
+            return None
+        import hashlib
+
+        return hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
 
     def describe(self) -> dict:
         return {**super().describe(), "members": [m.describe() for m in self.members],

@@ -1,0 +1,362 @@
+"""Integrity mechanisms shared by tables, feature caches and their builds.
+
+- Ownership: a work folder (`<output_dir>.incomplete`) carries `OWNER_FILE`, written when this
+  library created the folder. A folder without it is never adopted, and cleaning up removes only
+  the entries a build wrote (its shards, its staging folder, its own files), never the folder's
+  other content.
+- Locks: `<output_dir>.lock` says which process (pid, host, start time) is building; a second
+  build is refused with that information, a lock whose process died on this host is taken over.
+- Content digests: a table's rows are hashed column by column (the logical values, so an Arrow
+  folder and its Parquet export hash the same) in fixed chunks of rows, at build time, and the
+  digests are checked when it is loaded. `FDBPL_HF_VERIFY=0` (or `verify=False`) skips the check.
+- Weights fingerprints: `tensor_fingerprint` hashes an even subsample of every tensor of some
+  modules; feature caches (student image tower) and tables (teacher) key on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+OWNER_FILE = ".fdbpl_hf-owner.json"
+VERIFY_ENV = "FDBPL_HF_VERIFY"
+DIGEST_CHUNK_ROWS = 65536
+IMAGE_DIGEST_BYTES = 8  # per image: 64 bits tell swapped or replaced images apart
+
+
+class IntegrityError(ValueError):
+    """Stored data differs from what was recorded when it was written (corruption, edits, reordering)."""
+
+
+def verification_enabled(verify: Optional[bool] = None) -> bool:
+    """`verify` when given, else the `FDBPL_HF_VERIFY` environment variable (default on; "0" skips)."""
+    if verify is not None:
+        return bool(verify)
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def expand_path(path) -> str:
+    """`~` and `~user` expanded, then absolute: `output_dir="~/x"` means the home folder's x."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+# ---- weights ------------------------------------------------------------------------------------
+def tensor_fingerprint(modules: dict, samples_per_tensor: int = 4096) -> str:
+    """A hash of `{prefix: torch module}`'s tensors (names, shapes, an even subsample of each):
+    two checkpoints of the same architecture get different fingerprints."""
+    h = hashlib.sha256()
+    for prefix, module in modules.items():
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // samples_per_tensor)
+            h.update(f"{prefix}.{name}:{tuple(tensor.shape)}".encode())
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- ownership ----------------------------------------------------------------------------------
+def _owner_record(kind: str) -> dict:
+    return {"created_by": "fdbpl_hf", "kind": kind, "pid": os.getpid(), "host": socket.gethostname(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def claim_workdir(work: str, kind: str, legacy_marker: Optional[str] = None) -> bool:
+    """Create `work` with this library's ownership marker, or accept it when it already carries one.
+
+    Returns True when an existing (owned) folder is resumed. A folder that exists without the
+    marker is refused: it is not ours, and a build must neither fill nor later delete it.
+    `legacy_marker`: a file name that fdbpl_hf <= 0.3 wrote first in its work folders (accepted as
+    a marker, and the real one is added).
+    """
+    try:
+        os.makedirs(os.path.dirname(work) or ".", exist_ok=True)
+        os.mkdir(work)
+    except FileExistsError:
+        marker = os.path.join(work, OWNER_FILE)
+        if os.path.isfile(marker):
+            return True
+        if legacy_marker and os.path.isfile(os.path.join(work, legacy_marker)) and _is_ours(
+                os.path.join(work, legacy_marker)):
+            _write_json(marker, _owner_record(kind))
+            return True
+        what = "a file" if not os.path.isdir(work) else "a folder fdbpl_hf did not create (no " + OWNER_FILE + ")"
+        raise ValueError(f"{work} is {what}: a {kind} build keeps its unfinished work there and deletes it when "
+                         "done, so it refuses to use it. Move or rename it, or pass another output_dir.") from None
+    _write_json(os.path.join(work, OWNER_FILE), _owner_record(kind))
+    return False
+
+
+def _is_ours(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        return isinstance(record, dict) and "build_key" in record
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def remove_owned(work: str, names: Iterable[str]) -> None:
+    """Delete the entries `names` of an owned work folder, then the folder if nothing else is left;
+    anything else found in it is kept, with a warning."""
+    if not os.path.isfile(os.path.join(work, OWNER_FILE)):
+        logger.warning("not removing %s: it has no fdbpl_hf ownership marker", work)
+        return
+    for name in list(names) + [OWNER_FILE]:
+        path = os.path.join(work, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    left = os.listdir(work)
+    if left:
+        logger.warning("kept %s: it holds files this build did not write (%s)", work, ", ".join(sorted(left)[:5]))
+    else:
+        os.rmdir(work)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ---- locks --------------------------------------------------------------------------------------
+class BuildLock:
+    """An exclusive lock file `path` (created with O_EXCL) holding who builds: pid, host, time.
+
+    A second holder is refused with that record; a lock left by a dead process on this host is
+    taken over with a warning (on another host it cannot be checked: the error says how to clear it).
+    """
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what, self.held = path, what, False
+
+    def acquire(self) -> "BuildLock":
+        record = json.dumps(_owner_record(self.what), sort_keys=True)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and holder.get("host") == socket.gethostname() and \
+                        not _pid_alive(int(holder.get("pid", -1))):
+                    logger.warning("taking over the stale lock %s of process %s (no longer running)",
+                                   self.path, holder.get("pid"))
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                who = (f"process {holder.get('pid')} on host {holder.get('host')} since {holder.get('time')}"
+                       if holder else "a process whose lock file is unreadable")
+                raise RuntimeError(f"another {self.what} build into the same folder is running: {who} holds "
+                                   f"{self.path}. Wait for it to finish (then this call returns its result), or, if "
+                                   "that process is gone, delete the lock file.") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(record)
+            self.held = True
+            return self
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+    def __enter__(self) -> "BuildLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- table content --------------------------------------------------------------------------------
+def _column_arrays(array, name: str) -> list[np.ndarray]:
+    """The flat value arrays of one Arrow column (nested fixed/variable lists unrolled)."""
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if array.null_count:
+        raise IntegrityError(f"column {name!r} holds {array.null_count} missing (null) values")
+    if pa.types.is_fixed_size_list(array.type) or pa.types.is_list(array.type) or \
+            pa.types.is_large_list(array.type):
+        out = []
+        if not pa.types.is_fixed_size_list(array.type):
+            out.append(np.asarray(array.value_lengths()))
+        return out + _column_arrays(array.flatten(), name)
+    values = array.to_numpy(zero_copy_only=False)
+    if values.dtype == object:
+        return [np.frombuffer(json.dumps(values.tolist(), default=str).encode(), dtype=np.uint8)]
+    return [np.ascontiguousarray(values)]
+
+
+def chunk_digest(pa_table, start: int, stop: int) -> str:
+    """sha256 of rows start..stop-1 of an Arrow table: column names, types and values, in row order."""
+    h = hashlib.sha256()
+    part = pa_table.slice(start, stop - start)
+    for name in sorted(part.column_names):
+        h.update(name.encode())
+        for values in _column_arrays(part.column(name), name):
+            # the values' dtype, not Arrow's type string: a Parquet round trip renames list fields
+            h.update(f":{values.dtype.str}:{values.size};".encode())
+            h.update(values.reshape(-1).view(np.uint8))  # the buffer itself, no copy
+    return h.hexdigest()[:32]
+
+
+def table_digests(dataset, chunk_rows: int = DIGEST_CHUNK_ROWS) -> dict:
+    """`{"chunk_rows", "chunks": [digest per chunk of rows]}` of a `datasets.Dataset`'s rows as stored
+    (an indices mapping, e.g. after `select`/`shuffle`, is applied first)."""
+    pa_table = _arrow_rows(dataset)
+    n = pa_table.num_rows
+    return {"chunk_rows": chunk_rows, "num_rows": n,
+            "chunks": [chunk_digest(pa_table, s, min(s + chunk_rows, n)) for s in range(0, n, chunk_rows)]}
+
+
+def _arrow_rows(dataset):
+    if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices(keep_in_memory=True)
+    return dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+
+
+def verify_table_digests(dataset, recorded: dict, what: str, layout: str = "") -> None:
+    """Raise `IntegrityError` naming the first chunk of rows whose content differs from `recorded`."""
+    pa_table = _arrow_rows(dataset)
+    n, size = pa_table.num_rows, int(recorded["chunk_rows"])
+    chunks = list(recorded["chunks"])
+    if recorded.get("num_rows", n) != n:
+        raise IntegrityError(f"{what} has {n} rows, {recorded['num_rows']} were written when it was built: rows were "
+                             "added or removed (a subset or another table)")
+    if len(chunks) != -(-n // size):
+        raise IntegrityError(f"{what} has {n} rows, which is not the {len(chunks)} chunk(s) of {size} rows its "
+                             "metadata records: rows were added or removed")
+    for k, digest in enumerate(chunks):
+        start, stop = k * size, min((k + 1) * size, n)
+        if chunk_digest(pa_table, start, stop) != digest:
+            raise IntegrityError(
+                f"{what}: rows {start}-{stop - 1} differ from what was written when it was built (corrupted, "
+                f"edited or reordered{layout}). Rebuild it, or re-download it.")
+
+
+# ---- source images ------------------------------------------------------------------------------
+def image_digests(dataset, image_column: str, label_column: Optional[str], num_classes: Optional[int] = None,
+                  batch_rows: int = 1024) -> bytes:
+    """8 bytes per source row: sha256 of the image's encoded bytes and its label, in row order.
+
+    Checks on the way what every consumer relies on: each row has an image, and each label is
+    missing/-1 or a class id below `num_classes` (the error names the row).
+    """
+    import datasets
+
+    raw = dataset.select_columns([c for c in (image_column, label_column) if c]).cast_column(
+        image_column, datasets.Image(decode=False))
+    out = bytearray()
+    for start in range(0, len(raw), batch_rows):
+        batch = raw[start: start + batch_rows]
+        labels = batch[label_column] if label_column else [None] * len(batch[image_column])
+        for n, (item, label) in enumerate(zip(batch[image_column], labels)):
+            row = start + n
+            if item is None or (item.get("bytes") is None and not item.get("path")):
+                raise ValueError(f"row {row} of the source dataset has no image (column {image_column!r} is "
+                                 "None): drop that row (dataset.filter) or fill it")
+            if label is not None and num_classes is not None and label != -1 and not 0 <= int(label) < num_classes:
+                raise ValueError(f"row {row} of the source dataset has label {label}, outside the {num_classes} "
+                                 f"classes (0-{num_classes - 1}): fix the label or the class list")
+            h = hashlib.sha256(_encoded(item, row))
+            h.update(b"|" + str(label).encode())
+            out += h.digest()[:IMAGE_DIGEST_BYTES]
+    return bytes(out)
+
+
+def _encoded(item: dict, row: int) -> bytes:
+    if item.get("bytes") is not None:
+        return item["bytes"]
+    try:
+        with open(item["path"], "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"row {row} of the source dataset: its image file cannot be read ({err})") from err
+
+
+def encode_digests(digests: bytes) -> str:
+    return base64.b64encode(digests).decode("ascii")
+
+
+def decode_digests(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"))
+
+
+def first_differences(recorded: bytes, found: bytes, limit: int = 5) -> list[str]:
+    """Human-readable list of rows whose digest differs, with where the row's image sits in the
+    other list when it was moved (a shuffled or re-ordered dataset)."""
+    size = IMAGE_DIGEST_BYTES
+    rec = [recorded[i: i + size] for i in range(0, len(recorded), size)]
+    got = [found[i: i + size] for i in range(0, len(found), size)]
+    where = {d: i for i, d in enumerate(rec)}
+    out = []
+    for i, (a, b) in enumerate(zip(rec, got)):
+        if a != b:
+            moved = where.get(b)
+            out.append(f"row {i}" + (f" (holds the table's image {moved}: reordered)" if moved is not None
+                                     else " (an image the table was not built on)"))
+            if len(out) == limit:
+                out.append("...")
+                break
+    return out
+
+
+# ---- metadata -------------------------------------------------------------------------------------
+def metadata_digest(metadata: dict, exclude: Sequence[str] = ("metadata_digest",)) -> str:
+    """sha256 of a metadata dict (sorted JSON) without the `exclude` keys."""
+    content = {k: v for k, v in metadata.items() if k not in exclude}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def require_keys(metadata: dict, keys: Sequence[str], where: str) -> None:
+    """Raise a `ValueError` naming `where` and the missing keys (dotted paths for nested ones)."""
+    missing = []
+    for key in keys:
+        node = metadata
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    if missing:
+        raise ValueError(f"{where} lacks the key(s) {', '.join(missing)}: the file is truncated or was edited; "
+                         "rebuild or re-download it")
