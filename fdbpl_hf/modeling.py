@@ -322,7 +322,17 @@ class FDBPLCLIPModel(nn.Module):
         if not is_main_process:
             return None
         repo_id = (model_card_kwargs or {}).get("repo_id")
-        return save_adapter(save_directory, self.prompts, self.tokenizer, repo_id=repo_id)
+        return save_adapter(save_directory, self.prompts, self._adapter_tokenizer()[0], repo_id=repo_id)
+
+    def _adapter_tokenizer(self):
+        """(the tokenizer plus the context tokens, the first context id), made once per model:
+        copying a 49k-token tokenizer costs about a second, and the Trainer saves at every checkpoint."""
+        n_ctx = self.fdbpl_config.n_ctx
+        cached = getattr(self, "_with_context_tokens", None)
+        if cached is None or cached[0] is not self.tokenizer or cached[1] != n_ctx:
+            cached = (self.tokenizer, n_ctx, *adapter_tokenizer(self.tokenizer, n_ctx))
+            self._with_context_tokens = cached
+        return cached[2], cached[3]
 
     def save_merged(self, output_dir: str | os.PathLike, image_processor=None) -> str:
         """Write a stock transformers CLIP folder holding the learned prompts as tokens, and
@@ -338,7 +348,7 @@ class FDBPLCLIPModel(nn.Module):
         if getattr(self, "_unloaded", False):
             raise RuntimeError("this FDBPLCLIPModel was unloaded: wrap the CLIP model again first")
         cfg = self.fdbpl_config
-        tok, first = adapter_tokenizer(self.tokenizer, cfg.n_ctx)
+        tok, first = self._adapter_tokenizer()
         merged = copy.deepcopy(self).unload()  # a copy without our hook; self stays as it is
         text = merged.text_model
         text.resize_token_embeddings(len(tok), mean_resizing=False)
