@@ -400,3 +400,23 @@ def merged_card(cfg: FDBPLConfig, *, repo_id: Optional[str] = None) -> ModelCard
         n_ctx=cfg.n_ctx, template=hypothesis_template(cfg), negative_template=hypothesis_template(cfg, True),
         versions=framework_versions(), repo_id=repo_id,
     )
+
+
+def record_eval_results(card: ModelCard, results: list[dict], *, model_name: str) -> ModelCard:
+    """Put evaluation results into a card's `model-index` (what the Hub shows as results).
+
+    `results`: dicts with `dataset_id` (Hub id or name), `dataset_name`, `split`, `metric` (the
+    metric's name, e.g. "base accuracy"), `metric_type` (e.g. "accuracy") and `value` (%).
+    An existing result for the same dataset, split and metric name is replaced; others are kept.
+    """
+    from huggingface_hub import EvalResult
+
+    fresh = [EvalResult(task_type="zero-shot-image-classification", task_name="Zero-shot image classification",
+                        dataset_type=r["dataset_id"], dataset_name=r["dataset_name"], dataset_split=r.get("split"),
+                        metric_type=r["metric_type"], metric_name=r["metric"], metric_value=round(float(r["value"]), 2))
+             for r in results]
+    keys = {(r.dataset_type, r.dataset_split, r.metric_name) for r in fresh}
+    kept = [r for r in (card.data.eval_results or []) if (r.dataset_type, r.dataset_split, r.metric_name) not in keys]
+    card.data.eval_results = kept + fresh
+    card.data.model_name = card.data.model_name or model_name
+    return card
