@@ -105,7 +105,7 @@ class FDBPLConfig:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs) -> "FDBPLConfig":
         """Read an adapter's config (folder or Hub repo) without its weights, like
         `peft.PeftConfig.from_pretrained`; takes `revision`, `token`, `cache_dir`, ...
-        Reads `fdbpl_config.json` (0.4+) or, for adapters saved by 0.3, `config.json`."""
+        Reads `fdbpl_config.json` (the peft format) or, for adapters saved by 0.3, `config.json`."""
         from .prompts import locate_adapter_config
 
         path, _ = locate_adapter_config(path_or_repo_id, **kwargs)

@@ -430,7 +430,7 @@ class FDBPLCLIPModel(nn.Module):
 
 
 def _adapter_or_model_tokenizer(clip_model: CLIPModel, path_or_repo_id: str, where: dict):
-    """The tokenizer saved with an adapter (0.4+), else the base model's."""
+    """The tokenizer saved with an adapter (the peft format), else the base model's."""
     _, legacy = locate_adapter_config(path_or_repo_id, **where)
     if legacy:
         return _tokenizer_for(clip_model)

@@ -20,7 +20,7 @@ def trained_like(model):
 
 
 def test_save_writes_a_peft_adapter(tokenizer, tmp_path):
-    # 0.4 changed the format to peft's TrainableTokens (was config.json + model.safetensors)
+    # after 0.3.0 the format became peft's TrainableTokens (was config.json + model.safetensors)
     clip = make_clip("vit-b-32")
     model = trained_like(get_fdbpl_model(clip, FDBPLConfig(base_model_name_or_path="openai/clip-vit-base-patch32"),
                                          tokenizer))

@@ -162,7 +162,7 @@ def test_checkpoints_hold_only_the_adapter_and_resume_exactly(digits_small, dens
     ckpt = tmp_path / "a" / "checkpoint-4"
     files = set(os.listdir(ckpt))
     assert {"adapter_config.json", "adapter_model.safetensors", "fdbpl_config.json", "tokenizer.json", "README.md",
-            "optimizer.pt", "trainer_state.json"} <= files  # peft's adapter format since 0.4
+            "optimizer.pt", "trainer_state.json"} <= files  # peft's adapter format after 0.3.0
     assert os.path.getsize(ckpt / "adapter_model.safetensors") < 4096  # two 4 x 32 contexts, no CLIP
     resumed = student(tokenizer)  # fresh prompts: resume must restore them
     FDBPLTrainer(model=resumed, args=train_args(tmp_path / "b", num_train_epochs=3),
