@@ -3,12 +3,15 @@
     python examples/build_table.py --teacher openai/clip-vit-large-patch14 --dataset eurosat \
         --num_shots 16 --split_seed 1 --classes base --output_dir tables/eurosat_s1
     accelerate launch examples/build_table.py ...   # each process builds every n-th shard
+    python examples/build_table.py args.json        # the same arguments as a JSON file
+    # publish: --push_to_hub --hub_dataset_id user/eurosat-ril
 
 The training images are chosen exactly as examples/train.py chooses them (same dataset,
 shots, seed and classes), so the table and the training run line up; a mismatch fails loudly.
 """
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,14 +39,22 @@ class BuildArguments:
     template: Optional[str] = field(default=None, metadata={"help": "Teacher prompt (default: the dataset's)."})
     teacher_batch_size: int = field(default=256, metadata={"help": "Regions per teacher forward."})
     device: Optional[str] = field(default=None, metadata={"help": "Teacher device (default: cuda if available)."})
-    push_to_hub: Optional[str] = field(default=None, metadata={"help": "Dataset repo to publish the table to."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Publish the table to --hub_dataset_id (as "
+                                                               "--push_to_hub --hub_model_id in train.py)."})
+    hub_dataset_id: Optional[str] = field(default=None, metadata={"help": "Dataset repo the table is published to."})
     config_name: Optional[str] = field(default=None, metadata={"help": "Hub config (default <teacher>_k<K>_m<M>)."})
 
 
 def main() -> None:
     import torch
 
-    (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses()
+    parser = HfArgumentParser(BuildArguments)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):  # python examples/build_table.py args.json
+        (args,) = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        (args,) = parser.parse_args_into_dataclasses()
+    if args.push_to_hub and not args.hub_dataset_id:
+        raise SystemExit("--push_to_hub needs --hub_dataset_id (the dataset repo to publish to)")
     data = training_set(args.dataset, num_shots=args.num_shots or None, seed=args.split_seed, classes=args.classes,
                         split=args.split)
     # one GPU per process under accelerate launch / torchrun
@@ -65,8 +76,8 @@ def main() -> None:
     print(f"table: {len(table)} regions, {stats['disk_bytes'] / 1e6:.2f} MB ({stats['bytes_per_region']:.1f} B/region)"
           f" -> {args.output_dir}")
     if args.push_to_hub and int(os.environ.get("RANK", "0")) == 0:  # one publisher under accelerate/torchrun
-        name = push_ril_table(table, args.push_to_hub, args.config_name)
-        print(f"published as {args.push_to_hub} config {name}")
+        name = push_ril_table(table, args.hub_dataset_id, args.config_name)
+        print(f"published as {args.hub_dataset_id} config {name}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@
     # cross-dataset: --cross_datasets dtd eurosat (each scored among its own classes)
     accelerate launch examples/evaluate.py ...   # only the main process evaluates
 
+`--push_to_hub` records base / novel / HM accuracy in the adapter card's model-index on the Hub
+(`--hub_model_id`, default --adapter); a local --adapter's README.md gets them in any case.
+
 Writes `results.json` (results + protocol), `per_class.png`, `base_novel.png` and, with
-`--train_log runs/x/train_log.json`, `loss_curves.png` into --output_dir. Summarise seeds and
+`--train_log runs/x/trainer_state.json`, `loss_curves.png` into --output_dir. Summarise seeds and
 datasets afterwards with `fdbpl_hf.evaluation.summarize_runs`.
 
 Evaluation is one forward pass per test image, so under `accelerate launch` the main process
@@ -37,7 +40,8 @@ class EvalArguments:
     split: Optional[str] = field(default=None, metadata={"help": "Test split (default: the registry's)."})
     cross_datasets: list[str] = field(default_factory=list, metadata={"help": "Extra datasets scored among their "
                                                                               "own classes (cross-dataset)."})
-    train_log: Optional[str] = field(default=None, metadata={"help": "train_log.json of the run, for the loss plot."})
+    train_log: Optional[str] = field(default=None, metadata={"help": "trainer_state.json of the run (or a JSON list "
+                                                                     "of log entries), for the loss plot."})
     num_shots: Optional[int] = field(default=None, metadata={"help": "Shots the adapter was trained with, recorded "
                                                                      "(default 16 with an adapter, 0 zero-shot)."})
     split_seed: int = field(default=1, metadata={"help": "Seed of the training run's few-shot draw (recorded)."})
@@ -50,6 +54,11 @@ class EvalArguments:
     check_base_model_name: bool = field(default=True, metadata={"help": "Refuse an adapter whose recorded base "
                                                                         "model name differs from --student."})
     revision: Optional[str] = field(default=None, metadata={"help": "Revision of the test dataset."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Record the results in the adapter's Hub card "
+                                                               "(model-index); a local --adapter's README.md is "
+                                                               "updated in any case."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Adapter repo whose card gets the results "
+                                                                        "(default: --adapter when it is a Hub id)."})
 
 
 def _limit(dataset, n: Optional[int]):
@@ -66,6 +75,33 @@ def _load_test(name: str, split: Optional[str], revision: Optional[str]):
     split = split or info.test_split
     data = info.load(split) if info.loader is not None else info.load(split, revision=revision)
     return info, split, data
+
+
+def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict) -> None:
+    """Base, novel and HM accuracy into the adapter card's model-index: the local folder's
+    README.md, and with --push_to_hub the Hub repo's card."""
+    from huggingface_hub import ModelCard
+
+    from fdbpl_hf.prompts import record_eval_results
+
+    local = os.path.isdir(args.adapter)
+    repo_id = args.hub_model_id or (None if local else args.adapter)
+    if args.push_to_hub and repo_id is None:
+        raise SystemExit("--push_to_hub with a local --adapter needs --hub_model_id (the adapter's repo)")
+    if not local and not args.push_to_hub:
+        return
+    card = ModelCard.load(os.path.join(args.adapter, "README.md") if local else repo_id)
+    common = {"dataset_id": protocol["dataset_id"], "dataset_name": protocol["dataset"], "split": protocol["split"]}
+    rows = [{**common, "metric": "base accuracy", "metric_type": "accuracy", "value": b2n["base_acc"]},
+            {**common, "metric": "novel accuracy", "metric_type": "accuracy", "value": b2n["novel_acc"]},
+            {**common, "metric": "harmonic mean (base, novel)", "metric_type": "hm", "value": b2n["hm"]}]
+    name = (repo_id or os.path.basename(os.path.normpath(args.adapter))).split("/")[-1]
+    card = record_eval_results(card, rows, model_name=name)
+    if local:
+        card.save(os.path.join(args.adapter, "README.md"))
+    if args.push_to_hub:
+        card.push_to_hub(repo_id, commit_message=f"Evaluation on {protocol['dataset']} ({protocol['split']})")
+        print(f"results recorded on the card of {repo_id}")
 
 
 def main() -> None:
@@ -144,6 +180,9 @@ def main() -> None:
             plot_loss_curves(args.train_log, os.path.join(args.output_dir, "loss_curves.png"))
     except ImportError as err:  # plots are optional; the numbers are already written
         warnings.warn(f"no plots: {err}")
+
+    if not zero_shot:
+        _record_on_card(args, protocol, b2n)
 
     print(format_summary_markdown(summarize_runs([{"protocol": protocol, "results": results}])))
     if "ood" in b2n:

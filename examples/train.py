@@ -6,13 +6,16 @@
     # the online-teacher baseline: --teacher openai/clip-vit-large-patch14 instead of --table
     # the CoOp baseline: --loss_type coop (labels, no teacher)
     # no images at train time: --feature_cache caches/eurosat_s1 (built on first use, next to --table)
+    python examples/train.py args.json   # the same arguments as a JSON file (HfArgumentParser)
 
 Any FDBPLTrainingArguments / TrainingArguments field is a flag (--num_train_epochs, --bf16,
---push_to_hub --hub_model_id user/name, ...).
+--push_to_hub --hub_model_id user/name, ...). Besides the adapter, output_dir gets the Trainer's
+`train_results.json` / `all_results.json` (save_metrics), `trainer_state.json` (save_state, with the
+log history for `examples/evaluate.py --train_log`) and `few_shot_split.json`.
 """
 
-import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,7 +48,11 @@ class ScriptArguments:
 
 
 def main() -> None:
-    script, args = HfArgumentParser((ScriptArguments, FDBPLTrainingArguments)).parse_args_into_dataclasses()
+    parser = HfArgumentParser((ScriptArguments, FDBPLTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):  # python examples/train.py args.json
+        script, args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        script, args = parser.parse_args_into_dataclasses()
     if (script.table is None) == (script.teacher is None) and args.loss_type == "fdbpl":
         raise SystemExit("give exactly one of --table (FDBPL) or --teacher (online baseline)")
     data = training_set(script.dataset, num_shots=script.num_shots or None, seed=script.split_seed,
@@ -82,13 +89,13 @@ def main() -> None:
                                 image_std=processor.image_std, image_size=size, class_names=data["class_names"],
                                 feature_cache=cache)
     trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    if trainer.is_world_process_zero():  # written first, so that a push uploads them with the adapter
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    # written first, so that a push uploads them with the adapter; both write on the main process only
+    trainer.save_metrics("train", result.metrics)  # train_results.json, all_results.json
+    trainer.save_state()  # trainer_state.json, with the log history (the loss curves' input)
+    if trainer.is_world_process_zero() and data["few_shot_split"] is not None:
         os.makedirs(args.output_dir, exist_ok=True)
-        if data["few_shot_split"] is not None:
-            data["few_shot_split"].to_json(os.path.join(args.output_dir, "few_shot_split.json"))
-        with open(os.path.join(args.output_dir, "train_log.json"), "w") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
+        data["few_shot_split"].to_json(os.path.join(args.output_dir, "few_shot_split.json"))
     if args.push_to_hub:
         trainer.push_to_hub()  # saves the adapter and uploads output_dir in one commit
     else:

@@ -6,6 +6,7 @@ import itertools
 import os
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -15,7 +16,8 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from .config import FDBPLConfig
-from .prompts import FDBPLPromptLearner
+from .prompts import (FDBPLPromptLearner, adapter_tokenizer, hypothesis_template, locate_adapter_config,
+                      merged_card, save_adapter)
 
 _SIGNATURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
 
@@ -310,11 +312,62 @@ class FDBPLCLIPModel(nn.Module):
         return FDBPLOutput(pos_logits=pos_logits, neg_logits=neg_logits, image_features=image_features,
                            pos_text_features=pos_text, neg_text_features=neg_text, logit_scale=scale)
 
-    # ---- persistence (only the adapter) ------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """Write the adapter only: `config.json`, `model.safetensors`, `README.md`. Takes
-        `ModelHubMixin.save_pretrained` arguments, and `is_main_process` (False writes nothing)."""
-        return self.prompts.save_pretrained(save_directory, **kwargs)
+    # ---- persistence (only the adapter, in peft's format) ------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool = True,
+                        model_card_kwargs: Optional[dict] = None) -> Optional[str]:
+        """Write the adapter as a peft `TrainableTokens` adapter: `adapter_config.json`,
+        `adapter_model.safetensors`, the tokenizer with the context tokens, `fdbpl_config.json`
+        and a `README.md` card (`model_card_kwargs={"repo_id": ...}` names the repo in its
+        snippets). Nothing is written when `is_main_process` is False (as in transformers)."""
+        if not is_main_process:
+            return None
+        repo_id = (model_card_kwargs or {}).get("repo_id")
+        return save_adapter(save_directory, self.prompts, self._adapter_tokenizer()[0], repo_id=repo_id)
+
+    def _adapter_tokenizer(self):
+        """(the tokenizer plus the context tokens, the first context id), made once per model:
+        copying a 49k-token tokenizer costs about a second, and the Trainer saves at every checkpoint."""
+        n_ctx = self.fdbpl_config.n_ctx
+        cached = getattr(self, "_with_context_tokens", None)
+        if cached is None or cached[0] is not self.tokenizer or cached[1] != n_ctx:
+            cached = (self.tokenizer, n_ctx, *adapter_tokenizer(self.tokenizer, n_ctx))
+            self._with_context_tokens = cached
+        return cached[2], cached[3]
+
+    def save_merged(self, output_dir: str | os.PathLike, image_processor=None) -> str:
+        """Write a stock transformers CLIP folder holding the learned prompts as tokens, and
+        return the `hypothesis_template` that runs the positive prompt, e.g.
+        `"<fdbpl_pos_0><fdbpl_pos_1><fdbpl_pos_2><fdbpl_pos_3> {}."`.
+
+        The folder holds the model (text embeddings grown by the `2 * n_ctx` context rows, EOS id
+        set to the tokenizer's so that legacy configs pool right), the tokenizer with the context
+        tokens, `image_processor` when given (the zero-shot pipeline needs one) and a card stating
+        the template. `pipeline("zero-shot-image-classification", model=output_dir)` with that
+        template predicts what `forward(...).pos_logits` predicts, without fdbpl_hf installed.
+        """
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError("this FDBPLCLIPModel was unloaded: wrap the CLIP model again first")
+        cfg = self.fdbpl_config
+        tok, first = self._adapter_tokenizer()
+        merged = copy.deepcopy(self).unload()  # a copy without our hook; self stays as it is
+        text = merged.text_model
+        text.resize_token_embeddings(len(tok), mean_resizing=False)
+        rows = torch.cat([self.prompts.ctx_pos, self.prompts.ctx_neg]).detach()
+        weight = text.embeddings.token_embedding.weight
+        with torch.no_grad():
+            weight[first:first + rows.shape[0]] = rows.to(weight.dtype)
+        merged.config.text_config.vocab_size = len(tok)
+        merged.config.text_config.eos_token_id = tok.eos_token_id
+        text.config.eos_token_id = tok.eos_token_id
+        text.eos_token_id = tok.eos_token_id
+        merged.requires_grad_(True)  # a plain model, as from_pretrained gives it
+        output_dir = Path(output_dir)
+        merged.save_pretrained(output_dir)
+        tok.save_pretrained(output_dir)
+        if image_processor is not None:
+            image_processor.save_pretrained(output_dir)
+        merged_card(cfg).save(output_dir / "README.md")
+        return hypothesis_template(cfg)
 
     def get_base_model(self) -> CLIPModel:
         """The frozen CLIP model under the prompts (still hooked; see `unload()`)."""
@@ -330,9 +383,22 @@ class FDBPLCLIPModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Publish the adapter (a few KB) to the Hub; takes `ModelHubMixin.push_to_hub` arguments."""
-        return self.prompts.push_to_hub(repo_id, **kwargs)
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload FDBPL adapter", private: Optional[bool] = None,
+                    token=None, revision: Optional[str] = None, create_pr: bool = False,
+                    model_card_kwargs: Optional[dict] = None) -> str:
+        """Publish the adapter (KB of weights, plus the tokenizer) to the Hub in one commit;
+        returns the commit URL. The card's snippets name the repo, owner included."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
+        return str(info)
 
     @classmethod
     def from_pretrained(cls, clip_model: CLIPModel, path_or_repo_id: str | os.PathLike,
@@ -348,17 +414,30 @@ class FDBPLCLIPModel(nn.Module):
         without owner or folders (a local copy `./clip-vit-base-patch32` matches
         `openai/clip-vit-base-patch32`; `check_base_model=False` skips the name check).
         """
-        prompts = FDBPLPromptLearner.from_pretrained(
-            str(path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only, force_download=force_download,
-        )
+        where = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                     force_download=force_download)
+        # config first: an adapter for another model (or a corrupt one) is refused before its
+        # contexts are allocated
+        _check_compatible(clip_model, FDBPLConfig.from_pretrained(str(path_or_repo_id), **where), check_base_model)
+        prompts = FDBPLPromptLearner.from_pretrained(str(path_or_repo_id), **where)
         if tokenizer is None:
-            tokenizer = _tokenizer_for(clip_model)
+            tokenizer = _adapter_or_model_tokenizer(clip_model, str(path_or_repo_id), where)
         model = cls(clip_model, prompts, tokenizer, check_base_model=check_base_model)
         if not is_trainable:
             model.prompts.requires_grad_(False)
             model.eval()
         return model
+
+
+def _adapter_or_model_tokenizer(clip_model: CLIPModel, path_or_repo_id: str, where: dict):
+    """The tokenizer saved with an adapter (the peft format), else the base model's."""
+    _, legacy = locate_adapter_config(path_or_repo_id, **where)
+    if legacy:
+        return _tokenizer_for(clip_model)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path_or_repo_id, revision=where["revision"], token=where["token"],
+                                         cache_dir=where["cache_dir"], local_files_only=where["local_files_only"])
 
 
 def _tokenizer_for(clip_model: CLIPModel):
@@ -384,6 +463,10 @@ def _check_compatible(clip: CLIPModel, config: FDBPLConfig, check_name: bool) ->
             f"adapter context width {config.context_dim} does not match the base model's text width {width}: "
             f"this adapter was trained on a different CLIP (base model {config.base_model_name_or_path!r})"
         )
+    positions = clip.config.text_config.max_position_embeddings
+    if config.n_ctx + 3 > positions:
+        raise ValueError(f"adapter n_ctx {config.n_ctx} does not fit the base model's {positions} text positions "
+                         "([SOS] + context + class name + [EOS])")
     if config.base_model_signature:
         found = base_model_signature(clip)
         diff = {k: (v, found.get(k)) for k, v in config.base_model_signature.items() if found.get(k) != v}

@@ -135,7 +135,8 @@ def plot_base_novel(results: Mapping[str, Mapping[str, Any]], path: PathLike, *,
 
 def plot_loss_curves(log_history: Union[Sequence[Mapping[str, Any]], PathLike], path: PathLike, *,
                      keys: Sequence[str] = LOSS_KEYS, title: str = "FDBPL training losses") -> str:
-    """One panel per logged loss term vs step, from the trainer's `log_history` (or its JSON file).
+    """One panel per logged loss term vs step, from the trainer's `log_history` (or a JSON file of
+    it, such as the `trainer_state.json` that `Trainer.save_state` writes).
 
     Terms live on different scales (the negative loss is a negative entropy), so each gets its
     own y axis. Evaluation entries (`eval_loss_*`) are drawn dashed when present. Returns `path`.
@@ -143,6 +144,8 @@ def plot_loss_curves(log_history: Union[Sequence[Mapping[str, Any]], PathLike], 
     if isinstance(log_history, (str, os.PathLike)):
         with open(log_history, encoding="utf-8") as f:
             log_history = json.load(f)
+        if isinstance(log_history, Mapping) and "log_history" in log_history:  # the Trainer's trainer_state.json
+            log_history = log_history["log_history"]
     if not isinstance(log_history, Sequence):
         raise TypeError("log_history must be the trainer's state.log_history (a list of dicts) or its JSON path")
     present = [k for k in keys if any(k in h or f"eval_{k}" in h for h in log_history)]

@@ -1,79 +1,88 @@
-"""`FDBPLPromptLearner`: the only trainable (and the only saved) part of an FDBPL model."""
+"""The FDBPL adapter on disk: two learnable text contexts in peft's `TrainableTokens` format.
 
-# No `from __future__ import annotations` here: huggingface_hub's mixin rebuilds the config
-# dataclass from the *evaluated* annotation of `__init__(config: FDBPLConfig)`.
-import json
+An adapter folder (or Hub repo) holds:
+
+- `adapter_config.json` + `adapter_model.safetensors`: a stock peft `TrainableTokensConfig` on
+  CLIP's `token_embedding` whose `2 * n_ctx` trainable rows are the positive context
+  (`<fdbpl_pos_0>` ...) then the negative one (`<fdbpl_neg_0>` ...);
+- the tokenizer (`tokenizer.json`, `tokenizer_config.json`): the base tokenizer plus those
+  `2 * n_ctx` added tokens, at the ids the peft config names;
+- `fdbpl_config.json`: the `FDBPLConfig` (inits, class-name position, base model signature,
+  training record);
+- `README.md`: the card (`library_name: peft`).
+
+So `peft.PeftModel.from_pretrained(clip, folder)` loads it after three stock steps (tokenizer
+from the folder, `clip.text_model.resize_token_embeddings(len(tokenizer))`, EOS id set to the
+tokenizer's), and `FDBPLCLIPModel.from_pretrained` reads it, and 0.3 adapters
+(`config.json` + `model.safetensors` with `ctx_pos` / `ctx_neg`) too. Loading never executes
+code and never unpickles: JSON and safetensors only. docs/adapter-format.md says why.
+"""
+
+import copy
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
 import torch
-from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
-from safetensors.torch import load_file, save_file
+from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import FDBPLConfig
 
-ADAPTER_CONFIG_NAME = "config.json"
-ADAPTER_WEIGHTS_NAME = "model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's names
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+FDBPL_CONFIG_NAME = "fdbpl_config.json"
+LEGACY_CONFIG_NAME = "config.json"  # the 0.3 format
+LEGACY_WEIGHTS_NAME = "model.safetensors"
+# what a checkpoint holds besides peft's two files (the Trainer copies only those before a push)
+ADAPTER_COMPANION_FILES = (FDBPL_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "vocab.json", "merges.txt", "added_tokens.json", "README.md")
+TARGET_MODULE = "token_embedding"
+PEFT_WEIGHTS_KEY = "base_model.model.text_model.embeddings.token_embedding.trainable_tokens_delta"
 PAPER_URL = "https://arxiv.org/abs/2505.18053"
-
-_CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# FDBPL adapter{% if base_model %} for `{{ base_model }}`{% endif %}
-
-This is a prompt adapter trained with **FDBPL** ([Faster Distillation-Based Prompt Learning]({{ paper_url }}))
-using [`fdbpl_hf`](https://pypi.org/project/fdbpl-hf/). It holds only two learnable text
-contexts ({{ n_ctx }} tokens x {{ context_dim }} dims each, {{ num_params }} parameters): a **positive**
-prompt used for classification and a **negative** prompt that scores uninformative or
-out-of-distribution inputs. The CLIP model itself is not stored here.
-
-## How to load
-
-```python
-from transformers import CLIPModel, CLIPTokenizer
-from fdbpl_hf import FDBPLCLIPModel
-
-clip = CLIPModel.from_pretrained("{{ base_model or 'BASE_MODEL_ID' }}")
-tokenizer = CLIPTokenizer.from_pretrained("{{ base_model or 'BASE_MODEL_ID' }}")
-model = FDBPLCLIPModel.from_pretrained(clip, "{{ repo_id or 'path/to/this/adapter' }}", tokenizer=tokenizer)
-logits = model(pixel_values, class_names=["cat", "dog"]).pos_logits
-```
-
-## Adapter
-
-| setting | value |
-|---|---|
-| base model | `{{ base_model or 'unknown' }}`{% if revision %} (revision `{{ revision }}`){% endif %} |
-| context tokens | {{ n_ctx }} |
-| positive init | {{ positive_init }} |
-| negative init | {{ negative_init }} |
-| class name position | {{ class_token_position }} |
-| fdbpl_hf version | {{ fdbpl_version }} |
-{% if class_names %}
-Trained on {{ class_names|length }} classes: {{ class_names|join(", ") }}.
-{% endif %}{% if training %}
-## Training
-
-| | |
-|---|---|
-{% for key, value in training.items() %}| {{ key }} | {{ value }} |
-{% endfor %}{% endif %}
-## Citation
-
-```bibtex
-@article{fdbpl2025,
-  title   = {FDBPL: Faster Distillation-Based Prompt Learning for Region-Aware Vision-Language Models Adaptation},
-  journal = {arXiv preprint arXiv:2505.18053},
-  year    = {2025}
-}
-```
-"""
+CARD_TAGS = ["fdbpl", "prompt-learning", "clip", "knowledge-distillation", "trainable-tokens", "arxiv:2505.18053"]
 
 
-def adapter_file(model_id: str, name: str, *, revision: Optional[str] = None, cache_dir=None,
+def context_tokens(n_ctx: int, negative: Optional[bool] = None) -> list[str]:
+    """Names of the added tokens: positive `<fdbpl_pos_k>` then negative `<fdbpl_neg_k>`
+    (only one of them with `negative=False` / `True`)."""
+    pos = [f"<fdbpl_pos_{k}>" for k in range(n_ctx)]
+    neg = [f"<fdbpl_neg_{k}>" for k in range(n_ctx)]
+    return pos + neg if negative is None else (neg if negative else pos)
+
+
+def hypothesis_template(config: FDBPLConfig, negative: bool = False) -> str:
+    """The learned prompt as text for a tokenizer holding the context tokens, with `{}` for the
+    class name: `"<fdbpl_pos_0><fdbpl_pos_1><fdbpl_pos_2><fdbpl_pos_3> {}."` for the default.
+    It tokenises to exactly the ids `FDBPLCLIPModel` builds (tested)."""
+    ctx = context_tokens(config.n_ctx, negative)
+    if config.class_token_position == "end":
+        return "".join(ctx) + " {}."
+    if config.class_token_position == "front":
+        return "{} " + "".join(ctx) + "."
+    half = config.n_ctx // 2
+    return ("".join(ctx[:half]) + " {} " + "".join(ctx[half:]) + ".").lstrip()
+
+
+def hub_model_id(name: Optional[str]) -> Optional[str]:
+    """`name` when it reads as a Hub model id, else None: cards and pushed configs never show a
+    local path ("../ckpt/student", "/data/clip", "C:\\models"). A Hub-cache snapshot path gives
+    back its repo id."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    parts = os.path.normpath(name).replace("\\", "/").split("/")
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return "/".join(parts[-3].split("--")[1:]) or None
+    if (os.path.isabs(name) or name.startswith((".", "~")) or ".." in name or "\\" in name or ":" in name
+            or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) or os.path.exists(name)):
+        return None
+    return name
+
+
+def adapter_file(model_id: str | os.PathLike, name: str, *, revision: Optional[str] = None, cache_dir=None,
                  force_download: bool = False, local_files_only: bool = False, token=None) -> str:
     """Local path of file `name` of an adapter folder or Hub repo (downloaded if needed)."""
     model_id = str(model_id)
@@ -92,19 +101,61 @@ def adapter_file(model_id: str, name: str, *, revision: Optional[str] = None, ca
             f"could be read from a Hub repo {model_id} ({type(err).__name__}: {err})") from err
 
 
-class FDBPLPromptLearner(
-    nn.Module,
-    ModelHubMixin,
-    library_name="fdbpl_hf",
-    paper_url=PAPER_URL,
-    tags=["fdbpl", "prompt-learning", "clip", "knowledge-distillation"],
-    model_card_template=_CARD_TEMPLATE,
-):
-    """The positive and negative contexts, `[n_ctx, context_dim]` each.
+def locate_adapter_config(model_id: str | os.PathLike, **where) -> tuple[str, bool]:
+    """(path of the FDBPL config file, whether the adapter is in the 0.3 format)."""
+    try:
+        return adapter_file(model_id, FDBPL_CONFIG_NAME, **where), False
+    except FileNotFoundError as new_err:
+        try:
+            return adapter_file(model_id, LEGACY_CONFIG_NAME, **where), True
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{new_err} (nor the 0.3 format's {LEGACY_CONFIG_NAME})") from new_err
 
-    Persists as `config.json` + `model.safetensors` + `README.md` (a few KB). Loading never
-    executes code and never unpickles: only JSON and safetensors are read.
-    """
+
+def _read_tensors(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file, their shapes checked from the header before any
+    is read, and refused unless finite."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = sorted(f.keys())
+            if keys != sorted(expected):
+                raise ValueError(f"{path} holds tensors {keys}, expected {sorted(expected)}")
+            for key, shape in expected.items():
+                found = tuple(f.get_slice(key).get_shape())
+                if found != shape:
+                    raise ValueError(f"{path}: tensor {key!r} has shape {found}, its config says {shape}")
+            tensors = {key: f.get_tensor(key) for key in expected}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected floating point")
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: tensor {key!r} holds {bad} NaN or infinite values: the adapter is corrupt "
+                             "(or its training diverged); load an earlier checkpoint")
+    return tensors
+
+
+def _check_peft_config(path: str, config: FDBPLConfig) -> None:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict) or data.get("peft_type") != "TRAINABLE_TOKENS":
+        raise ValueError(f"{path}: field 'peft_type' must be 'TRAINABLE_TOKENS' for an FDBPL adapter")
+    indices = data.get("token_indices")
+    if (not isinstance(indices, list) or len(indices) != 2 * config.n_ctx
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)):
+        raise ValueError(f"{path}: field 'token_indices' must list {2 * config.n_ctx} token ids (2 x n_ctx)")
+
+
+class FDBPLPromptLearner(nn.Module):
+    """The positive and negative contexts, `[n_ctx, context_dim]` each: the only trainable part
+    of an `FDBPLCLIPModel`. `FDBPLCLIPModel.save_pretrained` writes them in peft's format."""
 
     def __init__(self, config: FDBPLConfig):
         super().__init__()
@@ -119,70 +170,253 @@ class FDBPLPromptLearner(
         """`[2, n_ctx, D]`: positive then negative."""
         return torch.stack([self.ctx_pos, self.ctx_neg])
 
-    # ---- persistence -------------------------------------------------------------------
-    def _save_pretrained(self, save_directory: Path) -> None:
-        tensors = {"ctx_pos": self.ctx_pos.detach().float().cpu().contiguous(),
-                   "ctx_neg": self.ctx_neg.detach().float().cpu().contiguous()}
-        save_file(tensors, str(save_directory / ADAPTER_WEIGHTS_NAME),
-                  metadata={"format": "pt", "library": "fdbpl_hf"})
-        with open(save_directory / ADAPTER_CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
-
-    def save_pretrained(self, save_directory, *, is_main_process: bool = True, model_card_kwargs=None, **kwargs):
-        """Write `config.json`, `model.safetensors` and a fresh `README.md` card (`model_card_kwargs`
-        fill it, e.g. `repo_id`); nothing when `is_main_process` is False (as in transformers)."""
-        if not is_main_process:
-            return None
-        # The mixin keeps an existing card: remove it so the card always describes this adapter now.
-        (Path(save_directory) / "README.md").unlink(missing_ok=True)
-        return super().save_pretrained(save_directory, model_card_kwargs=model_card_kwargs, **kwargs)
-
-    def push_to_hub(self, repo_id: str, *, model_card_kwargs=None, **kwargs) -> str:
-        """Publish the adapter; its card's loading snippet names the repo (owner included)."""
-        from huggingface_hub import HfApi
-
-        # resolved first, so that "name" becomes "user/name" on the card as on the Hub
-        repo_id = HfApi(token=kwargs.get("token")).create_repo(
-            repo_id, private=kwargs.get("private"), exist_ok=True).repo_id
-        return super().push_to_hub(repo_id, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})},
-                                   **kwargs)
-
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir, force_download: bool,
-                         local_files_only: bool, token, **model_kwargs) -> "FDBPLPromptLearner":
+    def from_pretrained(cls, model_id: str | os.PathLike, *, revision: Optional[str] = None, cache_dir=None,
+                        force_download: bool = False, local_files_only: bool = False,
+                        token=None) -> "FDBPLPromptLearner":
+        """Read an adapter folder or Hub repo, in the peft format or the 0.3 one. The config is
+        validated and the weights' shapes checked against it before anything is allocated."""
         where = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                      local_files_only=local_files_only, token=token)
-        config = FDBPLConfig.from_pretrained(model_id, **where)
-        state = load_file(adapter_file(model_id, ADAPTER_WEIGHTS_NAME, **where))
+        config_path, legacy = locate_adapter_config(model_id, **where)
+        config = FDBPLConfig.from_json_file(config_path)
+        if config.context_dim is None:
+            raise ValueError(f"{config_path}: field 'context_dim' must be set")
+        n, dim = config.n_ctx, config.context_dim
+        if legacy:
+            path = adapter_file(model_id, LEGACY_WEIGHTS_NAME, **where)
+            state = _read_tensors(path, {"ctx_pos": (n, dim), "ctx_neg": (n, dim)})
+        else:
+            _check_peft_config(adapter_file(model_id, ADAPTER_CONFIG_NAME, **where), config)
+            path = adapter_file(model_id, ADAPTER_WEIGHTS_NAME, **where)
+            rows = _read_tensors(path, {PEFT_WEIGHTS_KEY: (2 * n, dim)})[PEFT_WEIGHTS_KEY]
+            state = {"ctx_pos": rows[:n], "ctx_neg": rows[n:]}
         learner = cls(config)
-        expected = {k: tuple(v.shape) for k, v in learner.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != found:
-            raise ValueError(f"adapter weights in {model_id} do not match its config: "
-                             f"expected {expected}, found {found}")
-        learner.load_state_dict(state, strict=True)
+        learner.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return learner
 
-    def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        cfg = self.config
-        info = self._hub_mixin_info
-        card_data = info.model_card_data.__class__(**info.model_card_data.to_dict())
-        if cfg.base_model_name_or_path and not os.path.isabs(cfg.base_model_name_or_path):
-            card_data.base_model = cfg.base_model_name_or_path
-        return ModelCard.from_template(
-            card_data=card_data,
-            template_str=info.model_card_template,
-            paper_url=PAPER_URL,
-            base_model=cfg.base_model_name_or_path,
-            revision=cfg.revision,
-            n_ctx=cfg.n_ctx,
-            context_dim=cfg.context_dim,
-            num_params=sum(p.numel() for p in self.parameters()),
-            positive_init=repr(cfg.positive_init),
-            negative_init=repr(cfg.negative_init),
-            class_token_position=cfg.class_token_position,
-            fdbpl_version=cfg.fdbpl_version,
-            class_names=cfg.class_names,
-            training=cfg.training,
-            repo_id=kwargs.get("repo_id"),
-        )
+
+def adapter_tokenizer(tokenizer, n_ctx: int):
+    """(a tokenizer holding the `2 * n_ctx` context tokens at consecutive ids, the first id).
+    `tokenizer` is copied, not changed; one that already holds them (loaded from an adapter)
+    is used as is."""
+    from tokenizers import AddedToken
+
+    names = context_tokens(n_ctx)
+    vocab = tokenizer.get_vocab()
+    present = [t for t in names if t in vocab]
+    if not present:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in names])
+    elif len(present) != len(names):
+        raise ValueError(f"the tokenizer holds {len(present)} of the {len(names)} FDBPL context tokens "
+                         f"({present[:3]}...): use the base model's tokenizer")
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if ids != list(range(ids[0], ids[0] + len(names))):
+        raise ValueError(f"the tokenizer's FDBPL context tokens have ids {ids}, not consecutive: "
+                         "use the base model's tokenizer")
+    return tokenizer, ids[0]
+
+
+def framework_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from .version import __version__
+
+    return {"fdbpl_hf": __version__, "peft": peft.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__}
+
+
+def save_adapter(save_directory: str | os.PathLike, prompts: FDBPLPromptLearner, tokenizer, *,
+                 repo_id: Optional[str] = None) -> str:
+    """Write the adapter folder (see the module docstring); returns its path."""
+    from peft import TrainableTokensConfig
+
+    cfg = prompts.config
+    n = cfg.n_ctx
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    tok, first = adapter_tokenizer(tokenizer, n)
+    base = hub_model_id(cfg.base_model_name_or_path)
+    peft_config = TrainableTokensConfig(target_modules=[TARGET_MODULE], token_indices=list(range(first, first + 2 * n)),
+                                        base_model_name_or_path=base, revision=cfg.revision if base else None,
+                                        inference_mode=True)
+    peft_config.save_pretrained(str(save_directory), auto_mapping_dict={
+        "base_model_class": "CLIPModel", "parent_library": "transformers.models.clip.modeling_clip"})
+    rows = torch.cat([prompts.ctx_pos, prompts.ctx_neg]).detach().float().cpu().contiguous()
+    save_file({PEFT_WEIGHTS_KEY: rows}, str(save_directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    import json
+
+    with open(save_directory / FDBPL_CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    tok.save_pretrained(str(save_directory))
+    # a folder saved over a 0.3 adapter keeps no stale 0.3 files that would contradict it
+    for stale in (LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME):
+        (save_directory / stale).unlink(missing_ok=True)
+    adapter_card(cfg, repo_id=repo_id, num_params=2 * n * cfg.context_dim).save(save_directory / "README.md")
+    return str(save_directory)
+
+
+def _card_data(cfg: FDBPLConfig, library_name: str, extra_tags=()) -> ModelCardData:
+    base = hub_model_id(cfg.base_model_name_or_path)
+    tags = list(CARD_TAGS) + list(extra_tags)
+    source = (cfg.training or {}).get("source dataset")
+    datasets = [source] if hub_model_id(source) else None
+    return ModelCardData(library_name=library_name, base_model=base, pipeline_tag="zero-shot-image-classification",
+                         tags=tags, datasets=datasets)
+
+
+_ADAPTER_CARD = """---
+{{ card_data }}
+---
+
+# FDBPL adapter{% if base_model %} for `{{ base_model }}`{% endif %}
+
+A prompt adapter trained with **FDBPL** ([Faster Distillation-Based Prompt Learning]({{ paper_url }}))
+using [`fdbpl_hf`](https://pypi.org/project/fdbpl-hf/). It holds two learnable text contexts
+({{ n_ctx }} tokens x {{ context_dim }} dims each, {{ num_params }} parameters) as a stock peft
+`TrainableTokens` adapter on CLIP's `token_embedding`: a **positive** prompt used for
+classification and a **negative** prompt that scores uninformative or out-of-distribution inputs.
+The CLIP model itself is not stored here.
+
+The positive prompt, as text for the tokenizer in this repo: `{{ template }}`
+(negative: `{{ negative_template }}`), `{}` being the class name.
+
+## With peft and transformers only
+
+```python
+from peft import PeftModel
+from transformers import AutoTokenizer, CLIPModel
+
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id or 'path/to/this/adapter' }}")  # base tokenizer + context tokens
+clip = CLIPModel.from_pretrained("{{ base_model or 'BASE_MODEL_ID' }}")
+clip.text_model.resize_token_embeddings(len(tokenizer))
+# OpenAI checkpoints keep the legacy eos_token_id 2, which pools at the largest token id:
+clip.text_model.eos_token_id = clip.config.text_config.eos_token_id = tokenizer.eos_token_id
+model = PeftModel.from_pretrained(clip, "{{ repo_id or 'path/to/this/adapter' }}")
+prompts = ["{{ template }}".format(c) for c in ["cat", "dog"]]
+text = model.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt")).pooler_output
+```
+
+## With fdbpl_hf
+
+```python
+from transformers import CLIPModel
+from fdbpl_hf import FDBPLCLIPModel
+
+clip = CLIPModel.from_pretrained("{{ base_model or 'BASE_MODEL_ID' }}")
+model = FDBPLCLIPModel.from_pretrained(clip, "{{ repo_id or 'path/to/this/adapter' }}")
+logits = model(pixel_values, class_names=["cat", "dog"]).pos_logits
+```
+
+`model.save_merged(folder, image_processor)` writes a plain CLIP for
+`pipeline("zero-shot-image-classification", model=folder)` with the template above.
+
+## Adapter
+
+| setting | value |
+|---|---|
+| base model | `{{ base_model or 'not a Hub model' }}`{% if revision %} (revision `{{ revision }}`){% endif %} |
+| context tokens | {{ n_ctx }} |
+| positive init | {{ positive_init }} |
+| negative init | {{ negative_init }} |
+| class name position | {{ class_token_position }} |
+{% if class_names %}
+Trained on {{ class_names|length }} classes: {{ class_names|join(", ") }}.
+{% endif %}{% if training %}
+## Training
+
+| | |
+|---|---|
+{% for key, value in training.items() %}| {{ key }} | {{ value }} |
+{% endfor %}{% endif %}
+## Framework versions
+
+{% for key, value in versions.items() %}- {{ key }} {{ value }}
+{% endfor %}
+## Citation
+
+```bibtex
+@article{fdbpl2025,
+  title   = {FDBPL: Faster Distillation-Based Prompt Learning for Region-Aware Vision-Language Models Adaptation},
+  journal = {arXiv preprint arXiv:2505.18053},
+  year    = {2025}
+}
+```
+"""
+
+
+def adapter_card(cfg: FDBPLConfig, *, repo_id: Optional[str] = None, num_params: Optional[int] = None) -> ModelCard:
+    """The adapter's card: `library_name: peft`, base model (Hub ids only), pipeline tag, the
+    training dataset when it is a Hub id, framework versions, how to load it with and without us."""
+    base = hub_model_id(cfg.base_model_name_or_path)
+    extra = [f"base_model:adapter:{base}"] if base else []
+    return ModelCard.from_template(
+        card_data=_card_data(cfg, "peft", extra), template_str=_ADAPTER_CARD, paper_url=PAPER_URL,
+        base_model=base, revision=cfg.revision if base else None, n_ctx=cfg.n_ctx, context_dim=cfg.context_dim,
+        num_params=num_params if num_params is not None else 2 * cfg.n_ctx * (cfg.context_dim or 0),
+        positive_init=repr(cfg.positive_init), negative_init=repr(cfg.negative_init),
+        class_token_position=cfg.class_token_position, class_names=cfg.class_names, training=cfg.training,
+        template=hypothesis_template(cfg), negative_template=hypothesis_template(cfg, negative=True),
+        versions=framework_versions(), repo_id=repo_id,
+    )
+
+
+_MERGED_CARD = """---
+{{ card_data }}
+---
+
+# CLIP with an FDBPL prompt{% if base_model %}: `{{ base_model }}`{% endif %}
+
+A plain `transformers` CLIP whose tokenizer holds a prompt learned with **FDBPL**
+([Faster Distillation-Based Prompt Learning]({{ paper_url }})) as {{ n_ctx }} added tokens. Use it with
+this **hypothesis template**:
+
+    {{ template }}
+
+```python
+from transformers import pipeline
+
+classifier = pipeline("zero-shot-image-classification", model="{{ repo_id or 'path/to/this/folder' }}")
+classifier(image, candidate_labels=["cat", "dog"], hypothesis_template="{{ template }}")
+```
+
+Any other template works too, but then it is plain CLIP. The negative prompt (out-of-distribution
+scores) is `{{ negative_template }}`.
+
+## Framework versions
+
+{% for key, value in versions.items() %}- {{ key }} {{ value }}
+{% endfor %}
+"""
+
+
+def merged_card(cfg: FDBPLConfig, *, repo_id: Optional[str] = None) -> ModelCard:
+    """The card of a `save_merged` folder: a transformers model card stating the template."""
+    data = _card_data(cfg, "transformers")
+    return ModelCard.from_template(
+        card_data=data, template_str=_MERGED_CARD, paper_url=PAPER_URL, base_model=data.base_model,
+        n_ctx=cfg.n_ctx, template=hypothesis_template(cfg), negative_template=hypothesis_template(cfg, True),
+        versions=framework_versions(), repo_id=repo_id,
+    )
+
+
+def record_eval_results(card: ModelCard, results: list[dict], *, model_name: str) -> ModelCard:
+    """Put evaluation results into a card's `model-index` (what the Hub shows as results).
+
+    `results`: dicts with `dataset_id` (Hub id or name), `dataset_name`, `split`, `metric` (the
+    metric's name, e.g. "base accuracy"), `metric_type` (e.g. "accuracy") and `value` (%).
+    An existing result for the same dataset, split and metric name is replaced; others are kept.
+    """
+    from huggingface_hub import EvalResult
+
+    fresh = [EvalResult(task_type="zero-shot-image-classification", task_name="Zero-shot image classification",
+                        dataset_type=r["dataset_id"], dataset_name=r["dataset_name"], dataset_split=r.get("split"),
+                        metric_type=r["metric_type"], metric_name=r["metric"], metric_value=round(float(r["value"]), 2))
+             for r in results]
+    keys = {(r.dataset_type, r.dataset_split, r.metric_name) for r in fresh}
+    kept = [r for r in (card.data.eval_results or []) if (r.dataset_type, r.dataset_split, r.metric_name) not in keys]
+    card.data.eval_results = kept + fresh
+    card.data.model_name = card.data.model_name or model_name
+    return card

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .losses import PCD_REDUCTIONS, WEIGHT_MODES, coop_loss, fdbpl_loss
 from .modeling import FDBPLCLIPModel
-from .prompts import FDBPLPromptLearner
+from .prompts import ADAPTER_COMPANION_FILES, FDBPLPromptLearner, adapter_card
 from .ril.regions import normalize
 from .ril.features import check_feature_cache
 from .ril.replay import RILDataset, dense_teacher_logits
@@ -396,7 +397,20 @@ class FDBPLTrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        self._adapter_prompts().save_pretrained(output_dir, model_card_kwargs={"repo_id": self._hub_repo_id()})
+        self._adapter_prompts()  # the training record goes into the adapter's config
+        self.accelerator.unwrap_model(self.model).save_pretrained(
+            output_dir, model_card_kwargs={"repo_id": self._hub_repo_id()})
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer copies peft's two adapter files from the checkpoint before a mid-training
+        # push; the rest of the adapter (our config, the tokenizer with the context tokens, the
+        # card) must go with them, or the pushed repo mixes two saves.
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            for name in ADAPTER_COMPANION_FILES:
+                src = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(src):
+                    shutil.copy(src, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _restore_prompts(self, checkpoint_dir: str, model=None) -> None:
         loaded = FDBPLPromptLearner.from_pretrained(checkpoint_dir)
@@ -474,5 +488,5 @@ class FDBPLTrainer(Trainer):
         """Write the adapter's card (base model, table, hyper-parameters, final losses) to output_dir."""
         if not self.is_world_process_zero():
             return
-        card = self._adapter_prompts().generate_model_card(repo_id=self._hub_repo_id())
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        prompts = self._adapter_prompts()
+        adapter_card(prompts.config, repo_id=self._hub_repo_id()).save(os.path.join(self.args.output_dir, "README.md"))

@@ -187,20 +187,25 @@ def test_plots_write_pngs(tmp_path):
         plot_loss_curves([{"step": 1, "train_runtime": 1.0}], tmp_path / "none.png")
 
 
-def test_evaluate_script(tiny_checkpoints, tokenizer, tmp_path):
+def test_evaluate_script(fake_hub, tiny_checkpoints, tokenizer, tmp_path):
+    from huggingface_hub import ModelCard
     from transformers import CLIPModel
 
     student = tiny_checkpoints["student"]
     adapter_dir = tmp_path / "adapter"
-    get_fdbpl_model(CLIPModel.from_pretrained(student), FDBPLConfig(), tokenizer).save_pretrained(adapter_dir)
-    log = tmp_path / "train_log.json"
-    log.write_text(json.dumps([{"step": s, "loss": 1.0 / s, "loss_pos": 0.5 / s, "loss_neg": -1.0,
-                                "loss_sim": 0.1, "loss_pcd": 0.0} for s in range(1, 6)]))
+    model = get_fdbpl_model(CLIPModel.from_pretrained(student), FDBPLConfig(), tokenizer)
+    model.save_pretrained(adapter_dir)
+    model.push_to_hub("tester/evaluated")
+    log = tmp_path / "trainer_state.json"  # what Trainer.save_state writes
+    log.write_text(json.dumps({"log_history": [{"step": s, "loss": 1.0 / s, "loss_pos": 0.5 / s, "loss_neg": -1.0,
+                                                "loss_sim": 0.1, "loss_pcd": 0.0} for s in range(1, 6)]}))
     out = tmp_path / "eval"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
+    # the loopback Hub (not offline): --push_to_hub records the results on the adapter's Hub card
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     run = subprocess.run([sys.executable, os.path.join(REPO, "examples", "evaluate.py"), "--student", student,
                           "--adapter", str(adapter_dir), "--dataset", "digits", "--max_eval_samples", "40",
-                          "--num_shots", "4", "--split_seed", "2", "--train_log", str(log), "--output_dir", str(out)],
+                          "--num_shots", "4", "--split_seed", "2", "--train_log", str(log), "--output_dir", str(out),
+                          "--push_to_hub", "--hub_model_id", "tester/evaluated"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| FDBPL | digits | 1 |" in run.stdout
@@ -212,6 +217,14 @@ def test_evaluate_script(tiny_checkpoints, tokenizer, tmp_path):
     assert b2n["num_base_images"] + b2n["num_novel_images"] == 40
     assert b2n["hm"] == pytest.approx(harmonic_mean(b2n["base_acc"], b2n["novel_acc"]))
     assert set(b2n["ood"]["scores"]) == {"msp", "pos_neg_margin", "msp_diff"}
+    # model-index results: in the local adapter's card and on the Hub repo's
+    for card in (ModelCard.load(adapter_dir / "README.md"), ModelCard.load("tester/evaluated")):
+        results = {r.metric_name: r for r in card.data.eval_results}
+        assert set(results) == {"base accuracy", "novel accuracy", "harmonic mean (base, novel)"}
+        assert results["base accuracy"].metric_value == round(b2n["base_acc"], 2)
+        assert results["harmonic mean (base, novel)"].metric_value == round(b2n["hm"], 2)
+        assert results["novel accuracy"].dataset_name == "digits" and results["base accuracy"].dataset_split == "test"
+        assert card.data.library_name == "peft" and "model-index" in card.content
 
 
 # ---- bad input ------------------------------------------------------------------------------------

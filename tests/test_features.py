@@ -251,7 +251,7 @@ def test_examples_train_with_a_feature_cache(tiny_checkpoints, tmp_path):
     assert feature_cache_metadata(cache)["epochs"] == 2
     assert feature_cache_metadata(cache)["table_build_key"] == ril_metadata(load_ril_table(str(tmp_path / "table")))[
         "build_key"]
-    with open(out / "config.json") as f:
+    with open(out / "fdbpl_config.json") as f:  # the adapter config (peft format after 0.3.0)
         assert "student-feature cache" in f.read()
 
 

@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,10 +131,12 @@ def test_metric_modules_ship_as_files():
 
 _OFFLINE_SCRIPT = """
 import json
-from fdbpl_hf.metrics import load_metric
-acc = load_metric("fdbpl_accuracy")
-hm = load_metric("base_novel_hm")
-ood = load_metric("ood_detection")
+import evaluate
+# each module from a copy of its folder, outside the package, with fdbpl_hf unimportable (the
+# prelude blocks it): the folders stand alone, as Hub metric repos would
+acc = evaluate.load("./fdbpl_accuracy")
+hm = evaluate.load("./base_novel_hm")
+ood = evaluate.load("./ood_detection")
 print(json.dumps({
     "accuracy": acc.compute(predictions=[0, 1, 1, 2, 2], references=[0, 1, 0, 2, 1], per_class=True),
     "hm": hm.compute(base=[70.34, 68.34], novel=[73.22, 75.22], dataset_names=["a", "b"]),
@@ -147,8 +150,15 @@ def test_evaluate_modules_load_offline_and_match_functional(tmp_path):
     env = dict(os.environ)
     # Offline and with an unreachable endpoint and an empty cache: only the local path can work.
     env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
+    from stock_process import _BLOCK_FDBPL
+
+    for name in M.METRIC_MODULES:
+        shutil.copytree(M.metric_path(name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        card = (tmp_path / name / "README.md").read_text()
+        assert card.startswith("---\n") and "- evaluate" in card and "- metric" in card and "evaluate.load(" in card
     proc = subprocess.run(
-        [sys.executable, "-c", _OFFLINE_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _BLOCK_FDBPL + _OFFLINE_SCRIPT], env=env, cwd=tmp_path, capture_output=True,
+        text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

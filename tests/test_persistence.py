@@ -19,23 +19,38 @@ def trained_like(model):
     return model
 
 
-def test_save_writes_only_the_adapter(tokenizer, tmp_path):
+def test_save_writes_a_peft_adapter(tokenizer, tmp_path):
+    # after 0.3.0 the format became peft's TrainableTokens (was config.json + model.safetensors)
     clip = make_clip("vit-b-32")
     model = trained_like(get_fdbpl_model(clip, FDBPLConfig(base_model_name_or_path="openai/clip-vit-base-patch32"),
                                          tokenizer))
     model.save_pretrained(tmp_path)
     files = sorted(os.listdir(tmp_path))
-    assert files == ["README.md", "config.json", "model.safetensors"]
-    weights = load_file(tmp_path / "model.safetensors")
-    assert set(weights) == {"ctx_pos", "ctx_neg"} and weights["ctx_pos"].shape == (4, 512)
-    total = sum(os.path.getsize(tmp_path / f) for f in files)
-    assert total < 32_000, total  # two 4 x 512 contexts, not a CLIP
-    config = json.loads((tmp_path / "config.json").read_text())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "fdbpl_config.json",
+                     "tokenizer.json", "tokenizer_config.json"]
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    rows = weights["base_model.model.text_model.embeddings.token_embedding.trainable_tokens_delta"]
+    assert len(weights) == 1 and rows.shape == (8, 512)
+    assert torch.equal(rows, torch.cat([model.prompts.ctx_pos, model.prompts.ctx_neg]))
+    adapter = [f for f in files if not f.startswith("tokenizer")]
+    total = sum(os.path.getsize(tmp_path / f) for f in adapter)
+    assert total < 32_000, total  # two 4 x 512 contexts, not a CLIP (the tokenizer is the base one + 8 tokens)
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft_config["peft_type"] == "TRAINABLE_TOKENS" and peft_config["target_modules"] == ["token_embedding"]
+    assert peft_config["token_indices"] == list(range(49408, 49416))
+    assert peft_config["base_model_name_or_path"] == "openai/clip-vit-base-patch32"
+    config = json.loads((tmp_path / "fdbpl_config.json").read_text())
     assert config["base_model_name_or_path"] == "openai/clip-vit-base-patch32"
     assert config["context_dim"] == 512 and config["n_ctx"] == 4
     card = (tmp_path / "README.md").read_text()
-    assert "base_model: openai/clip-vit-base-patch32" in card
+    assert "base_model: openai/clip-vit-base-patch32" in card and "library_name: peft" in card
+    assert "pipeline_tag: zero-shot-image-classification" in card and "base_model:adapter:openai/" in card
     assert "arxiv.org/abs/2505.18053" in card and "FDBPLCLIPModel.from_pretrained" in card
+    assert "PeftModel.from_pretrained" in card and "<fdbpl_pos_0><fdbpl_pos_1><fdbpl_pos_2><fdbpl_pos_3> {}." in card
+    import peft
+    import transformers
+
+    assert f"- peft {peft.__version__}" in card and f"- transformers {transformers.__version__}" in card
 
 
 def test_from_pretrained_restores_exactly(tiny_clip, tokenizer, tmp_path):
@@ -56,11 +71,12 @@ def test_push_and_pull_through_the_hub(fake_hub, tiny_clip, tokenizer, tmp_path)
     model = trained_like(get_fdbpl_model(tiny_clip, FDBPLConfig(base_model_name_or_path="tiny-clip"), tokenizer))
     model.push_to_hub("tester/fdbpl-adapter")
     assert sorted(fake_hub.list_files("tester/fdbpl-adapter")) == [
-        ".gitattributes", "README.md", "config.json", "model.safetensors"]
+        ".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", "fdbpl_config.json",
+        "tokenizer.json", "tokenizer_config.json"]
     card = fake_hub.read_file("tester/fdbpl-adapter", "README.md").decode()
     assert "hf_fake_token" not in card and "base_model: tiny-clip" in card
     assert 'from_pretrained(clip, "tester/fdbpl-adapter"' in card  # the loading snippet names this repo
-    with pytest.raises(FileNotFoundError, match="no folder .*runs/missing, and no config.json could be read"):
+    with pytest.raises(FileNotFoundError, match="no folder .*runs/missing, and no fdbpl_config.json could be read"):
         FDBPLCLIPModel.from_pretrained(tiny_clip, "runs/missing", tokenizer=tokenizer)
     model.push_to_hub("short-name")  # no owner: the Hub adds the user's, and so does the card
     owner = huggingface_hub.HfApi().whoami()["name"]
@@ -117,9 +133,9 @@ def test_refuses_mismatched_base_models(tiny_clip, tokenizer, tmp_path):
 def test_never_unpickles(tiny_clip, tokenizer, tmp_path):
     model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
     model.save_pretrained(tmp_path)
-    os.remove(tmp_path / "model.safetensors")
-    torch.save(model.prompts.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    os.remove(tmp_path / "adapter_model.safetensors")
+    torch.save(model.prompts.state_dict(), tmp_path / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
         FDBPLCLIPModel.from_pretrained(tiny_clip, tmp_path, tokenizer=tokenizer)
 
 

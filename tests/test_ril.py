@@ -372,9 +372,9 @@ def test_examples_build_table_two_processes(fake_hub, tiny_checkpoints, tmp_path
               "--num_regions", "2", "--top_k", "3"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     run_ok(torchrun_command(os.path.join(REPO, "examples", "build_table.py"), *common, "--output_dir",
-                            str(tmp_path / "two"), "--push_to_hub", "tester/table2"), env=env, timeout=300)
+                            str(tmp_path / "two"), "--push_to_hub", "--hub_dataset_id", "tester/table2"), env=env, timeout=300)
     run_ok([sys.executable, os.path.join(REPO, "examples", "build_table.py"), *common,
-            "--output_dir", str(tmp_path / "one"), "--push_to_hub", "tester/table1"], env=env, timeout=300)
+            "--output_dir", str(tmp_path / "one"), "--push_to_hub", "--hub_dataset_id", "tester/table1"], env=env, timeout=300)
     meta = ril_metadata(load_ril_table(str(tmp_path / "two")))
     assert meta["teacher"]["image_mean"] == [0.5] * 3 and meta["teacher"]["image_std"] == [0.25] * 3
     one, two = fake_hub.repos[("dataset", "tester/table1")], fake_hub.repos[("dataset", "tester/table2")]

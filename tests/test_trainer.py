@@ -143,7 +143,7 @@ def test_only_the_writer_rank_saves(digits_small, varied_table, tokenizer, tmp_p
     assert not (tmp_path / "out").exists()
     monkeypatch.undo()
     trainer.save_model(str(tmp_path / "out"))
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
 def test_epochs_replay_new_regions(digits_small, dense_table, tokenizer, tmp_path):
@@ -161,8 +161,9 @@ def test_checkpoints_hold_only_the_adapter_and_resume_exactly(digits_small, dens
     FDBPLTrainer(model=full, args=args, train_dataset=data).train()
     ckpt = tmp_path / "a" / "checkpoint-4"
     files = set(os.listdir(ckpt))
-    assert {"config.json", "model.safetensors", "README.md", "optimizer.pt", "trainer_state.json"} <= files
-    assert os.path.getsize(ckpt / "model.safetensors") < 4096  # two 4 x 32 contexts, no CLIP
+    assert {"adapter_config.json", "adapter_model.safetensors", "fdbpl_config.json", "tokenizer.json", "README.md",
+            "optimizer.pt", "trainer_state.json"} <= files  # peft's adapter format after 0.3.0
+    assert os.path.getsize(ckpt / "adapter_model.safetensors") < 4096  # two 4 x 32 contexts, no CLIP
     resumed = student(tokenizer)  # fresh prompts: resume must restore them
     FDBPLTrainer(model=resumed, args=train_args(tmp_path / "b", num_train_epochs=3),
                  train_dataset=RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD),
@@ -252,18 +253,24 @@ def test_torch_compile_trains_the_same_prompts(digits_small, varied_table, token
 def test_push_trained_adapter(fake_hub, digits_small, dense_table, tokenizer, tmp_path):
     model = student(tokenizer)
     data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
-    trainer = FDBPLTrainer(model=model, args=train_args(tmp_path, push_to_hub=True, hub_model_id="tester/trained"),
-                           train_dataset=data)
+    # a push at every save (the Trainer's default hub_strategy) as well as at the end
+    trainer = FDBPLTrainer(model=model, args=train_args(tmp_path, push_to_hub=True, hub_model_id="tester/trained",
+                                                        save_strategy="epoch"), train_dataset=data)
     trainer.train()
+    mid = fake_hub.repos[("model", "tester/trained")]
+    assert len(mid.commits) >= 2  # the mid-training pushes happened
+    for name in ("adapter_config.json", "adapter_model.safetensors", "fdbpl_config.json", "tokenizer.json"):
+        assert (tmp_path / name).is_file(), name  # the whole adapter travels with the Trainer's copy of peft's files
     trainer.push_to_hub()
     files = fake_hub.list_files("tester/trained")
-    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "fdbpl_config.json", "tokenizer.json",
+            "README.md"} <= set(files)
     assert not any(f.startswith("checkpoint-") for f in files)
     card = fake_hub.read_file("tester/trained", "README.md").decode()
     assert "FDBPL, offline RIL table" in card and "M=5, K=10" in card and "hf_fake_token" not in card
     assert 'from_pretrained(clip, "tester/trained"' in card
     assert "| optimizer | SGD, momentum 0.9, weight decay 0.0005 |" in card and "| gradient clipping | none |" in card
-    config = json.loads(fake_hub.read_file("tester/trained", "config.json"))
+    config = json.loads(fake_hub.read_file("tester/trained", "fdbpl_config.json"))
     assert config["class_names"] == DIGIT_NAMES and config["training"]["steps"] == trainer.state.global_step
     loaded = FDBPLCLIPModel.from_pretrained(make_clip("tiny", seed=2), "tester/trained", tokenizer=tokenizer)
     torch.testing.assert_close(loaded.prompts.contexts(), model.prompts.contexts(), atol=0, rtol=0)
@@ -342,30 +349,37 @@ def _script_env():
 def test_examples_train_two_processes_over_gloo(fake_hub, digits_small, tiny_checkpoints, tmp_path):
     """`examples/train.py` under torchrun with 2 CPU processes (gloo) equals a 1-process run with the
     same global batch (PCD off: its pairs do not span ranks), and only rank 0 writes and pushes."""
-    common = ["--student", tiny_checkpoints["student"], "--dataset", "digits", "--num_shots", "8",  # 40 images: whole global batches of 8
-              "--split_seed", "1", "--classes", "base", "--num_train_epochs", "2", "--logging_steps", "1",
-              "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--use_pcd", "false",
-              "--teacher", tiny_checkpoints["teacher"], "--num_regions", "5", "--save_strategy", "no",
-              "--warmup_epochs", "0", "--learning_rate", "0.05", "--seed", "7"]
+    common = {"student": tiny_checkpoints["student"], "dataset": "digits", "num_shots": 8,  # 40 images: whole global batches of 8
+              "split_seed": 1, "classes": "base", "num_train_epochs": 2, "logging_steps": 1,
+              "use_cpu": True, "report_to": "none", "disable_tqdm": True, "use_pcd": False,
+              "teacher": tiny_checkpoints["teacher"], "num_regions": 5, "save_strategy": "no",
+              "warmup_epochs": 0, "learning_rate": 0.05, "seed": 7}
+    flags = [str(x) for k, v in common.items() for x in (f"--{k}", v)]
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    run_ok(torchrun_command(os.path.join(REPO, "examples", "train.py"), *common, "--per_device_train_batch_size", "4",
+    run_ok(torchrun_command(os.path.join(REPO, "examples", "train.py"), *flags, "--per_device_train_batch_size", "4",
                             "--output_dir", str(ddp_out), "--push_to_hub", "--hub_model_id", "tester/ddp"),
            env=_script_env(), timeout=600)
-    run_ok([sys.executable, os.path.join(REPO, "examples", "train.py"), *common,
-            "--per_device_train_batch_size", "8", "--output_dir", str(single_out)], env=_script_env(), timeout=600)
+    # the single-process run takes the same arguments as a JSON file (HfArgumentParser's JSON form)
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({**common, "per_device_train_batch_size": 8, "output_dir": str(single_out)}))
+    run_ok([sys.executable, os.path.join(REPO, "examples", "train.py"), str(args_file)], env=_script_env(), timeout=600)
     assert sorted(os.listdir(ddp_out)) == sorted(os.listdir(single_out))
-    assert {"config.json", "model.safetensors", "README.md", "few_shot_split.json"} <= set(os.listdir(ddp_out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "fdbpl_config.json", "README.md", "few_shot_split.json",
+            "trainer_state.json", "train_results.json", "all_results.json"} <= set(os.listdir(ddp_out))
+    assert not (ddp_out / "train_log.json").exists()  # the Trainer's save_state / save_metrics replace it
     pushed = fake_hub.repos[("model", "tester/ddp")]
     assert len(pushed.commits) == 2  # the repo's first commit, then one push with everything in it
-    assert {"model.safetensors", "few_shot_split.json", "train_log.json"} <= set(fake_hub.list_files("tester/ddp"))
+    assert {"adapter_model.safetensors", "few_shot_split.json", "trainer_state.json",
+            "train_results.json"} <= set(fake_hub.list_files("tester/ddp"))
     clip = make_clip("tiny", seed=2)
     from fdbpl_hf.offline import clip_tokenizer
 
     a = FDBPLCLIPModel.from_pretrained(clip, ddp_out, tokenizer=clip_tokenizer(), check_base_model=False)
     b = FDBPLCLIPModel.from_pretrained(clip, single_out, tokenizer=clip_tokenizer(), check_base_model=False)
-    ddp_log = json.load(open(ddp_out / "train_log.json"))
-    single_log = json.load(open(single_out / "train_log.json"))
+    ddp_log = json.load(open(ddp_out / "trainer_state.json"))["log_history"]
+    single_log = json.load(open(single_out / "trainer_state.json"))["log_history"]
     assert [h["step"] for h in ddp_log] == [h["step"] for h in single_log]
     np.testing.assert_allclose([h["loss"] for h in ddp_log if "loss" in h],
                                [h["loss"] for h in single_log if "loss" in h], atol=1e-4)
+    assert json.load(open(ddp_out / "train_results.json"))["epoch"] == 2
     torch.testing.assert_close(a.prompts.contexts(), b.prompts.contexts(), atol=1e-5, rtol=1e-4)

@@ -55,6 +55,28 @@ def _card_section(config_name: str, metadata: dict, repo_id: str) -> str:
     return "\n".join(lines)
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name)) and ".." not in name
+
+
+def card_metadata(metadata: dict) -> dict:
+    """The YAML entry of one table config: class names (in table order), teacher, K, M, region
+    spec, seed and source, as plain JSON types."""
+    src, teacher = metadata["source"], metadata["teacher"]
+    source = {k: src.get(k) for k in ("id", "config", "split", "num_rows", "fingerprint")
+              if src.get(k) is not None and (k != "id" or _looks_like_hub_id(str(src[k])))}
+    return json.loads(json.dumps({
+        "class_names": list(metadata["class_names"]),
+        "teacher": {k: v for k, v in teacher.items() if k in ("name", "revision", "templates") and v is not None},
+        "top_k": metadata["top_k"],
+        "num_regions": metadata["num_regions"],
+        "regions": metadata["regions"],
+        "seed": metadata["seed"],
+        "source": source,
+        "fdbpl_hf_version": metadata.get("library_version"),
+    }, default=str))
+
+
 _CARD_INTRO = """# FDBPL Region Information Lookup tables
 
 Offline teacher soft labels for [FDBPL](https://arxiv.org/abs/2505.18053) prompt learning, built
@@ -99,5 +121,16 @@ def push_ril_table(table: datasets.Dataset, repo_id: str, config_name: Optional[
     card.text = text
     tags = set(card.data.get("tags") or []) | {"fdbpl", "ril-table", "knowledge-distillation"}
     card.data["tags"] = sorted(tags)
+    # The facts a user of `load_dataset` needs, in the card's YAML (readable with huggingface_hub
+    # alone: `DatasetCard.load(repo).data["fdbpl_ril"][config]`), one entry per config. Not inside
+    # `configs:`, whose keys `datasets` passes to its builder.
+    described = dict(card.data.get("fdbpl_ril") or {})
+    described[config_name] = card_metadata(metadata)
+    card.data["fdbpl_ril"] = described
+    card.data["task_categories"] = sorted(set(card.data.get("task_categories") or [])
+                                          | {"zero-shot-image-classification"})
+    source = metadata["source"].get("id")
+    if source and _looks_like_hub_id(source):
+        card.data["source_datasets"] = sorted(set(card.data.get("source_datasets") or []) | {source})
     card.push_to_hub(repo_id, repo_type="dataset", token=token, commit_message=f"Describe RIL config {config_name}")
     return config_name

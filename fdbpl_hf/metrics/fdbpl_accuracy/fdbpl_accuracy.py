@@ -1,14 +1,41 @@
-"""`evaluate` module: top-1 accuracy, optionally per class, computed by `fdbpl_hf.metrics.functional`.
+"""`evaluate` module: top-1 accuracy, optionally per class.
 
-Load it offline with `fdbpl_hf.metrics.load_metric("fdbpl_accuracy")`.
+Stands alone (numpy, datasets, evaluate; no fdbpl_hf), so the folder can be published as a Hub
+metric repo: `evaluate.load("path/to/fdbpl_accuracy")`. With fdbpl_hf installed,
+`fdbpl_hf.metrics.load_metric("fdbpl_accuracy")` loads it offline. Its numbers equal
+`fdbpl_hf.metrics.functional` (tested).
 """
 
 import datasets
 import evaluate
 import numpy as np
 
-from fdbpl_hf.metrics.functional import accuracy
-from fdbpl_hf.metrics.functional import per_class_accuracy
+
+def _class_ids(predictions) -> np.ndarray:
+    pred = np.asarray(predictions)
+    return pred.argmax(-1) if pred.ndim == 2 else pred.reshape(-1)  # 2-D: (N, C) logits
+
+
+def accuracy(predictions, references) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    pred, ref = _class_ids(predictions), np.asarray(references).reshape(-1)
+    if pred.shape != ref.shape:
+        raise ValueError(f"{pred.shape[0]} predictions for {ref.shape[0]} references")
+    if ref.size == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    return float(np.mean(pred == ref))
+
+
+def per_class_accuracy(predictions, references, num_classes=None) -> np.ndarray:
+    """Accuracy of each class id; NaN for classes without references."""
+    pred, ref = _class_ids(predictions), np.asarray(references).reshape(-1).astype(np.int64)
+    if pred.shape != ref.shape:
+        raise ValueError(f"{pred.shape[0]} predictions for {ref.shape[0]} references")
+    n = int(num_classes) if num_classes is not None else (int(ref.max()) + 1 if ref.size else 0)
+    total = np.bincount(ref, minlength=n)[:n].astype(np.float64)
+    correct = np.bincount(ref[pred == ref], minlength=n)[:n].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
 
 _DESCRIPTION = """Top-1 accuracy (fraction in [0, 1]) of predicted class ids against reference class ids.
 With `per_class=True` it also returns each class's accuracy and their mean (balanced accuracy)."""
@@ -23,7 +50,7 @@ Returns:
     accuracy (`float`), and with `per_class=True`: per_class_accuracy (`list` of `float`, NaN for
     classes without references) and mean_per_class_accuracy (`float`).
 Examples:
-    >>> metric = fdbpl_hf.metrics.load_metric("fdbpl_accuracy")
+    >>> metric = evaluate.load("fdbpl_accuracy")  # this folder
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])
     {'accuracy': 0.6666666666666666}
 """

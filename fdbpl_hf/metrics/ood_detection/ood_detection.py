@@ -1,14 +1,45 @@
 """`evaluate` module: out-of-distribution detection, AUROC and FPR at 95% TPR.
 
-Load it offline with `fdbpl_hf.metrics.load_metric("ood_detection")`.
+Stands alone (numpy, datasets, evaluate; no fdbpl_hf), so the folder can be published as a Hub
+metric repo: `evaluate.load("path/to/ood_detection")`. With fdbpl_hf installed,
+`fdbpl_hf.metrics.load_metric("ood_detection")` loads it offline. Its numbers equal
+`fdbpl_hf.metrics.functional.auroc` / `fpr_at_tpr` (tested).
 """
+
+import math
 
 import datasets
 import evaluate
 import numpy as np
 
-from fdbpl_hf.metrics.functional import auroc
-from fdbpl_hf.metrics.functional import fpr_at_tpr
+
+def _midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (Mann-Whitney U)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)
+    return (upper - (counts - 1) / 2.0)[inverse]
+
+
+def auroc(s_in: np.ndarray, s_out: np.ndarray) -> float:
+    """P(s_in > s_out) + P(s_in = s_out) / 2."""
+    if s_in.size == 0 or s_out.size == 0:
+        raise ValueError("AUROC needs at least one in-distribution and one out-of-distribution score")
+    if np.isnan(s_in).any() or np.isnan(s_out).any():
+        raise ValueError("scores contain NaN")
+    ranks = _midranks(np.concatenate([s_in, s_out]))
+    u = ranks[: s_in.size].sum() - s_in.size * (s_in.size + 1) / 2.0
+    return float(u / (s_in.size * s_out.size))
+
+
+def fpr_at_tpr(s_in: np.ndarray, s_out: np.ndarray, tpr: float = 0.95) -> float:
+    """Fraction of OOD scores >= the largest threshold that keeps at least `tpr` of the ID scores."""
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    if s_in.size == 0 or s_out.size == 0:
+        raise ValueError("FPR needs at least one in-distribution and one out-of-distribution score")
+    k = max(1, math.ceil(tpr * s_in.size - 1e-9))  # 0.95 * 20 is 19.000000000000004 in floating point
+    threshold = np.sort(s_in)[::-1][k - 1]
+    return float(np.mean(s_out >= threshold))
 
 _DESCRIPTION = """OOD detection quality of a score where higher means more in-distribution (e.g. the
 maximum softmax probability or maximum concept matching score). In-distribution samples are the
@@ -23,7 +54,7 @@ Args:
 Returns:
     auroc (`float`), fpr95 (`float`; key `fpr@{tpr}` when tpr != 0.95), both fractions in [0, 1].
 Examples:
-    >>> metric = fdbpl_hf.metrics.load_metric("ood_detection")
+    >>> metric = evaluate.load("ood_detection")  # this folder
     >>> metric.compute(scores=[0.9, 0.8, 0.2, 0.1], references=[1, 1, 0, 0])
     {'auroc': 1.0, 'fpr95': 0.0}
 """

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Text-embedding forward + backward per step: peft's `TrainableTokensLayer` against fdbpl_hf's hook.
+
+    python benchmarks/trainable_tokens_vs_hook.py   # a few seconds, one CPU thread
+
+Why: adapters are saved in peft's TrainableTokens format, but training keeps fdbpl_hf's forward
+hook (docs/adapter-format.md). peft's layer rebuilds the whole embedding matrix with `index_copy`
+at every forward and gets a dense gradient of it; the hook writes only the context rows. Both
+train the same 8 rows here: ViT-B/32's text vocabulary (49,408 + 8 rows x 512), 100 prompts of 10
+tokens, 4 context positions per prompt.
+"""
+
+import time
+
+import torch
+from peft import TrainableTokensConfig, get_peft_model
+from torch import nn
+
+VOCAB, WIDTH, PROMPTS, LENGTH = 49408, 512, 100, 10
+
+
+class TextEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.token_embedding = nn.Embedding(VOCAB + 8, WIDTH)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids)
+
+
+def timed(step, n: int = 30) -> float:
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n * 1000
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    ids = torch.randint(0, VOCAB, (PROMPTS, LENGTH))
+    ids[:, 1:5] = torch.arange(VOCAB, VOCAB + 4)  # the positive context tokens
+    peft_model = get_peft_model(TextEmbedding(), TrainableTokensConfig(
+        target_modules=["token_embedding"], token_indices=list(range(VOCAB, VOCAB + 8))))
+
+    hooked = TextEmbedding().requires_grad_(False)
+    ctx = nn.Parameter(torch.randn(4, WIDTH))
+    mask = torch.zeros(PROMPTS, LENGTH, dtype=torch.bool)
+    mask[:, 1:5] = True
+    hooked.token_embedding.register_forward_hook(
+        lambda module, args, out: out.masked_scatter(mask[..., None], ctx.expand(PROMPTS, -1, -1).reshape(-1, WIDTH)))
+
+    for r in range(2):
+        peft_ms = timed(lambda: peft_model(ids).sum().backward())
+        hook_ms = timed(lambda: hooked(ids).sum().backward())
+        print(f"round {r}: peft TrainableTokensLayer {peft_ms:.2f} ms, fdbpl_hf hook {hook_ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
