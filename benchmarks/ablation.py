@@ -77,12 +77,31 @@ def _git_commit() -> str:
         return "?"
 
 
+def numbers_world(test_per_class: Optional[int]):
+    """The "numbers" registry entry, its test split cut to `test_per_class` seeded rows per class
+    (None: all 20) so smoke runs evaluate quickly."""
+    import dataclasses
+
+    from fdbpl_hf.data import few_shot_indices, get_dataset_info
+
+    info = get_dataset_info("numbers")
+    if test_per_class is None:
+        return info
+
+    def load(split, **kwargs):
+        rows = info.load(split, **kwargs)
+        return rows.select(few_shot_indices(rows, test_per_class, seed=0)) if split == info.test_split else rows
+
+    return dataclasses.replace(info, loader=load)
+
+
 class Runner:
     """Runs `run_base_to_novel` once per distinct (method, settings, seed) and remembers the result."""
 
     def __init__(self, args: argparse.Namespace, teacher: str, student: str, work_dir: str):
         self.args, self.teacher, self.student, self.work_dir = args, teacher, student, work_dir
         self.memo: dict[str, dict[str, Any]] = {}
+        self.world = numbers_world(args.test_per_class)
 
     def run(self, method: str, seed: int, *, teacher: Any = None, top_k: Optional[int] = DEFAULT_K,
             num_regions: Optional[int] = None, training: Optional[dict] = None,
@@ -104,7 +123,7 @@ class Runner:
         out = tempfile.mkdtemp(prefix="run-", dir=self.work_dir)
         start = time.perf_counter()
         result = run_base_to_novel(
-            method, student=self.student, teacher=teacher if method != "zero-shot" else None, dataset="numbers",
+            method, student=self.student, teacher=teacher if method != "zero-shot" else None, dataset=self.world,
             seed=max(seed, 1), num_shots=a.shots, output_dir=out, num_train_epochs=a.epochs,
             per_device_train_batch_size=a.batch_size, num_regions=num_regions, top_k=top_k, flip_prob=0.0,
             training_overrides={**overrides, "dataloader_num_workers": 0} if method != "zero-shot" else None,
@@ -257,11 +276,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--student", default=None, help="student checkpoint (default: the numbers zoo's)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "ablation"))
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 1 shot, 2 configs each")
+    parser.add_argument("--test_per_class", type=int, default=None,
+                        help="evaluate on this many test images per class (default: all 20)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 seed, 1 epoch, 1 shot, 2 test images per class, 2 configs each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.shots = args.seeds[:1], 1, 1
+        args.test_per_class = args.test_per_class or 2
 
     import datasets
     import torch
@@ -287,7 +310,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "teacher": teacher, "student": student,
         "zoo_zero_shot": zoo_marker.get("zero_shot_base_novel") if zoo_marker else None,
         "settings": {"epochs": args.epochs, "shots": args.shots, "batch_size": args.batch_size, "lr": 0.002,
-                     "flip_prob": 0.0, "region_scale": [0.08, 1.0], "top_k (unless varied)": DEFAULT_K,
+                     "flip_prob": 0.0, "region_scale": [0.08, 1.0], "test_per_class": args.test_per_class or 20, "top_k (unless varied)": DEFAULT_K,
                      "num_regions (unless varied)": "epochs", "seeds": args.seeds,
                      "loss (unless varied)": BASE_LOSS},
     }
