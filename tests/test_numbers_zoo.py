@@ -45,7 +45,8 @@ def test_the_numbers_teacher_is_clearly_stronger_than_the_student(zoo):
 def test_fdbpl_from_a_top_k_table_beats_the_zero_shot_student(zoo, tmp_path):
     # The ablation's settings (8 shots, 10 epochs), K = 10 of the 50 base classes. Seeds differ by
     # up to ~8 base points here (few shots of 50 classes), so the claim is on the three-seed mean.
-    zero_shot = run_base_to_novel("zero-shot", student=zoo["student"], dataset="numbers", output_dir=str(tmp_path / "zs"))
+    zero_shot = run_base_to_novel("zero-shot", student=zoo["student"], dataset="numbers",
+                                  output_dir=str(tmp_path / "zs"))
     results = []
     for seed in (1, 2, 3):
         result = run_base_to_novel("fdbpl-offline", student=zoo["student"], teacher=zoo["teacher"], dataset="numbers",
@@ -88,7 +89,8 @@ def test_offline_with_stored_entropy_logs_the_online_information_weight(zoo, tmp
         student = CLIPModel.from_pretrained(zoo["student"])
         model = get_fdbpl_model(student, FDBPLConfig(base_model_name_or_path=zoo["student"], template=data["template"]),
                                 AutoTokenizer.from_pretrained(zoo["student"]))
-        args = FDBPLTrainingArguments(output_dir=str(tmp_path / run), num_train_epochs=2, per_device_train_batch_size=20,
+        args = FDBPLTrainingArguments(output_dir=str(tmp_path / run), num_train_epochs=2,
+                                      per_device_train_batch_size=20,
                                       seed=1, save_strategy="no", report_to="none", logging_steps=1,
                                       disable_tqdm=True, use_cpu=True,
                                       weight_entropy="topk" if run == "offline-topk" else "full")
