@@ -171,7 +171,7 @@ def _seconds(records: list[dict], key: str) -> str:
 
 def subset_loss(r: Runner, seeds: list[int], quick: bool) -> tuple[list, list]:
     configs = LOSS_CONFIGS[:2] if quick else LOSS_CONFIGS
-    rows, runs = [_row("zero-shot student", [r.run("zero-shot", 0)])], []
+    rows, runs = [_row("zero-shot student", [r.run("zero-shot", 0)], ["-"])], []
     for label, training in configs:
         records = [r.run("fdbpl-offline", s, training=training) for s in seeds]
         rows.append(_row(label, records, [_seconds(records, "train_seconds")]))

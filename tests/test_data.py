@@ -176,7 +176,8 @@ COOP_TEMPLATES = {
 
 
 def test_registry_has_the_benchmark_and_digits():
-    assert set(DATASETS) == set(COOP_TEMPLATES) | {"digits"}
+    # "digits" and "numbers" (two-digit numbers composed from them) are the offline worlds.
+    assert set(DATASETS) == set(COOP_TEMPLATES) | {"digits", "numbers"}
     for name, info in DATASETS.items():
         assert "{}" in info.template, name
         assert info.name == name
@@ -184,7 +185,8 @@ def test_registry_has_the_benchmark_and_digits():
             assert info.template == COOP_TEMPLATES[name]
         assert info.hub_id is None or info.hub_id.count("/") == 1
     assert DATASETS["digits"].template == "a photo of the digit {}."
-    assert sum(info.num_classes for n, info in DATASETS.items() if n != "digits") == 1000 + 100 + 37 + 196 + 102 + 101 + 100 + 397 + 47 + 10 + 101
+    assert DATASETS["numbers"].num_classes == 100
+    assert sum(info.num_classes for n, info in DATASETS.items() if n not in ("digits", "numbers")) == 1000 + 100 + 37 + 196 + 102 + 101 + 100 + 397 + 47 + 10 + 101
 
 
 def test_get_dataset_info_is_lenient_about_names():
