@@ -3,6 +3,7 @@
     python examples/build_zoo.py                      # default settings, cached under $HF_HOME
     python examples/build_zoo.py --force              # retrain even if cached
     python examples/build_zoo.py --student epochs=4 train_rows_per_class=20
+    python examples/build_zoo.py --world numbers     # the 100-class two-digit numbers world
 
 Prints the two checkpoint directories (load them with `CLIPModel.from_pretrained(path)`,
 `AutoTokenizer.from_pretrained(path)`, `CLIPImageProcessorPil.from_pretrained(path)`), their
@@ -17,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from fdbpl_hf.zoo import EVAL_TEMPLATE, STUDENT_SPEC, TEACHER_SPEC, build_zoo, read_zoo_marker
+from fdbpl_hf.zoo import STUDENT_SPEC, TEACHER_SPEC, WORLDS, build_zoo, read_zoo_marker
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
@@ -36,6 +37,8 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", default="digits", choices=sorted(WORLDS),
+                        help="digits (10 classes) or numbers (100 two-digit numbers)")
     parser.add_argument("--cache_dir", default=None, help="zoo root (default: $HF_HOME/fdbpl_hf/zoo)")
     parser.add_argument("--force", action="store_true", help="retrain even if a matching zoo is cached")
     parser.add_argument("--teacher", nargs="*", default=[], metavar="KEY=VALUE",
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     start = time.perf_counter()
     paths = build_zoo(args.cache_dir, force=args.force, teacher_kwargs=_overrides(args.teacher),
-                      student_kwargs=_overrides(args.student), num_threads=args.num_threads)
+                      student_kwargs=_overrides(args.student), num_threads=args.num_threads, world=args.world)
     elapsed = time.perf_counter() - start
     marker = read_zoo_marker(paths) or {}
     accuracy = marker.get("zero_shot_accuracy", {})
@@ -60,9 +63,11 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     print(f"zoo: {marker.get('key', '?')}  ({elapsed:.1f}s this call)")
     for role in ("teacher", "student"):
         print(f"{role:8s} {paths[role]}")
-        print(f"         zero-shot accuracy {accuracy.get(role, float('nan')):.4f} on {num_test} held-out test digits "
-              f"({EVAL_TEMPLATE!r}); trained in {seconds.get(role, float('nan')):.1f}s wall, "
-              f"{cpu.get(role, float('nan')):.1f}s CPU")
+        split = marker.get("zero_shot_base_novel", {}).get(role, {})
+        print(f"         zero-shot accuracy {accuracy.get(role, float('nan')):.4f} on {num_test} held-out test images "
+              f"({marker.get('eval', {}).get('template')!r}; base {split.get('base', float('nan')):.4f}, novel "
+              f"{split.get('novel', float('nan')):.4f} among their own classes); trained in "
+              f"{seconds.get(role, float('nan')):.1f}s wall, {cpu.get(role, float('nan')):.1f}s CPU")
     return paths
 
 

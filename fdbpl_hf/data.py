@@ -27,6 +27,7 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -604,6 +605,29 @@ def _load_digits_split(split: str | None = "train", test_size: float = 0.2, seed
     return parts[split]
 
 
+# The "numbers" world: composites of the fixed digit split, so test numbers use unseen digit images.
+NUMBERS_TRAIN_PER_CLASS = 60
+NUMBERS_TEST_PER_CLASS = 20
+
+
+@lru_cache(maxsize=2)
+def _numbers_split(split: str):
+    from .offline import compose_numbers
+
+    per_class, seed = {"train": (NUMBERS_TRAIN_PER_CLASS, 0), "test": (NUMBERS_TEST_PER_CLASS, 1)}[split]
+    return compose_numbers(_load_digits_split(split), per_class, seed=seed)
+
+
+def _load_numbers_split(split: str | None = "train", **kwargs: Any):
+    """Two-digit numbers (100 classes) composed from the digit split of the same name (see
+    `fdbpl_hf.offline.compose_numbers`): 60 per class in train, 20 per class in test."""
+    if kwargs:
+        raise TypeError(f"the numbers world takes no loading options, got {sorted(kwargs)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"numbers has splits 'train' and 'test', not {split!r}")
+    return _numbers_split(split)
+
+
 _CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
 # CoOp sorts Caltech101's original folder names case-sensitively, so its capitalised folders come
 # first: Faces, Leopards, Motorbikes, accordion, airplanes, ... A mirror with lower-cased names
@@ -758,6 +782,12 @@ DATASETS: dict[str, DatasetInfo] = {
             evidence="https://huggingface.co/datasets/axiong/imagenet-r/blame/main/README.md (config 'test', split "
                      "'test' of 30,000 rows, columns image / wnid (string) / class_name); the sorted wnids are "
                      "checked against IMAGENET_R_WNIDS at load time.",
+        ),
+        DatasetInfo(
+            "numbers", hub_id=None, template="a photo of the number {}.", num_classes=100,
+            loader=_load_numbers_split,
+            notes="100 two-digit numbers composed from the offline MNIST digits (fdbpl_hf.offline."
+                  "compose_numbers): the many-class offline world where K < C matters; base 00-49, novel 50-99.",
         ),
     ]
 }

@@ -151,3 +151,39 @@ def load_digits(num_per_class: int | None = None, seed: int = 0):
         {"image": [Image.fromarray(images[i], mode="L") for i in index], "label": labels[index].tolist()},
         features=features,
     )
+
+
+NUMBER_NAMES = [f"{c:02d}" for c in range(100)]
+
+
+def compose_numbers(digits, per_class: int, seed: int = 0, size: int = 28):
+    """Two-digit numbers "00" ... "99" composed side by side from real MNIST digits.
+
+    `digits` is a digit `datasets.Dataset` (`image` 28x28 grayscale, `label` 0-9), e.g. one part
+    of the fixed digit split; every composite of class 10a+b puts a random digit image of class a
+    left of one of class b (a 28x56 strip) and shrinks it to `size` x `size` (box filter), so a
+    square model input shows the whole number (a processor's centre crop of the strip would cut
+    the digits). Each class gets `per_class` composites drawn with `numpy.random.default_rng(seed)`
+    (digit images reused across composites, never across splits when `digits` is one split).
+    Returns a `datasets.Dataset` with `image` and a 100-name `ClassLabel` `label` ("00" ... "99").
+    """
+    import datasets
+    from PIL import Image
+
+    labels = np.asarray(digits.with_format("numpy", columns=["label"])["label"], dtype=np.int64)
+    pools = [np.flatnonzero(labels == d) for d in range(10)]
+    missing = [d for d in range(10) if not len(pools[d])]
+    if missing:
+        raise ValueError(f"cannot compose numbers: the digit set has no image of digit(s) {missing}")
+    arrays = [np.asarray(im.convert("L"), dtype=np.uint8) for im in digits["image"]]
+    rng = np.random.default_rng(seed)
+    images, out_labels = [], []
+    for c in range(100):
+        tens, ones = divmod(c, 10)
+        left, right = rng.choice(pools[tens], per_class), rng.choice(pools[ones], per_class)
+        for i, j in zip(left, right):
+            strip = Image.fromarray(np.concatenate([arrays[i], arrays[j]], axis=1), mode="L")
+            images.append(strip.resize((size, size), Image.Resampling.BOX))
+            out_labels.append(c)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NUMBER_NAMES)})
+    return datasets.Dataset.from_dict({"image": images, "label": out_labels}, features=features)

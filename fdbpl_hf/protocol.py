@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -19,7 +19,8 @@ from .config import FDBPLConfig
 from .data import resolve_dataset, training_set
 from .evaluation import ZeroShotCLIP, evaluate_base_to_novel
 from .modeling import get_fdbpl_model
-from .ril import CLIPTeacher, RegionSpec, RILDataset, build_feature_cache, build_ril_table, ril_metadata
+from .ril import (CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_feature_cache, build_ril_table,
+                  ril_metadata)
 from .ril.features import feature_cache_metadata
 from .trainer import FDBPLTrainer, FDBPLTrainingArguments
 
@@ -33,7 +34,24 @@ def _load(path: str):
             CLIPImageProcessorPil.from_pretrained(path))
 
 
-def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = None, dataset: str = "digits",
+def _teacher(teacher: "str | Sequence[str]", names: list[str], template: str, device: str,
+             weighting: str) -> Teacher:
+    """One `CLIPTeacher` for a checkpoint path; an `EnsembleTeacher` for several (mixed per `weighting`)."""
+    paths = [teacher] if isinstance(teacher, str) else list(teacher)
+    members = []
+    for path in paths:
+        t_clip, t_tok, t_proc = _load(path)
+        members.append(CLIPTeacher(t_clip.to(device), t_tok, names, template, t_proc.image_mean, t_proc.image_std,
+                                   name=os.path.basename(os.path.normpath(path))))
+    if len(members) == 1:
+        if weighting != "fixed":
+            raise ValueError(f"teacher_weighting={weighting!r} needs several teachers, got one: {paths[0]}")
+        return members[0]
+    return EnsembleTeacher(members, weighting=weighting)
+
+
+def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Sequence[str]]" = None,
+                      dataset: str = "digits", teacher_weighting: str = "fixed",
                       seed: int = 1, num_shots: int = 16, output_dir: str, num_train_epochs: float = 50,
                       per_device_train_batch_size: int = 32, learning_rate: float = 0.002,
                       num_regions: Optional[int] = None, top_k: Optional[int] = None,
@@ -45,7 +63,8 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
     their horizontal-flip rate (0 for data where a mirror image is another class, like digits).
 
     `num_regions` defaults to the number of epochs: each image replays one new region per epoch,
-    so more regions than epochs are never read.
+    so more regions than epochs are never read. `teacher` is a checkpoint path, or several for an
+    equal-weight `EnsembleTeacher` (`teacher_weighting`: "fixed", or per region "max_prob" / "entropy").
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -66,9 +85,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: Optional[str] = Non
         spec = RegionSpec(output_size=size, scale=tuple(region_scale), flip_prob=flip_prob)
         teacher_obj = None
         if method.startswith("fdbpl"):
-            t_clip, t_tok, t_proc = _load(teacher)
-            teacher_obj = CLIPTeacher(t_clip.to(device), t_tok, names, data["template"], t_proc.image_mean,
-                                      t_proc.image_std, name=os.path.basename(os.path.normpath(teacher)))
+            teacher_obj = _teacher(teacher, names, data["template"], device, teacher_weighting)
         if method in ("fdbpl-offline", "fdbpl-cached"):
             start = time.perf_counter()
             table = build_ril_table(data["dataset"], teacher_obj, class_names=names, num_regions=regions, top_k=top_k,

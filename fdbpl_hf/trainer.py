@@ -80,10 +80,13 @@ class FDBPLTrainingArguments(TrainingArguments):
     warmup_lr: float = field(default=1e-5, metadata={"help": "Learning rate during the warm-up (CoOp: 1e-5)."})
     lambda_neg: float = field(default=1.0, metadata={"help": "Weight of the negative-prompt loss."})
     lambda_sim: float = field(default=0.001, metadata={"help": "Weight of the positive/negative dissimilarity."})
-    lambda_pcd: float = field(default=0.1, metadata={"help": "Weight of the PCD ranking loss."})
+    lambda_pcd: float = field(default=1.0, metadata={
+        "help": "Weight of the PCD ranking loss (1.0: the measured winner, docs/ablations.md; spec's 0.1 was inert)."})
     pcd_margin: float = field(default=0.2, metadata={"help": "Margin of the PCD ranking loss."})
     use_pcd: bool = field(default=True, metadata={"help": "False reproduces the released code (PCD off)."})
-    pcd_reduction: str = field(default="mean", metadata={"help": "PCD over region pairs: mean or sum."})
+    pcd_reduction: str = field(default="mean", metadata={
+        "help": "PCD over region pairs: mean (measured winner) or sum (the authors' commented form; far worse, "
+                "docs/ablations.md)."})
     weight_mode: str = field(default="soft", metadata={"help": "Region information weight: soft or threshold."})
     entropy_threshold: float = field(default=0.5, metadata={"help": "Normalised entropy cut for threshold mode."})
     weight_entropy: str = field(default="full", metadata={

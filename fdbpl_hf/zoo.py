@@ -17,6 +17,10 @@ is misphrased and a learned prompt has something to gain, as with real CLIP.
   `AutoTokenizer.from_pretrained(path)` and `CLIPImageProcessorPil.from_pretrained(path)`.
 
 Builds are cached under `$HF_HOME/fdbpl_hf/zoo/<settings hash>` and written atomically.
+
+A second world, `build_zoo(world="numbers")`, pretrains the same way on 100 two-digit numbers
+composed from the digit split (`fdbpl_hf.data`'s "numbers"): the many-class world where a table
+keeps K < C classes (`WORLDS`, `ZooWorld`).
 """
 
 from __future__ import annotations
@@ -51,7 +55,14 @@ __all__ = [
     "STUDENT_SPEC",
     "TEACHER_SPEC",
     "ZOO_FORMAT_VERSION",
+    "NUMBERS_STUDENT_SPEC",
+    "NUMBERS_TEACHER_SPEC",
+    "NUMBER_CAPTION_TEMPLATES",
+    "NUMBER_EVAL_TEMPLATE",
+    "NUMBER_STUDENT_CAPTION_TEMPLATES",
+    "WORLDS",
     "ZooModelSpec",
+    "ZooWorld",
     "build_zoo",
     "default_zoo_root",
     "digits_splits",
@@ -526,6 +537,118 @@ STUDENT_SPEC = ZooModelSpec(
 )
 
 
+# ---------------------------------------------------------------------------------------------
+# Worlds: which data and captions a zoo is pretrained on
+# ---------------------------------------------------------------------------------------------
+
+# The "numbers" world (100 two-digit numbers composed from MNIST digits, `fdbpl_hf.data`'s
+# "numbers"): a many-class world where a table's top-K (K < C = 100) really drops classes and a
+# region showing one digit leaves the teacher torn between ten numbers.
+NUMBER_EVAL_TEMPLATE = "a photo of the number {}."
+NUMBER_CAPTION_TEMPLATES = (
+    "a photo of the number {}.",
+    "the number {}",
+    "number {}",
+    "a handwritten number {}.",
+    "a picture of the number {}.",
+    "an image of the number {}.",
+    "a photo of a {}.",
+    "a black and white photo of the number {}.",
+    "a close-up photo of a {}.",
+    "a drawing of the number {}.",
+    "{}",
+    "{}.",
+)
+# As in the digit world: the student never reads the evaluation prompt's words "photo", "of" and
+# "the", so its hand-crafted prompt is misphrased and a learned prompt has headroom.
+NUMBER_STUDENT_CAPTION_TEMPLATES = (
+    "{}",
+    "{}.",
+    "number {}",
+    "a handwritten {}.",
+    "a handwritten number {}",
+)
+
+
+# Measured (build_zoo(world="numbers"), see docs/ablations.md): teacher/student zero-shot accuracy.
+# Pretraining crops keep >= 85 % of the area: a (0.5, 1) crop of a two-digit strip often cuts a
+# digit off while the caption still names both (the digit zoo's crops would teach wrong pairs).
+NUMBERS_TEACHER_SPEC = TEACHER_SPEC.replace(epochs=10.0, crop_scale=(0.85, 1.0))
+NUMBERS_STUDENT_SPEC = STUDENT_SPEC.replace(epochs=25.0, train_rows_per_class=20, crop_scale=(0.85, 1.0),
+                                            captions=NUMBER_STUDENT_CAPTION_TEMPLATES)
+
+
+@dataclass(frozen=True)
+class ZooWorld:
+    """The data, class names and captions one zoo is pretrained on, with its default models.
+
+    `dataset` is the `fdbpl_hf.data` registry name whose "train" split pretrains both models and
+    whose "test" split (never trained on) measures their zero-shot accuracy with `eval_template`.
+    `class_names[c]` are the name forms of class c filled into the captions; `captions` are the
+    teacher's templates (a spec's own `captions` win, as the student's do).
+    """
+
+    name: str
+    dataset: str
+    class_names: tuple[tuple[str, ...], ...]
+    eval_names: tuple[str, ...]
+    eval_template: str
+    captions: tuple[str, ...]
+    teacher: ZooModelSpec
+    student: ZooModelSpec
+
+    def splits(self):
+        """`(train, test)` `datasets.Dataset`s of this world."""
+        if self.name == "digits":
+            return digits_splits()  # looked up at call time (tests swap in a cached version)
+        from .data import get_dataset_info
+
+        info = get_dataset_info(self.dataset)
+        return info.load("train"), info.load("test")
+
+    def settings(self, teacher: ZooModelSpec, student: ZooModelSpec) -> dict[str, Any]:
+        """Everything a build depends on (the cache key is its hash)."""
+        if self.name == "digits":  # the digit zoo's settings as before worlds existed: same cache key
+            return _zoo_settings(teacher, student)
+        return {
+            "format_version": ZOO_FORMAT_VERSION,
+            "world": self.name,
+            "data": {"dataset": self.dataset, "train_split": "train", "test_split": "test",
+                     "composition": "fdbpl_hf.offline.compose_numbers of the digit split of the same name"},
+            "captions": list(self.captions),
+            "class_names": [list(n) for n in self.class_names],
+            "eval_template": self.eval_template,
+            "image_mean": list(OPENAI_CLIP_MEAN),
+            "image_std": list(OPENAI_CLIP_STD),
+            "teacher": teacher.to_dict(),
+            "student": student.to_dict(),
+        }
+
+
+def _numbers_world() -> ZooWorld:
+    from .offline import NUMBER_NAMES
+
+    # Teacher: the digit teacher's architecture, trained longer (100 classes, 6,000 composites).
+    # Student: the digit student's size on 20 composites per class and the narrow captions.
+    return ZooWorld(
+        name="numbers", dataset="numbers", class_names=tuple((n,) for n in NUMBER_NAMES),
+        eval_names=tuple(NUMBER_NAMES), eval_template=NUMBER_EVAL_TEMPLATE, captions=NUMBER_CAPTION_TEMPLATES,
+        teacher=NUMBERS_TEACHER_SPEC, student=NUMBERS_STUDENT_SPEC,
+    )
+
+
+def _digits_world() -> ZooWorld:
+    return ZooWorld(
+        name="digits", dataset="digits",
+        class_names=tuple((n, str(i)) for i, n in enumerate(DIGIT_NAMES)), eval_names=tuple(DIGIT_NAMES),
+        eval_template=EVAL_TEMPLATE, captions=CAPTION_TEMPLATES, teacher=TEACHER_SPEC, student=STUDENT_SPEC,
+    )
+
+
+# Built on demand, so a world's default specs are read when a zoo is built (not frozen at import).
+WORLDS: dict[str, Callable[[], ZooWorld]] = {"digits": _digits_world, "numbers": _numbers_world}
+
+
 def default_zoo_root() -> str:
     """`$HF_HOME/fdbpl_hf/zoo` (HF_HOME read now, falling back to huggingface_hub's default)."""
     hf_home = os.environ.get("HF_HOME")
@@ -599,14 +722,18 @@ def build_zoo(
     student_kwargs: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     num_threads: int | None = None,
+    world: str | ZooWorld = "digits",
 ) -> dict[str, str]:
     """Train (or reuse) the teacher and student CLIPs; returns `{"teacher": path, "student": path}`.
 
-    `teacher_kwargs` / `student_kwargs` override fields of `TEACHER_SPEC` / `STUDENT_SPEC`
-    (`ZooModelSpec`). The zoo lives in `<cache_dir>/<hash of settings and ZOO_FORMAT_VERSION>`
-    (`cache_dir` defaults to `default_zoo_root()`), holding `teacher/`, `student/` (each a
+    `world` picks the data and captions (`WORLDS`: "digits", the default, or "numbers", 100
+    two-digit numbers). `teacher_kwargs` / `student_kwargs` override fields of the world's
+    default specs (digits: `TEACHER_SPEC` / `STUDENT_SPEC`, numbers: `NUMBERS_TEACHER_SPEC` /
+    `NUMBERS_STUDENT_SPEC`; `ZooModelSpec`). The zoo lives in `<cache_dir>/<hash of settings and
+    ZOO_FORMAT_VERSION>` (`cache_dir` defaults to `default_zoo_root()`), holding `teacher/`, `student/` (each a
     `save_pretrained` model + tokenizer + image processor directory) and `zoo.json` (the settings,
-    the zero-shot accuracies of both models on the held-out test digits with `EVAL_TEMPLATE`, and
+    the zero-shot accuracies of both models on the world's held-out test split with its evaluation
+    template, over all classes and (`zero_shot_base_novel`) base / novel among their own classes, and
     build times). A zoo whose marker matches the settings is reused unless `force`. A build is
     trained in a temporary sibling directory and moved into place with one `os.replace`, so an
     interrupted build never leaves a partial zoo. `progress` receives one-line status messages;
@@ -615,12 +742,16 @@ def build_zoo(
     from .offline import clip_tokenizer
 
     say = progress or logger.info
-    teacher = TEACHER_SPEC.replace(**dict(teacher_kwargs or {}))
-    student = STUDENT_SPEC.replace(**dict(student_kwargs or {}))
+    if isinstance(world, str):
+        if world not in WORLDS:
+            raise ValueError(f"unknown zoo world {world!r}; choose from {sorted(WORLDS)}")
+        world = WORLDS[world]()
+    teacher = world.teacher.replace(**dict(teacher_kwargs or {}))
+    student = world.student.replace(**dict(student_kwargs or {}))
     if teacher.image_size != student.image_size:
         raise ValueError(f"teacher and student must share the image size (FDBPL replays teacher-sized regions), "
                          f"got {teacher.image_size} and {student.image_size}")
-    settings = _zoo_settings(teacher, student)
+    settings = world.settings(teacher, student)
     root = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)) if cache_dir is not None else default_zoo_root())
     zoo_dir = os.path.join(root, _settings_key(settings))
     paths = {"teacher": os.path.join(zoo_dir, "teacher"), "student": os.path.join(zoo_dir, "student")}
@@ -629,14 +760,19 @@ def build_zoo(
         return paths
 
     os.makedirs(root, exist_ok=True)
-    train, test = digits_splits()
+    train, test = world.splits()
     class_names = settings["class_names"]
-    eval_names = list(DIGIT_NAMES)
+    eval_names = list(world.eval_names)
+    template = world.eval_template
+    from .data import base_novel_split, subset_classes
+
+    base_ids, novel_ids = base_novel_split(len(eval_names))
+    test_parts = {"base": subset_classes(test, base_ids), "novel": subset_classes(test, novel_ids)}
     # os.mkdir, unlike tempfile.mkdtemp (0700), honours the umask, so a shared cache stays readable.
     tmp = os.path.join(root, f".{os.path.basename(zoo_dir)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)
     try:
-        accuracy, seconds, cpu_seconds, num_rows = {}, {}, {}, {}
+        accuracy, base_novel, seconds, cpu_seconds, num_rows = {}, {}, {}, {}, {}
         for role, spec in (("teacher", teacher), ("student", student)):
             config = spec.config()
             tokenizer = clip_tokenizer(model_max_length=spec.max_position_embeddings)
@@ -646,7 +782,7 @@ def build_zoo(
 
                 rows = train.select(few_shot_indices(train, spec.train_rows_per_class, seed=spec.seed))
             num_rows[role] = len(rows)
-            say(f"training {role} on {len(rows)} digits ...")
+            say(f"training {role} on {len(rows)} images ...")
             start, cpu_start = time.perf_counter(), time.process_time()
             model = pretrain_clip(
                 config, tokenizer, rows, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
@@ -657,8 +793,15 @@ def build_zoo(
             seconds[role] = round(time.perf_counter() - start, 2)
             cpu_seconds[role] = round(time.process_time() - cpu_start, 2)
             processor = image_processor_for(config, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
-            accuracy[role] = zero_shot_accuracy(model, tokenizer, processor, test, eval_names, EVAL_TEMPLATE)
-            say(f"{role}: {seconds[role]:.1f}s, zero-shot accuracy {accuracy[role]:.4f} on {len(test)} test digits")
+            accuracy[role] = zero_shot_accuracy(model, tokenizer, processor, test, eval_names, template)
+            # The protocol's view: base images among base classes only, novel among novel only.
+            base_novel[role] = {
+                part: zero_shot_accuracy(model, tokenizer, processor, test_parts[part],
+                                         [eval_names[i] for i in ids], template)
+                for part, ids in (("base", base_ids), ("novel", novel_ids))
+            }
+            say(f"{role}: {seconds[role]:.1f}s, zero-shot accuracy {accuracy[role]:.4f} on {len(test)} test images "
+                f"(base {base_novel[role]['base']:.4f}, novel {base_novel[role]['novel']:.4f})")
             out = os.path.join(tmp, role)
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
@@ -669,7 +812,9 @@ def build_zoo(
             "settings": settings,
             "key": os.path.basename(zoo_dir),
             "zero_shot_accuracy": accuracy,
-            "eval": {"template": EVAL_TEMPLATE, "class_names": eval_names, "split": "test", "num_rows": len(test)},
+            "zero_shot_base_novel": base_novel,
+            "eval": {"template": template, "class_names": eval_names, "split": "test", "num_rows": len(test),
+                     "base_ids": base_ids, "novel_ids": novel_ids},
             "train_rows": num_rows,
             "build_seconds": seconds,
             "build_cpu_seconds": cpu_seconds,  # all threads; about 2x wall time on an idle 2-core machine

@@ -33,3 +33,32 @@ def test_speed_real_smoke(tmp_path):
 def test_speed_cost_scaled_smoke():
     out = run_script("benchmarks/speed.py", "--quick")
     assert "speed-up as share of the limit" in out and "limit of the real models (FLOPs" in out
+
+
+def test_ablation_quick_smoke(tiny_checkpoints, tmp_path):
+    """benchmarks/ablation.py's smallest configuration end to end (tiny random CLIPs, 1 epoch of 1 shot):
+    the loss subset and the teacher subset (an ensemble teacher through run_base_to_novel)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("ablation", os.path.join(REPO, "benchmarks", "ablation.py"))
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    out = tmp_path / "ablation"
+    threads = torch.get_num_threads()
+    try:  # in this process: a subprocess would pay the imports and the numbers composition again
+        ablation.main(["--quick", "--subset", "loss", "teachers", "--teacher", tiny_checkpoints["teacher"],
+                       "--student", tiny_checkpoints["student"], "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    loss = json.loads((out / "loss.json").read_text())
+    assert loss["facts"]["command"].startswith("python benchmarks/ablation.py --quick")
+    assert [c["label"] for c in loss["configs"]] == ["L+ only", "L+ + L-"]
+    run = loss["configs"][0]["runs"][0]
+    assert run["settings"]["training"]["use_pcd"] is False and run["table_regions"] == 50  # 50 classes x 1 shot x M=1
+    assert 0 <= run["base_acc"] <= 100 and 0 <= run["novel_acc"] <= 100
+    teachers = json.loads((out / "teachers.json").read_text())
+    assert teachers["configs"][1]["runs"][0]["settings"]["teacher"] == [tiny_checkpoints["teacher"],
+                                                                       tiny_checkpoints["student"]]
+    assert "| L+ only |" in (out / "loss.md").read_text()

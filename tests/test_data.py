@@ -180,8 +180,9 @@ DG_TARGETS = {"imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
 
 
 def test_registry_has_the_benchmark_and_digits():
-    # the four ImageNet domain-generalisation targets joined the benchmark (issue 15)
-    assert set(DATASETS) == set(COOP_TEMPLATES) | {"digits"} | DG_TARGETS
+    # the four ImageNet domain-generalisation targets joined the benchmark (issue 15); "digits" and
+    # "numbers" (two-digit numbers composed from them) are the offline worlds
+    assert set(DATASETS) == set(COOP_TEMPLATES) | {"digits", "numbers"} | DG_TARGETS
     for name, info in DATASETS.items():
         assert "{}" in info.template, name
         assert info.name == name
@@ -189,6 +190,7 @@ def test_registry_has_the_benchmark_and_digits():
             assert info.template == COOP_TEMPLATES[name]
         assert info.hub_id is None or info.hub_id.count("/") == 1
     assert DATASETS["digits"].template == "a photo of the digit {}."
+    assert DATASETS["numbers"].num_classes == 100
     assert sum(info.num_classes for n, info in DATASETS.items() if n in COOP_TEMPLATES) == 1000 + 100 + 37 + 196 + 102 + 101 + 100 + 397 + 47 + 10 + 101
 
 

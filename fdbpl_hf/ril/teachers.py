@@ -8,6 +8,7 @@ or an ensemble that averages its members' distributions.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
@@ -158,13 +159,27 @@ class CallableTeacher(Teacher):
         return self.fn(pixel_values.to(self.device)).float()
 
 
+ENSEMBLE_WEIGHTINGS = ("fixed", "max_prob", "entropy")
+
+
 class EnsembleTeacher(Teacher):
     """Averages the members' class distributions; its "logits" are the log of that average.
 
     Members must agree on class count and input size; each keeps its own normalisation.
+    `weighting` says how members are mixed per region:
+    - "fixed": the constant `weights` (default equal), the same for every region;
+    - "max_prob": per region, member m gets `weights[m] * max_c p_m(c)`, renormalised over members
+      (a member sure of a region outweighs one that is not);
+    - "entropy": per region, `weights[m] * (1 - H(p_m) / log C)`, renormalised, i.e. each member's
+      own FDBPL information weight (a member at uniform gets no say; if every member is uniform
+      on a region, the fixed weights are used).
     """
 
-    def __init__(self, members: Sequence[Teacher], weights: Optional[Sequence[float]] = None):
+    def __init__(self, members: Sequence[Teacher], weights: Optional[Sequence[float]] = None,
+                 weighting: str = "fixed"):
+        if weighting not in ENSEMBLE_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {ENSEMBLE_WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
         if len(members) < 1:
             raise ValueError("an ensemble needs at least one teacher")
         sizes = {m.input_size for m in members}
@@ -173,6 +188,9 @@ class EnsembleTeacher(Teacher):
             raise ValueError(f"ensemble members disagree: input sizes {sorted(sizes)}, class counts {sorted(counts)}")
         self.members = list(members)
         w = torch.tensor(weights if weights is not None else [1.0] * len(members), dtype=torch.float32)
+        if w.shape != (len(members),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(members)} finite non-negative numbers with a positive sum, "
+                             f"got {w.tolist()}")
         self.weights = w / w.sum()
         self.input_size, self.num_classes = sizes.pop(), counts.pop()
         # Pixels arrive unnormalised-by-member: the builder renders [0, 1] pixels with identity
@@ -194,10 +212,12 @@ class EnsembleTeacher(Teacher):
         normalises for itself)."""
         from .regions import normalize
 
-        probs = 0
-        for weight, member in zip(self.weights.tolist(), self.members):
-            x = normalize(pixel_values, member.image_mean, member.image_std)
-            probs = probs + weight * member.logits(x).float().softmax(-1)
+        member_probs = torch.stack([
+            member.logits(normalize(pixel_values, member.image_mean, member.image_std)).float().softmax(-1)
+            for member in self.members
+        ])  # [members, B, C]
+        mix = self.region_weights(member_probs)  # [members, B]
+        probs = (mix.unsqueeze(-1) * member_probs).sum(0)
         return probs.clamp_min(1e-12).log()
 
     def weights_fingerprint(self) -> Optional[str]:
@@ -208,9 +228,26 @@ class EnsembleTeacher(Teacher):
 
         return hashlib.sha256("+".join(prints).encode()).hexdigest()[:16]
 
+    def region_weights(self, member_probs: torch.Tensor) -> torch.Tensor:
+        """Per-region mixing weights `[members, B]` (summing to 1 over members) for the members'
+        distributions `[members, B, C]`, by `self.weighting`."""
+        fixed = self.weights.to(member_probs.device).view(-1, 1)
+        if self.weighting == "fixed":
+            return fixed.expand(member_probs.shape[:2])
+        if self.weighting == "max_prob":
+            confidence = member_probs.max(-1).values
+        else:
+            entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(-1)
+            confidence = (1 - entropy / math.log(member_probs.shape[-1])).clamp_min(0) if member_probs.shape[-1] > 1 \
+                else torch.ones_like(entropy)
+        raw = fixed * confidence
+        total = raw.sum(0, keepdim=True)
+        # A region no member is sure of (total 0) falls back to the fixed weights, never 0/0.
+        return torch.where(total > 0, raw / total.clamp_min(1e-12), fixed.expand_as(raw))
+
     def describe(self) -> dict:
         return {**super().describe(), "members": [m.describe() for m in self.members],
-                "weights": self.weights.tolist()}
+                "weights": self.weights.tolist(), "weighting": self.weighting}
 
 
 def as_teacher(teacher, class_names: Sequence[str], tokenizer=None, template: str | Sequence[str] = "a photo of a {}.",
