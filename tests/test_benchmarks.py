@@ -42,6 +42,9 @@ def test_ablation_quick_smoke(tiny_checkpoints, tmp_path):
 
     import torch
 
+    # the script sets HF_HUB_OFFLINE & co. at import, for its own runs: undo that after the test, or
+    # every later test's subprocess (the loopback Hub ones) would start offline
+    saved_env = dict(os.environ)
     spec = importlib.util.spec_from_file_location("ablation", os.path.join(REPO, "benchmarks", "ablation.py"))
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
@@ -52,6 +55,8 @@ def test_ablation_quick_smoke(tiny_checkpoints, tmp_path):
                        "--student", tiny_checkpoints["student"], "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(saved_env)
     loss = json.loads((out / "loss.json").read_text())
     assert loss["facts"]["command"].startswith("python benchmarks/ablation.py --quick")
     assert [c["label"] for c in loss["configs"]] == ["L+ only", "L+ + L-"]

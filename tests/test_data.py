@@ -252,7 +252,7 @@ def test_dataset_specific_names():
 
 def test_every_registry_entry_is_verified_or_says_why():
     for name, info in DATASETS.items():
-        if name == "digits":
+        if name in ("digits", "numbers"):  # the offline worlds: built here, no mirror to verify
             continue
         assert isinstance(info.verified, bool), name
         assert info.evidence, f"{name}: no evidence"

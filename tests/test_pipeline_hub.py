@@ -37,7 +37,7 @@ def _pipeline(tmp_path, teacher, student, dataset, *, push: bool, in_process: bo
     train = [sys.executable, SCRIPT["train"], "--student", student, *protocol, *TRAIN_FLAGS, "--output_dir", run]
     evaluate = [sys.executable, SCRIPT["evaluate"], "--student", student, *protocol, "--output_dir", out]
     if push:
-        build += ["--push_to_hub", "tester/digits-table"]
+        build += ["--push_to_hub", "--hub_dataset_id", "tester/digits-table"]
         train += ["--table", "tester/digits-table", "--push_to_hub", "--hub_model_id", "tester/digits-adapter"]
         evaluate += ["--adapter", "tester/digits-adapter"]
     else:
@@ -66,7 +66,7 @@ def test_pipeline_from_hub_ids(fake_hub, tiny_checkpoints, tmp_path):
     record = _pipeline(tmp_path, "tester/tiny-teacher", "tester/tiny-student", "tester/digits", push=True)
 
     assert fake_hub.list_files("tester/digits-table", repo_type="dataset")  # the table was published
-    assert "model.safetensors" in fake_hub.list_files("tester/digits-adapter")  # and the adapter
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(fake_hub.list_files("tester/digits-adapter"))  # and the adapter
     protocol, b2n = record["protocol"], record["results"]["base_to_novel"]
     assert protocol["dataset_id"] == "tester/digits" and protocol["adapter"] == "tester/digits-adapter"
     assert protocol["student"] == "tester/tiny-student" and protocol["split"] == "test"
