@@ -406,8 +406,15 @@ _WORLD = textwrap.dedent("""
     args = FDBPLTrainingArguments(output_dir=sys.argv[1], report_to="none")
     total = torch.tensor([1.0])
     torch.distributed.all_reduce(total)  # a real collective: both processes in one group
-    print(f"rank {args.process_index} world_size {args.world_size} all_reduce {int(total)}", flush=True)
+    # One file per rank: the launcher interleaves the processes' stdout without line boundaries.
+    os.makedirs(sys.argv[1], exist_ok=True)
+    with open(os.path.join(sys.argv[1], f"rank{args.process_index}.txt"), "w") as f:
+        f.write(f"rank {args.process_index} world_size {args.world_size} all_reduce {int(total)}")
 """)
+
+
+def _rank_reports(folder) -> list:
+    return sorted(p.read_text() for p in folder.glob("rank*.txt"))
 
 
 def _free_port() -> str:
@@ -424,9 +431,9 @@ def test_shipped_two_process_config_runs_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     config = os.path.join(REPO, "examples", "accelerate_configs", "multi_cpu_2proc.yaml")
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    out = run_ok([launcher, "launch", "--config_file", config, "--main_process_port", _free_port(), str(script),
-                  str(tmp_path / "o")], env=env, timeout=300).stdout
-    assert sorted(line for line in out.splitlines() if line.startswith("rank")) == [
+    run_ok([launcher, "launch", "--config_file", config, "--main_process_port", _free_port(), str(script),
+            str(tmp_path / "o")], env=env, timeout=300)
+    assert _rank_reports(tmp_path / "o") == [
         "rank 0 world_size 2 all_reduce 2", "rank 1 world_size 2 all_reduce 2"]
 
 
@@ -434,8 +441,9 @@ def test_torchrun_on_cpu_without_use_cpu_is_one_training(tmp_path):
     script = tmp_path / "world.py"
     script.write_text(_WORLD)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    out = run_ok(torchrun_command(str(script), str(tmp_path / "o")), env=env, timeout=300).stdout
-    assert "rank 1 world_size 2 all_reduce 2" in out  # 0.3: two trainings of world size 1
+    run_ok(torchrun_command(str(script), str(tmp_path / "o")), env=env, timeout=300)
+    # 0.3: two trainings of world size 1
+    assert _rank_reports(tmp_path / "o") == ["rank 0 world_size 2 all_reduce 2", "rank 1 world_size 2 all_reduce 2"]
 
 
 def test_home_folder_is_expanded(digits_small, tmp_path, monkeypatch):
