@@ -25,11 +25,15 @@ else:
 '''
 
 
-def run_without_fdbpl_hf(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_without_fdbpl_hf(script: str, timeout: int = 300, offline: bool = True) -> subprocess.CompletedProcess:
     """Run `script` with fdbpl_hf blocked; fails the test with the child's stderr, and checks
-    that the child never imported fdbpl_hf."""
+    that the child never imported fdbpl_hf. `offline=False` lets it reach the (loopback) Hub."""
     epilogue = '\nassert not any(m == "fdbpl_hf" or m.startswith("fdbpl_hf.") for m in sys.modules)\n'
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.pop("HF_HUB_OFFLINE", None)
     proc = subprocess.run([sys.executable, "-c", _BLOCK_FDBPL + script + epilogue], capture_output=True, text=True,
                           env=env, timeout=timeout)
     assert proc.returncode == 0, f"stock process exited with {proc.returncode}\n{proc.stderr[-4000:]}"

@@ -190,6 +190,43 @@ def test_save_merged_runs_in_the_stock_pipeline(stock, name):
     assert model.clip.text_model.eos_token_id == (2 if name == "vit-b-32" else 49407)
 
 
+HUB_PIPELINE_SCRIPT = '''
+import json
+from huggingface_hub import ModelCard
+from PIL import Image
+from transformers import pipeline
+
+card = ModelCard.load("tester/merged-prompt")
+template = TEMPLATE
+assert template in card.text and card.data.pipeline_tag == "zero-shot-image-classification"
+classifier = pipeline("zero-shot-image-classification", model="tester/merged-prompt")
+images = [Image.open(FOLDER + f"/image{i}.png") for i in range(N)]
+json.dump(classifier(images, candidate_labels=LABELS, hypothesis_template=template), open(OUT, "w"))
+'''
+
+
+def test_merged_folder_runs_from_the_hub_in_the_stock_pipeline(fake_hub, stock):
+    """A save_merged folder pushes like any model; the stock pipeline runs it by Hub id."""
+    from huggingface_hub import HfApi
+
+    folder, made = stock["root"] / "tiny", stock["tiny"]
+    api = HfApi()
+    api.create_repo("tester/merged-prompt")
+    api.upload_folder(repo_id="tester/merged-prompt", folder_path=str(folder / "merged"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "README.md"} <= set(
+        fake_hub.list_files("tester/merged-prompt"))
+    out = folder / "from_hub.json"
+    script = (HUB_PIPELINE_SCRIPT.replace("TEMPLATE", repr(made["template"])).replace("FOLDER", repr(str(folder)))
+              .replace("N)", f"{len(made['probs'])})").replace("LABELS", repr(LABELS["tiny"]))
+              .replace("OUT", repr(str(out))))
+    run_without_fdbpl_hf(script, offline=False)
+    results = json.loads(out.read_text())
+    assert len(results) == len(made["probs"])
+    for row, p in zip(results, made["probs"]):
+        scores = {r["label"]: r["score"] for r in row}
+        torch.testing.assert_close(torch.tensor([scores[c] for c in LABELS["tiny"]]), p, atol=1e-4, rtol=0)
+
+
 def test_merged_card_never_shows_a_local_base_model_path(tmp_path, tiny_clip, tokenizer):
     model = get_fdbpl_model(tiny_clip, FDBPLConfig(base_model_name_or_path="../ckpt/student"), tokenizer)
     model.save_merged(tmp_path / "local")

@@ -14,7 +14,7 @@ from unittest import mock
 
 import datasets
 from conftest import run_ok
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 
 from fdbpl_hf.offline import DIGIT_NAMES, load_digits
 
@@ -67,6 +67,12 @@ def test_pipeline_from_hub_ids(fake_hub, tiny_checkpoints, tmp_path):
 
     assert fake_hub.list_files("tester/digits-table", repo_type="dataset")  # the table was published
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(fake_hub.list_files("tester/digits-adapter"))  # and the adapter
+    # the adapter card as the ecosystem writes it: peft, a Hub base model, the training dataset, versions
+    card = ModelCard(fake_hub.read_file("tester/digits-adapter", "README.md").decode())
+    assert card.data.library_name == "peft" and card.data.base_model == "tester/tiny-student"
+    assert card.data.datasets == ["tester/digits"] and card.data.pipeline_tag == "zero-shot-image-classification"
+    assert "## Framework versions" in card.text and "- peft " in card.text and "- transformers " in card.text
+    assert str(tmp_path) not in card.content  # no local path leaks into a pushed card
     protocol, b2n = record["protocol"], record["results"]["base_to_novel"]
     assert protocol["dataset_id"] == "tester/digits" and protocol["adapter"] == "tester/digits-adapter"
     assert protocol["student"] == "tester/tiny-student" and protocol["split"] == "test"
