@@ -21,8 +21,10 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/demo.py
 
+# Two pytest workers of one thread each: the tests are tiny models and subprocess start-ups, which
+# one process cannot spread over two cores; --dist loadfile keeps a module's fixtures in one worker.
 test: install
-	OMP_NUM_THREADS=2 $(PY) -m pytest tests -q -m "not zoo"
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -m "not zoo" -n 2 --dist loadfile
 
 # The protocol tests on the pretrained digit zoo (pretrains two small CLIPs once, then cached).
 test-zoo: install
