@@ -5,7 +5,7 @@ from .integrity import IntegrityError
 from .modeling import FDBPLCLIPModel, FDBPLOutput, get_fdbpl_model
 from .prompts import FDBPLPromptLearner
 from .ril import (
-    CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_feature_cache,
+    CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, RILTableConfig, Teacher, build_feature_cache,
     build_ril_table, dense_teacher_logits, load_feature_cache, load_ril_table, push_ril_table, ril_metadata,
 )
 from .trainer import FDBPLTrainer, FDBPLTrainingArguments
@@ -20,6 +20,7 @@ __all__ = [
     "FDBPLTrainer",
     "FDBPLTrainingArguments",
     "build_ril_table",
+    "RILTableConfig",
     "build_feature_cache",
     "load_feature_cache",
     "push_ril_table",

@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from .adapter_files import locate_adapter_config
 from .version import __version__
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -106,8 +107,6 @@ class FDBPLConfig:
         """Read an adapter's config (folder or Hub repo) without its weights, like
         `peft.PeftConfig.from_pretrained`; takes `revision`, `token`, `cache_dir`, ...
         Reads `fdbpl_config.json` (the peft format) or, for adapters saved by 0.3, `config.json`."""
-        from .prompts import locate_adapter_config
-
         path, _ = locate_adapter_config(path_or_repo_id, **kwargs)
         return cls.from_json_file(path)
 

@@ -341,10 +341,15 @@ def first_differences(recorded: bytes, found: bytes, limit: int = 5) -> list[str
 
 
 # ---- metadata -------------------------------------------------------------------------------------
+def json_digest(value, length: int) -> str:
+    """The first `length` hex digits of the sha256 of `value` as sorted JSON: the one content key
+    of metadata, build settings and caches."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def metadata_digest(metadata: dict, exclude: Sequence[str] = ("metadata_digest",)) -> str:
     """sha256 of a metadata dict (sorted JSON) without the `exclude` keys."""
-    content = {k: v for k, v in metadata.items() if k not in exclude}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+    return json_digest({k: v for k, v in metadata.items() if k not in exclude}, 32)
 
 
 def require_keys(metadata: dict, keys: Sequence[str], where: str) -> None:

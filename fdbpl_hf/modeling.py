@@ -47,7 +47,8 @@ def base_model_signature(clip: CLIPModel) -> dict:
     return sig
 
 
-def _model_name(clip: CLIPModel) -> str:
+def model_name(clip: CLIPModel) -> str:
+    """The name or path a CLIP was loaded from ("" for one built in memory)."""
     return getattr(clip.config, "_name_or_path", None) or getattr(clip, "name_or_path", "") or ""
 
 
@@ -441,7 +442,7 @@ def _adapter_or_model_tokenizer(clip_model: CLIPModel, path_or_repo_id: str, whe
 
 
 def _tokenizer_for(clip_model: CLIPModel):
-    name = _model_name(clip_model)
+    name = model_name(clip_model)
     if not name:
         raise ValueError("pass tokenizer=: the CLIP model has no name or path to load its tokenizer from")
     from transformers import AutoTokenizer
@@ -473,10 +474,10 @@ def _check_compatible(clip: CLIPModel, config: FDBPLConfig, check_name: bool) ->
         if diff:
             detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
             raise ValueError(f"adapter was trained on a different base model ({detail})")
-    stored, actual = _short_name(config.base_model_name_or_path), _short_name(_model_name(clip))
+    stored, actual = _short_name(config.base_model_name_or_path), _short_name(model_name(clip))
     if check_name and stored and actual and stored != actual:
         raise ValueError(
-            f"adapter was trained on {config.base_model_name_or_path!r} but the model is {_model_name(clip)!r}; "
+            f"adapter was trained on {config.base_model_name_or_path!r} but the model is {model_name(clip)!r}; "
             "pass check_base_model=False if they are the same weights under another name"
         )
 
@@ -493,7 +494,7 @@ def get_fdbpl_model(clip_model: CLIPModel, config: Optional[FDBPLConfig] = None,
     config.context_dim = clip_model.config.text_config.hidden_size
     config.base_model_signature = base_model_signature(clip_model)
     if not config.base_model_name_or_path:
-        config.base_model_name_or_path = _model_name(clip_model) or None
+        config.base_model_name_or_path = model_name(clip_model) or None
     if config.revision is None:
         # the commit transformers loaded the checkpoint from (set for Hub downloads)
         config.revision = getattr(clip_model.config, "_commit_hash", None) or None

@@ -86,12 +86,12 @@ def test_a_work_folder_we_did_not_create_is_refused_and_kept(digits_small, tmp_p
 
 
 def test_assembly_removes_only_what_the_build_wrote(digits_small, tmp_path, monkeypatch):
-    import fdbpl_hf.ril.build as b
+    import fdbpl_hf.ril.sharding as sharding
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # killed after the shards, before assembly
 
-    monkeypatch.setattr(b, "_assemble", interrupted)
+    monkeypatch.setattr(sharding, "assemble", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(digits_small, tmp_path / "t", shard_size=16)
     work = tmp_path / "t.incomplete"
@@ -132,12 +132,12 @@ def test_default_folder_keys_on_the_teachers_weights(digits_small, tokenizer):
 
 
 def test_a_resumed_build_with_another_teacher_is_refused(digits_small, tmp_path, monkeypatch):
-    import fdbpl_hf.ril.build as b
+    import fdbpl_hf.ril.sharding as sharding
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(b, "_assemble", interrupted)
+    monkeypatch.setattr(sharding, "assemble", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(digits_small, tmp_path / "t", Pooled(0))
     monkeypatch.undo()

@@ -452,13 +452,13 @@ def test_batched_items_equal_single_items(digits_small, teacher_clip, tokenizer,
 
 
 def test_resume_refuses_another_shard_size(tmp_path):
-    from fdbpl_hf.ril.build import _prepare_workdir
+    from fdbpl_hf.ril.sharding import prepare_workdir
 
     meta = {"build_key": "abc", "shard_size": 8}
-    _prepare_workdir(str(tmp_path / "w"), meta)
-    _prepare_workdir(str(tmp_path / "w"), meta)  # same settings: resumes
+    prepare_workdir(str(tmp_path / "w"), meta)
+    prepare_workdir(str(tmp_path / "w"), meta)  # same settings: resumes
     with pytest.raises(ValueError, match="shard_size=8"):
-        _prepare_workdir(str(tmp_path / "w"), dict(meta, shard_size=4))
+        prepare_workdir(str(tmp_path / "w"), dict(meta, shard_size=4))
 
 
 def test_renderers():
@@ -487,3 +487,61 @@ def test_renderers():
     with pytest.raises(ValueError, match="antialiased bilinear or bicubic"):
         RegionSpec(interpolation="nearest")
     RegionSpec(interpolation="nearest", renderer="float")  # the float renderer takes any mode
+
+
+def test_table_config_is_stored_whole_and_keywords_still_work(digits_small, teacher_clip, tokenizer, tmp_path):
+    """`build_ril_table(ds, teacher, RILTableConfig(...))` builds the same table as the keyword
+    form; the metadata keeps the resolved config; keywords override the config; a typo is refused."""
+    from fdbpl_hf import RILTableConfig
+
+    config = RILTableConfig(num_regions=M, top_k=K, teacher_batch_size=7, shard_size=16)
+    table = build_ril_table(digits_small, teacher_clip, config, teacher_tokenizer=tokenizer,
+                            output_dir=str(tmp_path / "c"))
+    meta = ril_metadata(table)
+    stored = RILTableConfig.from_metadata(meta)
+    assert stored == RILTableConfig(num_regions=M, top_k=K, teacher_batch_size=7, shard_size=16,
+                                    template="a photo of a {}.", teacher_image_mean=list(OPENAI_CLIP_MEAN),
+                                    teacher_image_std=list(OPENAI_CLIP_STD))
+    by_keywords = build(digits_small, teacher_clip, tokenizer, tmp_path / "k", shard_size=16)
+    assert ril_metadata(by_keywords)["build_key"] == meta["build_key"]  # batch size is not content
+    assert np.array_equal(by_keywords.with_format("numpy")["topk_logits"], table.with_format("numpy")["topk_logits"])
+    overridden = build_ril_table(digits_small, teacher_clip, config, num_regions=2, teacher_tokenizer=tokenizer,
+                                 output_dir=str(tmp_path / "o"))
+    assert len(overridden) == len(digits_small) * 2
+    assert RILTableConfig.from_metadata(ril_metadata(overridden)).num_regions == 2
+    with pytest.raises(TypeError, match="num_region"):
+        build_ril_table(digits_small, teacher_clip, num_region=3, teacher_tokenizer=tokenizer,
+                        output_dir=str(tmp_path / "x"))
+
+
+def test_tables_without_a_stored_config_still_load(digits_small, teacher_clip, tokenizer, tmp_path):
+    """A table written before the config was stored (0.4's metadata: no build_config) loads and replays."""
+    from fdbpl_hf import RILTableConfig
+    from fdbpl_hf.integrity import metadata_digest
+
+    build(digits_small, teacher_clip, tokenizer, tmp_path / "t")
+    path = tmp_path / "t" / "ril_metadata.json"
+    meta = json.loads(path.read_text())
+    del meta["build_config"]
+    meta["library_version"] = "0.4.0"
+    meta["metadata_digest"] = metadata_digest(meta)
+    path.write_text(json.dumps(meta))
+    table = load_ril_table(str(tmp_path / "t"))
+    assert RILTableConfig.from_metadata(ril_metadata(table)) is None
+    assert len(replay(digits_small, table, class_names=DIGIT_NAMES)) == len(digits_small)
+
+
+def test_build_table_script_parses_the_config(tmp_path):
+    """examples/build_table.py parses RILTableConfig's flags with HfArgumentParser, under the old names."""
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        import build_table
+    finally:
+        sys.path.pop(0)
+    args, config = build_table.parse_args(["--teacher", "t", "--output_dir", str(tmp_path), "--num_regions", "3",
+                                           "--top_k", "2", "--seed", "5", "--template", "a {}.",
+                                           "--teacher_batch_size", "8", "--teacher_revision", "main",
+                                           "--device", "cpu"])
+    assert (args.teacher, args.output_dir) == ("t", str(tmp_path))
+    assert (config.num_regions, config.top_k, config.seed, config.template, config.teacher_batch_size,
+            config.teacher_revision, config.device) == (3, 2, 5, "a {}.", 8, "main", "cpu")

@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import math
 import os
-import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import datasets
 import numpy as np
 import torch
 
-from ..integrity import BuildLock, claim_workdir, expand_path, metadata_digest, remove_owned, table_digests
+from ..integrity import expand_path
 from ..losses import shannon_entropy
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
+from .sharding import ShardedBuild, absent_or_empty, default_build_dir
 from .table import (
-    ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, attach_metadata, build_key, decode_image, describe_source,
-    library_version, load_from_disk_named, load_ril_table, read_metadata_file, table_features,
+    ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, build_key, decode_image, describe_source,
+    library_version, load_ril_table, read_metadata_file, table_features,
 )
+from .table_config import BUILD_CONFIG_KEY, DEFAULT_NUM_REGIONS, DEFAULT_TEMPLATE, DEFAULT_TOP_K, RILTableConfig
 from .teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Teacher, as_teacher
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_NUM_REGIONS = 500
-DEFAULT_TOP_K = 20
 
 
 def resolve_class_names(dataset: datasets.Dataset, label_column: Optional[str],
@@ -162,82 +159,20 @@ class _ChunkRenderer:
             torch.set_num_threads(self.threads)
 
 
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size) under `accelerate launch`/torchrun; the process group is started here
-    when the launcher set one up but nothing has initialised it yet (e.g. examples/build_table.py)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend)
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _on_every_rank(rank: int, fn, *args, **kwargs) -> None:
-    """Run `fn` on every rank, then wait for all of them; if any rank failed, every rank raises
-    (the failed one its own error), instead of the others waiting at a barrier until the process
-    group times out."""
-    error = None
-    try:
-        fn(*args, **kwargs)
-    except Exception as err:  # re-raised below, after telling the other ranks
-        error = err
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        reports = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
-        if failed and error is None:
-            raise RuntimeError("rank {} failed, so this rank stops too: {}".format(*failed[0]))
-    if error is not None:
-        raise error
-
-
-def _on_rank0(rank: int, fn, *args, **kwargs) -> None:
-    """Run `fn` on rank 0 while the other ranks wait; if it fails, every rank raises."""
-    _on_every_rank(rank, fn if rank == 0 else _nothing, *args, **kwargs)
-
-
-def _nothing(*args, **kwargs) -> None:
-    return None
-
-
-def default_table_dir(key: str, kind: str = "ril_tables") -> str:
-    """`$HF_HOME/fdbpl_hf/<kind>/<key>`: where builds go when no output_dir is given."""
-    from huggingface_hub.constants import HF_HOME
-
-    return os.path.join(HF_HOME, "fdbpl_hf", kind, key)
+# the old name: it places feature caches too (kind="feature_caches")
+default_table_dir = default_build_dir
 
 
 def build_ril_table(
     dataset: datasets.Dataset,
     teacher,
+    config: Optional[RILTableConfig] = None,
     *,
-    num_regions: int = DEFAULT_NUM_REGIONS,
-    top_k: Optional[int] = None,
-    seed: int = 0,
     class_names: Optional[Sequence[str]] = None,
-    template: str | Sequence[str] = "a photo of a {}.",
     teacher_tokenizer=None,
-    teacher_input_size: Optional[int] = None,
-    teacher_image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
-    teacher_image_std: Sequence[float] = OPENAI_CLIP_STD,
-    teacher_name: Optional[str] = None,
-    teacher_revision: Optional[str] = None,
     region_spec: Optional[RegionSpec] = None,
-    image_column: str = "image",
-    label_column: Optional[str] = "label",
-    source_id: Optional[str] = None,
-    source_revision: Optional[str] = None,
     output_dir: Optional[str] = None,
-    images_per_batch: int = 4,
-    teacher_batch_size: int = 256,
-    shard_size: int = 1000,
-    num_proc: Optional[int] = None,
-    device: Optional[str] = None,
-    fill: str = "mr",
+    **settings: Any,
 ) -> datasets.Dataset:
     """Build the Region Information Lookup table of `dataset` with `teacher`.
 
@@ -247,11 +182,16 @@ def build_ril_table(
     finished shards live under `<output_dir>.incomplete` until the whole table is written to
     `output_dir`, so a killed build resumes where it stopped, and a half-built table never loads.
 
+    The settings are the fields of `config` (an `RILTableConfig`); any of them may also be given
+    as a keyword (`build_ril_table(ds, teacher, num_regions=50)`), which overrides `config`. The
+    finished table's metadata stores the config whole (`RILTableConfig.from_metadata`).
+
     Args:
         dataset: an image-classification `datasets.Dataset` (an `Image` column and a label column).
         teacher: a `transformers.CLIPModel` (scored with `template` prompts; pass
             `teacher_tokenizer`), a `fdbpl_hf.ril.Teacher`, or a callable
             `pixel_values -> logits [B, C]` (pass `teacher_input_size`).
+        config: the build settings (default `RILTableConfig()`); the keywords below are its fields.
         num_regions: M, regions per image (paper: 500).
         top_k: K, teacher classes kept per region (paper: 20); default min(20, number of classes).
         seed: seed of the region sampling (region r of image i depends only on seed, i and r).
@@ -273,11 +213,19 @@ def build_ril_table(
         num_proc: `map` worker processes (`with_rank=True`: worker r uses GPU r); under
             `accelerate launch`/torchrun each process builds every world_size-th shard instead.
         device: where the teacher runs (default: where it is; under `num_proc`, GPU `rank`).
-        fill: how training rebuilds dense logits ("mr": top-K then min - 10; "dense": needs K = C).
+        fill: how training rebuilds dense logits: "mr" (marginal re-norm: the K stored classes keep
+            their log-probabilities, every other class gets the smallest of them minus 10) or
+            "dense" (the table stores every class: K = C).
 
     Returns:
         the table as a `datasets.Dataset` (memory-mapped), its metadata under `ril_metadata(table)`.
     """
+    config = RILTableConfig.with_overrides(config, settings)
+    num_regions, top_k, seed, fill = config.num_regions, config.top_k, config.seed, config.fill
+    image_column, label_column = config.image_column, config.label_column
+    template = DEFAULT_TEMPLATE if config.template is None else config.template
+    teacher_image_mean = OPENAI_CLIP_MEAN if config.teacher_image_mean is None else config.teacher_image_mean
+    teacher_image_std = OPENAI_CLIP_STD if config.teacher_image_std is None else config.teacher_image_std
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
     for column in (image_column, label_column):
@@ -299,12 +247,12 @@ def build_ril_table(
     if len(dataset) == 0:
         raise ValueError("the dataset is empty (0 rows): there are no images to label")
 
-    teacher = as_teacher(teacher, names, teacher_tokenizer, template, teacher_input_size,
+    teacher = as_teacher(teacher, names, teacher_tokenizer, template, config.teacher_input_size,
                          teacher_image_mean, teacher_image_std)
-    if teacher_name:
-        teacher.name = teacher_name
-    if teacher_revision:
-        teacher.revision = teacher_revision
+    if config.teacher_name:
+        teacher.name = config.teacher_name
+    if config.teacher_revision:
+        teacher.revision = config.teacher_revision
     spec = region_spec or RegionSpec(output_size=teacher.input_size)
     if spec.output_size != teacher.input_size:
         raise ValueError(f"region_spec.output_size {spec.output_size} differs from the teacher's input size "
@@ -321,8 +269,13 @@ def build_ril_table(
         "class_names": names,
         "teacher": teacher.describe(),
         "regions": spec.to_dict(),
-        "source": describe_source(dataset, image_column, label_column, source_id, source_revision, len(names)),
+        "source": describe_source(dataset, image_column, label_column, config.source_id, config.source_revision,
+                                  len(names)),
         "layout": "row = image_index * num_regions + region",
+        # the settings as resolved for this build; how fast it ran is not part of the build key
+        BUILD_CONFIG_KEY: dataclasses.replace(config, top_k=top_k, template=template,
+                                              teacher_image_mean=list(teacher_image_mean),
+                                              teacher_image_std=list(teacher_image_std)).to_dict(),
     }
     key = build_key(metadata)
     metadata.update(build_key=key, library_version=library_version())
@@ -332,62 +285,36 @@ def build_ril_table(
         raise ValueError(f"the teacher {teacher.name!r} is a callable whose weights fdbpl_hf cannot fingerprint, so "
                          "the default cache folder could hand back another teacher's table: pass output_dir=, or "
                          "teacher_revision= (a string that identifies its weights), or give a torch.nn.Module")
-    output_dir = expand_path(output_dir) if output_dir else default_table_dir(key)
+    output_dir = expand_path(output_dir) if output_dir else default_build_dir(key)
 
     done = _existing_table(output_dir, key)
     if done is not None:
         logger.info("RIL table already built at %s", output_dir)
         return done
 
-    rank, world = _dist_info()
-    work = output_dir + ".incomplete"
-    lock = BuildLock(output_dir + ".lock", "RIL table")
-    try:
-        _on_rank0(rank, _start_build, lock, work, dict(metadata, shard_size=shard_size), "RIL table")
-        return _build_table(dataset, teacher, spec, metadata, key, output_dir, work, rank, world, names, top_k,
-                            seed, num_regions, image_column, shard_size, images_per_batch, teacher_batch_size,
-                            num_proc, device)
-    finally:
-        lock.release()
-
-
-def _build_table(dataset, teacher, spec, metadata, key, output_dir, work, rank, world, names, top_k, seed,
-                 num_regions, image_column, shard_size, images_per_batch, teacher_batch_size, num_proc,
-                 device) -> datasets.Dataset:
-
     features = table_features(top_k, len(names))
     index_dtype = np.dtype(features["topk_indices"].feature.dtype)
-    num_shards = math.ceil(len(dataset) / shard_size)
     source = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    build = ShardedBuild(output_dir, metadata, kind="RIL table", num_items=len(dataset),
+                         shard_size=config.shard_size, metadata_file=METADATA_FILE)
 
-    def build_my_shards() -> None:
-        for shard in range(rank, num_shards, world):
-            shard_dir = os.path.join(work, f"shard-{shard:05d}")
-            if os.path.isdir(shard_dir):
-                logger.info("RIL shard %d/%d already built, skipping", shard + 1, num_shards)
-                continue
-            start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
-            labeler = _RegionLabeler(teacher, spec, num_regions, top_k, seed, image_column, start,
-                                     teacher_batch_size, device, index_dtype)
-            part = source.select(range(start, stop)).map(
-                labeler, batched=True, batch_size=images_per_batch, with_indices=True,
-                with_rank=num_proc is not None, remove_columns=[image_column], features=features,
-                num_proc=num_proc, keep_in_memory=True, new_fingerprint=f"ril-{key}-{shard}",
-                desc=f"RIL shard {shard + 1}/{num_shards}",
-            )
-            tmp = shard_dir + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            part.save_to_disk(tmp)
-            os.replace(tmp, shard_dir)  # a shard exists only once fully written
+    def build_shard(shard: int, start: int, stop: int) -> datasets.Dataset:
+        labeler = _RegionLabeler(teacher, spec, num_regions, top_k, seed, image_column, start,
+                                 config.teacher_batch_size, config.device, index_dtype)
+        return source.select(range(start, stop)).map(
+            labeler, batched=True, batch_size=config.images_per_batch, with_indices=True,
+            with_rank=config.num_proc is not None, remove_columns=[image_column], features=features,
+            num_proc=config.num_proc, keep_in_memory=True, new_fingerprint=f"ril-{key}-{shard}",
+            desc=f"RIL shard {shard + 1}/{build.num_shards}",
+        )
 
-    _on_every_rank(rank, build_my_shards)  # also the barrier before assembling
-    _on_rank0(rank, _assemble, work, output_dir, num_shards, metadata)
+    build.run(build_shard)
     return load_ril_table(output_dir)
 
 
 def _existing_table(output_dir: str, key: str) -> Optional[datasets.Dataset]:
     meta_path = os.path.join(output_dir, METADATA_FILE)
-    if _absent_or_empty(output_dir):
+    if absent_or_empty(output_dir):
         return None
     if not os.path.isfile(meta_path):
         raise ValueError(f"output_dir {output_dir} exists but is not an RIL table; choose another folder")
@@ -398,59 +325,3 @@ def _existing_table(output_dir: str, key: str) -> Optional[datasets.Dataset]:
                          f"K={existing.get('top_k')}, seed {existing.get('seed')}; or another teacher's weights or "
                          "source images); delete it or pick another folder")
     return load_ril_table(output_dir)
-
-
-def _absent_or_empty(path: str) -> bool:
-    """True for a folder the build may create or fill (e.g. one made by `tempfile.mkdtemp()`)."""
-    return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
-
-
-def _start_build(lock: BuildLock, work: str, metadata: dict, kind: str) -> None:
-    """Take the build lock, then create (or resume) the owned work folder."""
-    lock.acquire()
-    _prepare_workdir(work, metadata, kind)
-
-
-def _prepare_workdir(work: str, metadata: dict, kind: str = "RIL table") -> None:
-    resumed = claim_workdir(work, kind, legacy_marker="build.json")
-    build_file = os.path.join(work, "build.json")
-    if resumed and os.path.isfile(build_file):
-        with open(build_file, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous.get("build_key") != metadata["build_key"]:
-            raise ValueError(f"{work} holds an interrupted build with other settings (another teacher, its weights, "
-                             "the source images, M, K or seed); delete it to start over")
-        if previous.get("shard_size") != metadata["shard_size"]:
-            # finished shards are named by index: another shard_size would map them to other rows
-            raise ValueError(f"{work} holds an interrupted build with shard_size={previous.get('shard_size')}; "
-                             f"resume it with that shard_size (got {metadata['shard_size']}) or delete it")
-        logger.info("resuming the interrupted %s build in %s", kind, work)
-        return
-    with open(build_file, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True)
-
-
-def _assemble(work: str, output_dir: str, num_shards: int, metadata: dict,
-              metadata_file: str = METADATA_FILE) -> None:
-    shard_names = [f"shard-{s:05d}" for s in range(num_shards)]
-    parts = [load_from_disk_named(os.path.join(work, name)) for name in shard_names]
-    table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    staging = os.path.join(work, "table")
-    shutil.rmtree(staging, ignore_errors=True)
-    # content digests of the rows, in order: verified when the table is loaded
-    metadata = dict(metadata, integrity={"rows": table_digests(table)})
-    attach_metadata(table, metadata)
-    table.save_to_disk(os.path.join(staging, "data"))
-    data_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(staging) for f in fs)
-    regions = len(table)
-    final = dict(metadata, complete=True, stats={"num_rows": regions, "disk_bytes": data_bytes,
-                                                 "bytes_per_region": data_bytes / max(regions, 1)})
-    final["metadata_digest"] = metadata_digest(final)
-    with open(os.path.join(staging, metadata_file), "w", encoding="utf-8") as f:
-        json.dump(final, f, indent=2, sort_keys=True)
-    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-    if os.path.isdir(output_dir):
-        os.rmdir(output_dir)  # an empty folder made for the table; a non-empty one was refused before
-    os.replace(staging, output_dir)  # the table appears whole, or not at all
-    # only what the build wrote; anything else a user put there stays
-    remove_owned(work, shard_names + [n + ".tmp" for n in shard_names] + ["build.json", "table"])

@@ -11,7 +11,7 @@ import torch
 
 from ..integrity import verification_enabled
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
-from .features import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
+from .feature_cache import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
 from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_matches, decode_image,
                     is_verified, ril_metadata, validate_table_rows, verify_rows)
 

@@ -25,7 +25,7 @@ import datasets
 import numpy as np
 
 from ..integrity import (
-    IMAGE_DIGEST_BYTES, IntegrityError, decode_digests, encode_digests, expand_path, first_differences,
+    IMAGE_DIGEST_BYTES, IntegrityError, decode_digests, encode_digests, expand_path, first_differences, json_digest,
     image_digests, metadata_digest, require_keys, verification_enabled, verify_table_digests,
 )
 from ..version import __version__
@@ -101,7 +101,9 @@ def image_bytes(item: dict) -> bytes:
 
 
 # keys that describe a stored table, not what determines its content
-_NOT_CONTENT = ("library_version", "build_key", "complete", "stats", "integrity", "metadata_digest")
+# (`build_config` holds the build's settings, including the ones that only change its speed; the
+# ones that change the rows are also top-level keys, so tables written before 0.5, without it, check alike)
+_NOT_CONTENT = ("library_version", "build_key", "complete", "stats", "integrity", "metadata_digest", "build_config")
 
 
 def build_key(metadata: dict) -> str:
@@ -111,7 +113,7 @@ def build_key(metadata: dict) -> str:
     # and covers the per-image digests.
     content["source"] = {k: v for k, v in content["source"].items()
                          if k not in ("datasets_fingerprint", "image_digests")}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(content, 16)
 
 
 REQUIRED_KEYS = ("format", "num_regions", "top_k", "seed", "fill", "class_names", "teacher.name",
