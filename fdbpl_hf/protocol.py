@@ -19,10 +19,9 @@ from .config import FDBPLConfig
 from .data import resolve_dataset, training_set
 from .evaluation import ZeroShotCLIP, evaluate_base_to_novel
 from .modeling import get_fdbpl_model
-from .ril import (CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_feature_cache, build_ril_table,
-                  ril_metadata)
-from .ril.features import feature_cache_metadata
-from .trainer import FDBPLTrainer, FDBPLTrainingArguments
+from .pipeline import train_prompts
+from .ril import CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_ril_table, ril_metadata
+from .trainer import FDBPLTrainingArguments
 
 METHODS = ("zero-shot", "coop", "fdbpl-online", "fdbpl-offline", "fdbpl-cached")
 
@@ -108,19 +107,10 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
             logging_steps=5, disable_tqdm=not progress, use_cpu=device == "cpu",
         )
         args = FDBPLTrainingArguments(**{**settings, **(training_overrides or {})})
-        if method == "fdbpl-cached":
-            start = time.perf_counter()
-            cache = build_feature_cache(train_data, model, epochs=min(regions, args.replay_epochs(len(train_data))),
-                                        output_dir=os.path.join(output_dir, "feature_cache"), progress=progress)
-            extra.update(cache_build_seconds=round(time.perf_counter() - start, 2),
-                         cache_bytes=feature_cache_metadata(cache)["stats"]["disk_bytes"])
-            train_data = RILDataset(data["dataset"], table, image_mean=mean, image_std=std, image_size=size,
-                                    class_names=names, feature_cache=cache)
-        trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher_obj)
-        start = time.perf_counter()
-        trainer.train()
-        extra["train_seconds"] = round(time.perf_counter() - start, 2)
-        extra["train_steps"] = trainer.state.global_step
+        cache_dir = os.path.join(output_dir, "feature_cache") if method == "fdbpl-cached" else None
+        trainer, _, facts = train_prompts(model, args, train_data, teacher=teacher_obj, feature_cache_dir=cache_dir,
+                                          progress=progress)
+        extra.update(facts)
         trainer.save_model()
         model.eval()
     result = evaluate_base_to_novel(model, test, info, image_processor=processor, tokenizer=tokenizer,

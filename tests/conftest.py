@@ -33,7 +33,7 @@ def fake_hub():
 # ---- shared model / data fixtures -----------------------------------------------------------------
 import torch  # noqa: E402
 
-from fdbpl_hf.offline import clip_config, clip_tokenizer, load_digits  # noqa: E402
+from fdbpl_hf.testing.worlds import clip_config, clip_tokenizer, load_digits  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +83,7 @@ def digits_small():
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory, tokenizer):
     """A tiny teacher and student CLIP saved like Hub checkpoints (model, tokenizer, processor)."""
-    from fdbpl_hf.offline import image_processor_for
+    from fdbpl_hf.testing.worlds import image_processor_for
 
     root = tmp_path_factory.mktemp("checkpoints")
     paths = {}

@@ -19,7 +19,7 @@ from fdbpl_hf.data import (
     make_base_novel_test,
     subset_classes,
 )
-from fdbpl_hf.offline import DIGIT_NAMES, load_digits
+from fdbpl_hf.testing.worlds import DIGIT_NAMES, load_digits
 
 datasets.disable_progress_bars()
 

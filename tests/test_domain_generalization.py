@@ -8,7 +8,7 @@ from conftest import make_clip
 import datasets
 from fdbpl_hf.data import DatasetInfo, subset_classes
 from fdbpl_hf.evaluation import ZeroShotCLIP, class_logits, encode_images, evaluate_domain_generalization
-from fdbpl_hf.offline import DIGIT_NAMES, image_processor_for
+from fdbpl_hf.testing.worlds import DIGIT_NAMES, image_processor_for
 
 datasets.disable_progress_bars()
 SUBSET = [2, 5, 7]  # the target's classes, as source ids (ImageNet-A/R: 200 ImageNet ids)

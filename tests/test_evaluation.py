@@ -17,7 +17,7 @@ from fdbpl_hf.evaluation import (ZeroShotCLIP, encode_images, evaluate_base_to_n
                                  evaluate_ood, format_summary_markdown, load_classifier, load_results, ood_metrics,
                                  ood_scores, predict_logits, summarize_runs, write_results)
 from fdbpl_hf.metrics import accuracy, average_base_novel, harmonic_mean, per_class_accuracy
-from fdbpl_hf.offline import DIGIT_NAMES, image_processor_for
+from fdbpl_hf.testing.worlds import DIGIT_NAMES, image_processor_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHOR = "a photo of a {}."

@@ -12,7 +12,7 @@ from conftest import make_clip
 
 from fdbpl_hf import (CallableTeacher, FDBPLConfig, RILDataset, build_feature_cache, build_ril_table,
                       get_fdbpl_model, load_feature_cache)
-from fdbpl_hf.offline import DIGIT_NAMES, clip_config
+from fdbpl_hf.testing.worlds import DIGIT_NAMES, clip_config
 from fdbpl_hf.ril.features import feature_cache_metadata
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN as MEAN
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_STD as STD
@@ -55,6 +55,8 @@ def test_cache_holds_the_students_features_of_the_replayed_regions(digits_small,
     meta = feature_cache_metadata(cache)
     assert len(cache) == len(digits_small) * 3 and meta["epochs"] == 3 and meta["dim"] == model.clip.config.projection_dim == 16
     cached = data_for(digits_small, table, cache)
+    derived = data.with_feature_cache(cache)  # the same dataset, reading the cache
+    assert derived.feature_cache is not None and data.feature_cache is None
     for epoch in range(3):
         data.set_epoch(epoch)
         cached.set_epoch(epoch)
@@ -66,6 +68,8 @@ def test_cache_holds_the_students_features_of_the_replayed_regions(digits_small,
             torch.testing.assert_close(fast["image_features"], expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fast["topk_logits"], item["topk_logits"])
             assert int(fast["labels"]) == int(item["labels"])
+            derived.set_epoch(epoch)
+            torch.testing.assert_close(derived[index]["image_features"], fast["image_features"])
     # the same call returns the finished cache; other settings into the same folder are refused
     again = build_feature_cache(data, model, epochs=3, dtype="float32", output_dir=str(tmp_path / "c"))
     assert again.info.description == cache.info.description
@@ -194,7 +198,7 @@ def test_interrupted_cache_build_resumes(digits_small, table, tokenizer, tmp_pat
         from conftest import make_clip
         import fdbpl_hf.ril.features as features
         from fdbpl_hf import FDBPLConfig, RILDataset, get_fdbpl_model, load_ril_table, build_feature_cache
-        from fdbpl_hf.offline import DIGIT_NAMES, clip_tokenizer, load_digits
+        from fdbpl_hf.testing.worlds import DIGIT_NAMES, clip_tokenizer, load_digits
         from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         real_replace = os.replace
         def replace_then_die(src, dst):
@@ -234,7 +238,7 @@ def test_examples_train_with_a_feature_cache(tiny_checkpoints, tmp_path):
     from fdbpl_hf import load_ril_table, ril_metadata
     from fdbpl_hf.data import training_set
     from fdbpl_hf.ril import CLIPTeacher
-    from fdbpl_hf.offline import clip_tokenizer
+    from fdbpl_hf.testing.worlds import clip_tokenizer
 
     data = training_set("digits", num_shots=4, seed=1, classes="base")
     teacher = CLIPTeacher(CLIPModel.from_pretrained(tiny_checkpoints["teacher"]), clip_tokenizer(),

@@ -19,7 +19,7 @@ from PIL import Image
 
 from fdbpl_hf import RILDataset, build_feature_cache, build_ril_table, load_ril_table, push_ril_table, ril_metadata
 from fdbpl_hf.integrity import BuildLock, IntegrityError
-from fdbpl_hf.offline import DIGIT_NAMES
+from fdbpl_hf.testing.worlds import DIGIT_NAMES
 from fdbpl_hf.ril.features import load_feature_cache
 from fdbpl_hf.ril.regions import image_to_tensor
 from fdbpl_hf.ril.table import attach_metadata
@@ -348,7 +348,7 @@ def test_a_corrupted_parquet_on_the_hub_is_not_a_missing_repo(fake_hub, table_di
 
 
 def test_the_offline_error_names_the_right_wheel():
-    from fdbpl_hf.offline import _package_file
+    from fdbpl_hf.testing.worlds import _package_file
 
     with pytest.raises(ImportError, match="pip install --no-deps open-clip-torch"):
         from unittest import mock

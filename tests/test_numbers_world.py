@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fdbpl_hf import zoo
+from fdbpl_hf.testing import zoo
 from fdbpl_hf.data import base_novel_split, get_dataset_info, training_set
-from fdbpl_hf.offline import NUMBER_NAMES, compose_numbers, load_digits
+from fdbpl_hf.testing.worlds import NUMBER_NAMES, compose_numbers, load_digits
 from fdbpl_hf.ril import CallableTeacher, EnsembleTeacher
 
 

@@ -16,7 +16,7 @@ from fdbpl_hf.data import training_set
 from fdbpl_hf.protocol import run_base_to_novel
 from fdbpl_hf.ril import CLIPTeacher, RegionSpec, RILDataset, build_ril_table
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments
-from fdbpl_hf.zoo import build_zoo, read_zoo_marker
+from fdbpl_hf.testing.zoo import build_zoo, read_zoo_marker
 
 pytestmark = pytest.mark.zoo
 

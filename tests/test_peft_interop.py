@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from stock_process import run_without_fdbpl_hf
 
 from fdbpl_hf import FDBPLCLIPModel, FDBPLConfig, FDBPLPromptLearner, get_fdbpl_model
-from fdbpl_hf.offline import clip_config, image_processor_for
+from fdbpl_hf.testing.worlds import clip_config, image_processor_for
 from fdbpl_hf.prompts import PEFT_WEIGHTS_KEY, adapter_tokenizer, hypothesis_template
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -127,8 +127,8 @@ def _real_size_text_tower():
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory, tokenizer):
     """Everything fdbpl_hf writes for stock libraries, and what one process without fdbpl_hf makes of it."""
-    from datasets import load_dataset  # noqa: F401  (digits come through fdbpl_hf.offline)
-    from fdbpl_hf.offline import load_digits
+    from datasets import load_dataset  # noqa: F401  (digits come through fdbpl_hf.testing.worlds)
+    from fdbpl_hf.testing.worlds import load_digits
 
     root = tmp_path_factory.mktemp("stock")
     digits = load_digits(num_per_class=1)

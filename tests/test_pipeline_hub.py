@@ -16,7 +16,7 @@ import datasets
 from conftest import run_ok
 from huggingface_hub import HfApi, ModelCard
 
-from fdbpl_hf.offline import DIGIT_NAMES, load_digits
+from fdbpl_hf.testing.worlds import DIGIT_NAMES, load_digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = {name: os.path.join(REPO, "examples", f"{name}.py") for name in ("build_table", "train", "evaluate")}

@@ -35,3 +35,30 @@ def test_unknown_method_and_missing_teacher(tiny_checkpoints, tmp_path):
         run_base_to_novel("kdpl", student=tiny_checkpoints["student"], output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="needs a teacher"):
         run_base_to_novel("fdbpl-cached", student=tiny_checkpoints["student"], output_dir=str(tmp_path))
+
+
+def test_the_scripts_run_in_process_through_main(tiny_checkpoints, tmp_path):
+    """examples/build_table.py and examples/train.py expose `main(argv)`, as trl's scripts do, and
+    train.py trains through `fdbpl_hf.pipeline.train_prompts`, as the protocol runner does: a
+    table, then a run from a feature cache, in this process."""
+    import os
+    import sys
+
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    sys.path.insert(0, examples)
+    try:
+        import build_table
+        import train
+    finally:
+        sys.path.remove(examples)
+    data = ["--dataset", "digits", "--num_shots", "2", "--classes", "base"]
+    table = build_table.main(["--teacher", tiny_checkpoints["teacher"], "--output_dir", str(tmp_path / "t"), *data,
+                              "--num_regions", "2", "--top_k", "3"])
+    assert len(table) == 10 * 2  # 5 base classes x 2 shots x M = 2
+    trainer = train.main(["--student", tiny_checkpoints["student"], "--table", str(tmp_path / "t"), *data,
+                          "--feature_cache", str(tmp_path / "c"), "--output_dir", str(tmp_path / "run"),
+                          "--num_train_epochs", "2", "--per_device_train_batch_size", "4", "--report_to", "none",
+                          "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true"])
+    assert trainer.train_dataset.feature_cache is not None and trainer.state.global_step > 0
+    assert os.path.isfile(tmp_path / "run" / "fdbpl_config.json")
+    assert os.path.isfile(tmp_path / "c" / "feature_cache.json")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fdbpl_hf.protocol import run_base_to_novel
-from fdbpl_hf.zoo import build_zoo
+from fdbpl_hf.testing.zoo import build_zoo
 
 pytestmark = pytest.mark.zoo
 

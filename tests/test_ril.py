@@ -19,7 +19,7 @@ from fdbpl_hf import (
     CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, build_ril_table, dense_teacher_logits,
     load_ril_table, push_ril_table, ril_metadata,
 )
-from fdbpl_hf.offline import DIGIT_NAMES
+from fdbpl_hf.testing.worlds import DIGIT_NAMES
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +187,7 @@ def _crash_script(out_dir: str, kill_at_row: int, calls_file: str) -> str:
     return textwrap.dedent(f"""
         import os, signal, sys, torch
         from fdbpl_hf import build_ril_table
-        from fdbpl_hf.offline import load_digits
+        from fdbpl_hf.testing.worlds import load_digits
         ds = load_digits(num_per_class=3)
         def teacher(pixels):
             with open({calls_file!r}, "a") as f:
@@ -387,7 +387,7 @@ def test_two_process_build_equals_one_process(tmp_path):
     script.write_text(textwrap.dedent("""
         import sys, torch
         from fdbpl_hf import build_ril_table
-        from fdbpl_hf.offline import load_digits
+        from fdbpl_hf.testing.worlds import load_digits
         ds = load_digits(num_per_class=3)
         w = torch.randn(3 * 4 * 4, 10, generator=torch.Generator().manual_seed(0))
         def teacher(px):
@@ -415,7 +415,7 @@ def test_two_process_build_equals_one_process(tmp_path):
     failing.write_text(textwrap.dedent("""
         import os, sys
         from fdbpl_hf import build_ril_table
-        from fdbpl_hf.offline import load_digits
+        from fdbpl_hf.testing.worlds import load_digits
         import torch
         def teacher(px):
             if os.environ["RANK"] == "1":

@@ -12,7 +12,7 @@ from conftest import make_clip, run_ok, torchrun_command
 
 from fdbpl_hf import (CallableTeacher, CLIPTeacher, FDBPLCLIPModel, FDBPLConfig, RegionSpec, RILDataset, build_ril_table,
                       get_fdbpl_model)
-from fdbpl_hf.offline import DIGIT_NAMES
+from fdbpl_hf.testing.worlds import DIGIT_NAMES
 from fdbpl_hf.ril.table import attach_metadata, ril_metadata
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN as MEAN
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_STD as STD
@@ -372,7 +372,7 @@ def test_examples_train_two_processes_over_gloo(fake_hub, digits_small, tiny_che
     assert {"adapter_model.safetensors", "few_shot_split.json", "trainer_state.json",
             "train_results.json"} <= set(fake_hub.list_files("tester/ddp"))
     clip = make_clip("tiny", seed=2)
-    from fdbpl_hf.offline import clip_tokenizer
+    from fdbpl_hf.testing.worlds import clip_tokenizer
 
     a = FDBPLCLIPModel.from_pretrained(clip, ddp_out, tokenizer=clip_tokenizer(), check_base_model=False)
     b = FDBPLCLIPModel.from_pretrained(clip, single_out, tokenizer=clip_tokenizer(), check_base_model=False)

@@ -9,8 +9,8 @@ import datasets
 import pytest
 import torch
 
-from fdbpl_hf import zoo
-from fdbpl_hf.offline import DIGIT_NAMES, load_digits
+from fdbpl_hf.testing import zoo
+from fdbpl_hf.testing.worlds import DIGIT_NAMES, load_digits
 
 datasets.disable_progress_bars()
 

@@ -20,7 +20,9 @@ from .table import (
     ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, build_key, decode_image, describe_source,
     library_version, load_ril_table, read_metadata_file, table_features,
 )
-from .table_config import BUILD_CONFIG_KEY, DEFAULT_NUM_REGIONS, DEFAULT_TEMPLATE, DEFAULT_TOP_K, RILTableConfig
+from .table_config import (  # DEFAULT_NUM_REGIONS: re-exported, its home before 0.5
+    BUILD_CONFIG_KEY, DEFAULT_NUM_REGIONS, DEFAULT_TEMPLATE, DEFAULT_TOP_K, RILTableConfig,
+)
 from .teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Teacher, as_teacher
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ same shape fails loudly instead of training on the wrong features.
 from __future__ import annotations
 
 import copy
+import os
 import logging
 from typing import Optional, Sequence
 

@@ -82,6 +82,10 @@ class RILDataset(torch.utils.data.Dataset):
                  image_column: Optional[str] = None, label_column: Optional[str] = None,
                  metadata: Optional[dict] = None, verify: Optional[bool] = None,
                  feature_cache: Optional[datasets.Dataset] = None):
+        # what `with_feature_cache` rebuilds this dataset from
+        self._arguments = dict(dataset=dataset, table=table, image_mean=image_mean, image_std=image_std,
+                               image_size=image_size, class_names=class_names, epoch=epoch, image_column=image_column,
+                               label_column=label_column, metadata=metadata, verify=verify)
         self.metadata = metadata if metadata is not None else ril_metadata(table)
         verify = verification_enabled(verify)
         if table is not None:
@@ -152,6 +156,12 @@ class RILDataset(torch.utils.data.Dataset):
             "source": {"image_column": image_column, "label_column": label_column},
         }
         return cls(dataset, None, image_mean=image_mean, image_std=image_std, metadata=metadata, verify=False)
+
+    def with_feature_cache(self, feature_cache: datasets.Dataset) -> "RILDataset":
+        """This dataset reading the student's stored image features from `feature_cache` (built by
+        `build_feature_cache(self, student)`) instead of rendering pixels; checked as the
+        constructor checks it."""
+        return type(self)(**self._arguments, feature_cache=feature_cache)
 
     @property
     def is_online(self) -> bool:
