@@ -27,7 +27,10 @@ from .ril.teachers import Teacher
 
 logger = logging.getLogger(__name__)
 
-LOSS_TERMS = ("pos", "neg", "sim", "pcd", "weight")
+# what compute_loss logs (as loss_<term>): the four loss terms, then "weight", the batch's mean
+# information weight, which is not a loss but scales the distillation terms
+LOGGED_TERMS = ("pos", "neg", "sim", "pcd", "weight")
+LOSS_TERMS = LOGGED_TERMS  # the pre-0.5 name
 # written last into a checkpoint folder, once everything else in it is saved: a checkpoint without
 # it was interrupted while being written (or comes from fdbpl_hf <= 0.3)
 CHECKPOINT_COMPLETE = "fdbpl_checkpoint_complete.json"
@@ -319,12 +322,12 @@ class FDBPLTrainer(Trainer):
                 # step would stall the host while the GPU runs the teacher.
                 losses["nonfinite_teacher"] = (~torch.isfinite(teacher).all()).float()
         mode = "train" if model.training else "eval"
-        terms = [key for key in LOSS_TERMS if key in losses]
+        terms = [key for key in LOGGED_TERMS if key in losses]
         if terms:
             # Sums and a batch count, kept on the device and gathered in log(): the loss logging adds
             # no host sync to the step (the Trainer's own logging_nan_inf_filter still has one).
             zero = losses["total"].detach().new_zeros((), dtype=torch.float32)
-            row = torch.stack([losses[key].detach().float() if key in losses else zero for key in LOSS_TERMS]
+            row = torch.stack([losses[key].detach().float() if key in losses else zero for key in LOGGED_TERMS]
                               + [losses.get("nonfinite_teacher", zero), zero + 1.0])  # no index tensor to copy
             # from host memory (a hidden sync)
             sums = self._metrics[mode]
@@ -341,7 +344,7 @@ class FDBPLTrainer(Trainer):
         prefix = "eval_" if mode == "eval" else ""
         sums = self._metrics[mode]
         if sums is None:
-            sums = torch.zeros(len(LOSS_TERMS) + 2, device=self.args.device)
+            sums = torch.zeros(len(LOGGED_TERMS) + 2, device=self.args.device)
         if self.args.world_size > 1:
             # One fixed-shape gather per call on every rank, even with nothing recorded, so ranks
             # with different numbers of batches (uneven evaluation) still match up.
@@ -355,7 +358,7 @@ class FDBPLTrainer(Trainer):
         if totals[-1] > 0:
             keys = self._metric_keys[mode]
             logs.update({f"{prefix}loss_{key}": totals[i] / totals[-1]
-                         for i, key in enumerate(LOSS_TERMS) if key in keys})
+                         for i, key in enumerate(LOGGED_TERMS) if key in keys})
         self._metrics[mode] = None
         super().log(logs, start_time)
 

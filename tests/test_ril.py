@@ -443,7 +443,8 @@ def test_batched_items_equal_single_items(digits_small, teacher_clip, tokenizer,
         for key in item:
             assert torch.equal(item[key], single[key]), key
     # all epochs of one image at once (what feature caches build from) = each epoch's item
-    epochs = data.replay_epochs(9, M + 2)  # past M: the permutation wraps around
+    epochs = data.render_epochs(9, M + 2)  # past M: the permutation wraps around
+    assert data.replay_epochs == data.render_epochs  # the pre-0.5 name
     assert epochs["pixel_values"].shape == (M + 2, 3, 32, 32)
     for epoch in range(M + 2):
         data.set_epoch(epoch)

@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..clip_ops import channel_stats, normalize_pixels
 from ..integrity import expand_path
 from ..losses import shannon_entropy
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
@@ -126,8 +127,7 @@ def _render_chunk(chunk: list, spec: RegionSpec, mean_std: tuple[torch.Tensor, t
     """Normalised pixels `[len(chunk), 3, S, S]` of `(image, box, flip, row)` jobs."""
     with torch.inference_mode():
         pixels = torch.stack([render_region(image, box, flip, spec) for image, box, flip, _ in chunk])
-        mean, std = (t.to(pixels.device) for t in mean_std)
-        return pixels.sub_(mean).div_(std)  # = normalize(pixels, mean, std), without two chunk-sized copies
+        return normalize_pixels(pixels, *mean_std, inplace=True)  # no chunk-sized copies
 
 
 class _ChunkRenderer:
@@ -141,8 +141,7 @@ class _ChunkRenderer:
 
     def __init__(self, spec: RegionSpec, mean, std, single_thread: bool):
         self.spec, self.single_thread = spec, single_thread
-        self.mean_std = (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1),
-                         torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+        self.mean_std = channel_stats(mean, std)
         self.executor: Optional[ThreadPoolExecutor] = None
 
     def __enter__(self) -> "_ChunkRenderer":

@@ -68,7 +68,7 @@ def _clip_of(student):
 
 
 class _AllEpochs(torch.utils.data.Dataset):
-    """Item i: image i's regions for the first `epochs` epochs of replay (`RILDataset.replay_epochs`)."""
+    """Item i: image i's regions for the first `epochs` epochs of replay (`RILDataset.render_epochs`)."""
 
     def __init__(self, data, epochs: int):
         self.data, self.epochs = data, epochs
@@ -77,7 +77,7 @@ class _AllEpochs(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict:
-        return self.data.replay_epochs(index, self.epochs)
+        return self.data.render_epochs(index, self.epochs)
 
 
 def _image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:

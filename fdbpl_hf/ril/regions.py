@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..clip_ops import normalize_pixels
+
 BOX_SCALE = 65535
 RENDERERS = ("uint8", "float")
 
@@ -187,6 +189,4 @@ def render_region(image: torch.Tensor, box, flip: bool, spec: RegionSpec) -> tor
 
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     """Per-channel normalisation of `[..., 3, S, S]` pixels in [0, 1]."""
-    mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    return (pixels - mean_t) / std_t
+    return normalize_pixels(pixels, mean, std)

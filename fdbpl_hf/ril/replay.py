@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import datasets
 import numpy as np
 import torch
 
+from ..clip_ops import channel_stats, normalize_pixels, torch_threads
 from ..integrity import verification_enabled
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .feature_cache import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
@@ -45,17 +45,11 @@ def dense_teacher_logits(topk_indices: torch.Tensor, topk_logits: torch.Tensor, 
     return out.scatter_(1, index, values)
 
 
-@contextlib.contextmanager
 def _one_thread_in_main_process():
-    """Rendering is many tiny ops per crop: in the training process, extra intra-op threads only
-    contend with the training step (measured 27x slower with 2 threads on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    if threads > 1 and torch.utils.data.get_worker_info() is None:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    """Rendering is many tiny ops per crop, each too small to split across threads: in the training
+    process, extra intra-op threads only add synchronisation and contend with the training step.
+    (DataLoader workers already run one thread each.)"""
+    return torch_threads(1 if torch.utils.data.get_worker_info() is None else None)
 
 
 class RILDataset(torch.utils.data.Dataset):
@@ -114,8 +108,7 @@ class RILDataset(torch.utils.data.Dataset):
         self.seed = int(self.metadata["seed"])
         self.class_names = list(self.metadata["class_names"])
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        self._mean_std = (torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1),
-                          torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1))
+        self._mean_std = channel_stats(self.image_mean, self.image_std)
         columns = [self.image_column] + ([self.label_column] if self.label_column else [])
         self.source = dataset.select_columns(columns).cast_column(self.image_column, datasets.Image(decode=False))
         self.table = table.with_format("numpy") if table is not None else None
@@ -235,11 +228,12 @@ class RILDataset(torch.utils.data.Dataset):
                 items.append(item)
         return items
 
-    def replay_epochs(self, index: int, epochs: int) -> dict:
+    def render_epochs(self, index: int, epochs: int) -> dict:
         """Image `index` as epochs 0 .. `epochs` - 1 replay it, decoded once: `pixel_values`
-        `[epochs, 3, S, S]` (each equal to that epoch's item) and `region` `[epochs]`."""
+        `[epochs, 3, S, S]` (each equal to that epoch's item) and `region` `[epochs]`.
+        (`FDBPLTrainingArguments.replay_epochs` is another thing: how many epochs a run replays.)"""
         if self.table is None:
-            raise TypeError("replay_epochs reads stored regions: the online dataset has no table")
+            raise TypeError("render_epochs reads stored regions: the online dataset has no table")
         index = int(index)
         regions = [self.region_for(index, e) for e in range(epochs)]
         rows = self.table[[index * self.num_regions + r for r in regions]]
@@ -249,10 +243,13 @@ class RILDataset(torch.utils.data.Dataset):
             pixels = torch.stack([self._pixels(image, rows["box"][n], rows["flip"][n]) for n in range(epochs)])
         return {"pixel_values": pixels, "region": torch.tensor(regions)}
 
+    replay_epochs = render_epochs  # the pre-0.5 name
+
     def _pixels(self, image: torch.Tensor, box, flip) -> torch.Tensor:
         """One stored region of a decoded image, rendered as the teacher saw it, normalised for the student."""
         mean, std = self._mean_std
-        return render_region(image, box, bool(flip), self.spec).sub_(mean).div_(std)  # a fresh tensor: in place
+        # render_region returns a fresh tensor, so normalising it in place is safe
+        return normalize_pixels(render_region(image, box, bool(flip), self.spec), mean, std, inplace=True)
 
     def _table_rows(self, indices: list[int], regions: list[int]) -> dict:
         """The batch's table rows, top-K columns as torch tensors (one conversion per batch; items

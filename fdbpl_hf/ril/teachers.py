@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..clip_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, prompt_text_features  # constants re-exported
+
 if TYPE_CHECKING:
     from transformers import CLIPModel, PreTrainedTokenizerBase
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class Teacher:
@@ -92,13 +92,9 @@ class CLIPTeacher(Teacher):
                     raise ValueError(f"the prompt {template.format(name)!r} of class {name!r} is {count} tokens "
                                      f"long, more than the teacher's {context}-token context: shorten the class name "
                                      "(or the template)")
-        with torch.no_grad():
-            feats = []
-            for template in self.templates:
-                tokens = tokenizer([template.format(c) for c in self.class_names], padding=True,
-                                   return_tensors="pt").to(clip_model.device)
-                feats.append(F.normalize(clip_model.get_text_features(**tokens).pooler_output.float(), dim=-1))
-            self.text_features = F.normalize(torch.stack(feats).mean(0), dim=-1)
+        # the templates' normalised features averaged, then renormalised (CLIP's prompt ensembling)
+        feats = prompt_text_features(clip_model, tokenizer, self.class_names, self.templates)
+        self.text_features = F.normalize(feats.mean(0), dim=-1)
 
     @property
     def device(self) -> torch.device:

@@ -25,7 +25,6 @@ keeps K < C classes (`WORLDS`, `ZooWorld`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,13 +35,14 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .worlds import DIGIT_NAMES, image_processor_for
+from ..clip_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels, prompt_text_features, torch_threads
 from ..ril.regions import rgb_image
 
 __all__ = [
@@ -76,9 +76,6 @@ logger = logging.getLogger(__name__)
 # Bump whenever a change makes previously cached zoos wrong or stale (training recipe, layout).
 ZOO_FORMAT_VERSION = 2
 MARKER_NAME = "zoo.json"
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DIGIT_NUMERALS = [str(i) for i in range(10)]
 
@@ -165,12 +162,6 @@ def _to_rgb_uint8(images: Sequence[Any], size: int) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def _normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.tensor(mean, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=pixels.dtype).view(1, 3, 1, 1)
-    return (pixels - mean_t) / std_t
-
-
 def _random_resized_crop(
     pixels: torch.Tensor,
     generator: torch.Generator,
@@ -249,20 +240,6 @@ def _contrastive_loss(logits_per_image: torch.Tensor, labels: torch.Tensor, mult
     loss_i = -(target * F.log_softmax(logits_per_image, dim=1)).sum(1).mean()
     loss_t = -(target * F.log_softmax(logits_per_image.t(), dim=1)).sum(1).mean()
     return (loss_i + loss_t) / 2
-
-
-@contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Temporarily run torch ops on `num_threads` threads (None: leave the setting alone)."""
-    if num_threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -353,7 +330,7 @@ def pretrain_clip(
     warmup = int(warmup_fraction * total)
     max_scale = math.log(100.0)
 
-    with torch.random.fork_rng(devices=[]), _torch_threads(num_threads):
+    with torch.random.fork_rng(devices=[]), torch_threads(num_threads):
         torch.manual_seed(seed)
         model = CLIPModel(config)
         model.train()
@@ -381,7 +358,7 @@ def pretrain_clip(
             x = pixels[idx].float().div_(255)
             if crop_scale is not None:
                 x = _random_resized_crop(x, generator, crop_scale)
-            x = _normalize(x, image_mean, image_std)
+            x = normalize_pixels(x, image_mean, image_std)
             ids, mask = ids_bank[cap], mask_bank[cap]
             width = int(mask.sum(1).max())  # trim padding the batch does not need
             out = model(input_ids=ids[:, :width], attention_mask=mask[:, :width], pixel_values=x)
@@ -433,15 +410,14 @@ def zero_shot_accuracy(
     model.eval()
     try:
         device = next(model.parameters()).device
-        tokens = tokenizer([template.format(c) for c in class_names], padding=True, return_tensors="pt").to(device)
-        text = F.normalize(model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+        text = prompt_text_features(model, tokenizer, class_names, [template])[0]
         size = model.config.vision_config.image_size
         correct = 0
         for start in range(0, len(dataset), batch_size):
             rows = dataset[start : start + batch_size]
             if isinstance(processor_or_norm, (tuple, list)):
                 mean, std = processor_or_norm
-                x = _normalize(_to_rgb_uint8(rows[image_column], size).float().div_(255), mean, std)
+                x = normalize_pixels(_to_rgb_uint8(rows[image_column], size).float().div_(255), mean, std)
             else:
                 x = processor_or_norm(images=[rgb_image(im, f"row {start + n}") for n, im in enumerate(rows[image_column])],
                                       return_tensors="pt")["pixel_values"]
