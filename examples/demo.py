@@ -21,6 +21,7 @@ import time
 from typing import Optional, Sequence
 
 import torch
+import transformers
 
 from fdbpl_hf.evaluation import write_results
 from fdbpl_hf.protocol import run_base_to_novel
@@ -56,6 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict]]:
     # Tiny models: one intra-op thread is faster than two (no per-op synchronisation), and far
     # faster when the machine is busy.
     torch.set_num_threads(1)
+    # The zoo's checkpoints load in milliseconds, a dozen times: no "Loading weights" bar for each.
+    transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     zoo = build_zoo(progress=print)
     marker = read_zoo_marker(zoo) or {}

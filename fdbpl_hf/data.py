@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .imagenet_variants import IMAGENET_A_CLASS_IDS, IMAGENET_A_WNIDS, IMAGENET_R_CLASS_IDS, IMAGENET_R_WNIDS
+from .progress import quiet_progress
 
 __all__ = [
     "DATASETS",
@@ -246,15 +247,16 @@ def subset_classes(dataset, class_ids: Sequence[int], label_column: str = "label
             raise ValueError(f"class id {c} is out of range for {len(names)} classes")
     mapping = {old: new for new, old in enumerate(class_ids)}
     keep = set(mapping)
-    subset = dataset.filter(
-        lambda ys: [y in keep for y in ys], input_columns=label_column, batched=True, desc="Selecting classes",
-    )
-    features = subset.features.copy()
-    features[label_column] = datasets.ClassLabel(names=[names[c] for c in class_ids])
-    return subset.map(
-        lambda ys: {label_column: [mapping[y] for y in ys]}, input_columns=label_column, batched=True,
-        features=features, desc="Relabelling",
-    )
+    with quiet_progress():  # reads the label column only: bookkeeping, not a job worth a bar
+        subset = dataset.filter(
+            lambda ys: [y in keep for y in ys], input_columns=label_column, batched=True, desc="Selecting classes",
+        )
+        features = subset.features.copy()
+        features[label_column] = datasets.ClassLabel(names=[names[c] for c in class_ids])
+        return subset.map(
+            lambda ys: {label_column: [mapping[y] for y in ys]}, input_columns=label_column, batched=True,
+            features=features, desc="Relabelling",
+        )
 
 
 def _resolve_info(info: "DatasetInfo | str | None") -> "DatasetInfo | None":
@@ -603,8 +605,9 @@ def reorder_classes(dataset, order: Sequence[str], label_column: str = "label"):
     new_id = {old: order.index(n) for old, n in enumerate(names)}
     features = dataset.features.copy()
     features[label_column] = datasets.ClassLabel(names=order)
-    return dataset.map(lambda ys: {label_column: [new_id[y] if y >= 0 else y for y in ys]},
-                       input_columns=label_column, batched=True, features=features, desc="Reordering classes")
+    with quiet_progress():  # the label column only
+        return dataset.map(lambda ys: {label_column: [new_id[y] if y >= 0 else y for y in ys]},
+                           input_columns=label_column, batched=True, features=features, desc="Reordering classes")
 
 
 _CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}

@@ -24,11 +24,15 @@ import datasets
 import torch
 
 from ..integrity import BuildLock, claim_workdir, metadata_digest, remove_owned, table_digests
+from ..progress import quiet_progress
 from .table import attach_metadata, load_from_disk_named
 
 logger = logging.getLogger(__name__)
 
 BUILD_FILE = "build.json"  # the settings of the build a work folder holds
+
+# tables below this size are written without a progress bar: a short write inside the build
+QUIET_SAVE_BYTES = 1 << 30
 
 
 def dist_info() -> tuple[int, int]:
@@ -128,7 +132,8 @@ def assemble(work: str, output_dir: str, num_shards: int, metadata: dict, metada
     # content digests of the rows, in order: verified when the table is loaded
     metadata = dict(metadata, integrity={"rows": table_digests(table)})
     attach_metadata(table, metadata)
-    table.save_to_disk(os.path.join(staging, "data"))
+    with quiet_progress(enabled=table.data.nbytes < QUIET_SAVE_BYTES):
+        table.save_to_disk(os.path.join(staging, "data"))
     data_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(staging) for f in fs)
     rows = len(table)
     final = dict(metadata, complete=True, stats={"num_rows": rows, "disk_bytes": data_bytes,
@@ -198,5 +203,6 @@ class ShardedBuild:
             part = build_shard(shard, start, stop)
             tmp = shard_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            part.save_to_disk(tmp)
+            with quiet_progress():  # the shard's own bar (table map, feature cache) covers it
+                part.save_to_disk(tmp)
             os.replace(tmp, shard_dir)  # a shard exists only once fully written
