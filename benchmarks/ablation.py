@@ -37,19 +37,14 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from typing import Any, Optional
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _report import cpu_model, md_table  # noqa: E402
+# first: sets the offline environment and puts the checkout's fdbpl_hf on the path
+from common import cpu_model, git_commit, md_table, now  # noqa: E402
 
 SUBSETS = ("loss", "k", "m", "teachers", "ood", "online")
 # The table covers the classes trained on: the 50 base classes (novel ones are never seen in training).
@@ -69,14 +64,6 @@ LOSS_CONFIGS = [
 ]
 # The base loss of the other subsets: RADP (L+, L-, sim) without PCD, explicit for the same reason.
 BASE_LOSS = dict(lambda_neg=1.0, lambda_sim=0.001, use_pcd=False, weight_entropy="full")
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def numbers_world(test_per_class: Optional[int]):
@@ -123,7 +110,7 @@ class Runner:
         if key in self.memo:
             return self.memo[key]
         out = tempfile.mkdtemp(prefix="run-", dir=self.work_dir)
-        start = time.perf_counter()
+        start = now()
         result = run_base_to_novel(
             method, student=self.student, teacher=teacher if method != "zero-shot" else None, dataset=self.world,
             seed=max(seed, 1), num_shots=a.shots, output_dir=out, num_train_epochs=a.epochs,
@@ -138,7 +125,7 @@ class Runner:
             "table_bytes": result.get("table_bytes"), "table_regions": result.get("table_regions"),
             "table_build_seconds": result.get("table_build_seconds"),
             "ood": result.get("ood", {}).get("scores"),
-            "wall_seconds": round(time.perf_counter() - start, 2),
+            "wall_seconds": round(now() - start, 2),
         }
         self.memo[key] = record
         name = "zero-shot" if method == "zero-shot" else f"{method} seed {seed}"
@@ -308,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/ablation.py", *(argv or sys.argv[1:])])
     os.makedirs(args.out, exist_ok=True)
     facts = {
-        "command": command, "commit": _git_commit(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "command": command, "commit": git_commit(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "world": "numbers (100 classes, base 00-49, novel 50-99)",
         "teacher": teacher, "student": student,
@@ -324,9 +311,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         runner = Runner(args, teacher, student, work)
         for name in args.subset:
             print(f"== {name} ==", flush=True)
-            start = time.perf_counter()
+            start = now()
             tables, runs = SUBSET_FUNCTIONS[name](runner, args.seeds, args.quick)
-            seconds = round(time.perf_counter() - start, 1)
+            seconds = round(now() - start, 1)
             summary["subsets"][name] = {"seconds": seconds, "configs": runs}
             md = [f"# Ablation: {TITLES[name]}", "",
                   f"Command: `{command}` (commit {facts['commit']}); this subset took {seconds:.0f} s "

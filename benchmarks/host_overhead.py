@@ -27,23 +27,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import torch  # noqa: E402
-from torch.utils.data import default_collate  # noqa: E402
-from transformers import CLIPConfig, CLIPModel  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+# first: sets the offline environment and puts the checkout's fdbpl_hf on the path
+from common import (  # noqa: E402
+    class_names, git_commit, md_table, median, median_ms, scaled_clip_config, synthetic_images,
+)
 import speed_real  # noqa: E402
-from _report import md_table, now  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
+from transformers import CLIPModel  # noqa: E402
 from fdbpl_hf import (  # noqa: E402
     CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_feature_cache, build_ril_table, get_fdbpl_model,
 )
@@ -55,26 +52,8 @@ from fdbpl_hf.version import __version__  # noqa: E402
 
 def narrow_clip(text_layers: int, vision_layers: int) -> CLIPModel:
     """Real depth, width 16, 32 px images in 4 patches: structure without arithmetic."""
-    config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=16, intermediate_size=64, num_hidden_layers=text_layers,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=16, intermediate_size=64, num_hidden_layers=vision_layers,
-                           num_attention_heads=2, image_size=32, patch_size=16),
-        projection_dim=16,
-    )
+    config = scaled_clip_config(16, text_layers, 16, vision_layers, patch=16, image_size=32, proj=16, heads=2)
     return CLIPModel(config).eval()
-
-
-def median_ms(fn, reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = now()
-        fn()
-        times.append(now() - t0)
-    return statistics.median(times) * 1e3
 
 
 def dispatched_ops(fn) -> int:
@@ -92,14 +71,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    names = speed_real.class_names(args.classes)
+    names = class_names(args.classes)
     tokenizer = clip_tokenizer()
     student = get_fdbpl_model(narrow_clip(12, 12), FDBPLConfig(base_model_name_or_path="narrow-b-32"), tokenizer)
     teacher = CLIPTeacher(narrow_clip(12, 24), tokenizer, names, "a photo of a {}.", name="narrow-l-14")
     workdir = tempfile.mkdtemp(prefix="fdbpl_overhead_")
     # speed_real's step helpers read these fields
     run = argparse.Namespace(batch=args.batch, warmup=3, steps=args.steps, bf16=False, device="cpu", compile=None)
-    images = speed_real.synthetic_images(args.batch * (run.warmup + run.steps + 1), names)
+    images = synthetic_images(args.batch * (run.warmup + run.steps + 1), names)
     table = build_ril_table(images, teacher, num_regions=1, top_k=min(20, args.classes),
                             region_spec=RegionSpec(output_size=32), output_dir=os.path.join(workdir, "table"))
     pixels = RILDataset(images, table, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, image_size=32,
@@ -116,7 +95,7 @@ def main(argv=None) -> int:
         samples["trainer step"] += speed_real.trainer_steps(run, student, cached, None,
                                                             os.path.join(workdir, f"run{r}"), 0)
         samples["bare step"] += speed_real.pure_steps(run, student, batches, args.classes, device, True)
-    step = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    step = {k: median(v) * 1e3 for k, v in samples.items()}
 
     # The calls the Trainer makes on the model at every step, timed alone.
     targs = FDBPLTrainingArguments(output_dir=os.path.join(workdir, "calls"), use_cpu=True, report_to="none",
@@ -140,7 +119,8 @@ def main(argv=None) -> int:
     ops = dispatched_ops(one_bare_step)
     modules = sum(1 for _ in student.modules())
     params = sum(1 for _ in student.parameters())
-    print(f"# Host overhead per training step (fdbpl_hf {__version__}, torch {torch.__version__}, 1 thread)\n")
+    print(f"# Host overhead per training step (fdbpl_hf {__version__} at {git_commit()}, "
+          f"torch {torch.__version__}, 1 thread)\n")
     print(f"student: ViT-B/32 structure at width 16 ({modules} modules, {params} parameter tensors), "
           f"C = {args.classes} classes, batch {args.batch}, {ops} aten ops dispatched per bare step\n")
     print(md_table(["step", "median ms", "steps timed"],

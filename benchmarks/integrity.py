@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
-import time
 
-import datasets
-import numpy as np
-import pyarrow as pa
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# first: sets the offline environment and puts the checkout's fdbpl_hf on the path
+from common import git_commit, load_average, md_table, now  # noqa: E402
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
 
 def synthetic_table(rows: int, top_k: int, seed: int = 0) -> datasets.Dataset:
@@ -59,7 +63,7 @@ def main() -> None:
     rows = int(args.gb * rows_per_gb)
     out = []
     try:
-        t = time.perf_counter()
+        t = now()
         folder = os.path.join(workdir, "table")
         chunk = 2_000_000
         parts = []
@@ -73,16 +77,16 @@ def main() -> None:
         for k in range(len(parts)):
             shutil.rmtree(os.path.join(workdir, f"part{k}"))
         del parts, table
-        make_s = time.perf_counter() - t
+        make_s = now() - t
         disk = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(folder) for f in fs)
         table = datasets.load_from_disk(folder)
 
-        t = time.perf_counter()
+        t = now()
         record = table_digests(table)
-        digest_s = time.perf_counter() - t
-        t = time.perf_counter()
+        digest_s = now() - t
+        t = now()
         verify_table_digests(table, record, "benchmark table")
-        verify_s = time.perf_counter() - t
+        verify_s = now() - t
         gb = disk / 1e9
         out += [("synthetic table", f"{len(table):,} rows, K={args.top_k}, {gb:.2f} GB on disk "
                                     f"({disk / len(table):.1f} B/row), written in {make_s:.0f} s"),
@@ -94,11 +98,11 @@ def main() -> None:
         # value validation, per batch of 32 rows as replay does it
         batch = table.with_format("numpy")[:32]
         reps = 2000
-        t = time.perf_counter()
+        t = now()
         for _ in range(reps):
             validate_table_rows(batch, 1000, lambda n: str(n))
         out.append(("value validation per batch of 32 rows (replay, CPU)",
-                    f"{(time.perf_counter() - t) / reps * 1e6:.1f} us"))
+                    f"{(now() - t) / reps * 1e6:.1f} us"))
 
         # per-image source digests: encoded bytes + label, 8 bytes per image
         rng = np.random.default_rng(1)
@@ -106,9 +110,9 @@ def main() -> None:
         source = datasets.Dataset.from_dict(
             {"image": [{"bytes": b, "path": None} for b in blobs], "label": list(range(args.images))},
             features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
-        t = time.perf_counter()
+        t = now()
         digests = image_digests(source, "image", "label")
-        per_k = (time.perf_counter() - t) / args.images * 1000
+        per_k = (now() - t) / args.images * 1000
         encoded = len(encode_digests(digests))
         out += [("per-image digest stored", f"{IMAGE_DIGEST_BYTES} B/image ({encoded / args.images:.2f} B/image as "
                                             "base64 in the metadata JSON)"),
@@ -116,10 +120,11 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print("| measure | value |\n|---|---|")
-    for k, v in out:
-        print(f"| {k} | {v} |")
-    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (2-core machine shared with other jobs)")
+    import fdbpl_hf
+
+    print(f"fdbpl_hf {fdbpl_hf.__version__} at {git_commit()}\n")
+    print(md_table(["measure", "value"], out))
+    print(f"\nload average at the end: {load_average():.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -24,26 +24,20 @@ import glob
 import io
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# first: sets the offline environment and puts the checkout's fdbpl_hf on the path
+from common import machine_facts, md_table, now, random_clip, section, torch_threads, verdict  # noqa: E402
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import fdbpl_hf  # noqa: E402
-from _report import cpu_model, md_table, now, verdict  # noqa: E402
-from fdbpl_hf.offline import clip_config, clip_tokenizer, load_digits  # noqa: E402
+from fdbpl_hf.offline import clip_tokenizer, load_digits  # noqa: E402
 from fdbpl_hf.ril import build as ril_build  # noqa: E402
 from fdbpl_hf.ril.regions import (  # noqa: E402
     RegionSpec, image_to_tensor, normalize, region_rng, render_region, sample_regions,
@@ -51,9 +45,6 @@ from fdbpl_hf.ril.regions import (  # noqa: E402
 from fdbpl_hf.ril.replay import RILDataset, dense_teacher_logits  # noqa: E402
 from fdbpl_hf.ril.table import decode_image, ril_metadata  # noqa: E402
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CallableTeacher, CLIPTeacher  # noqa: E402
-
-datasets.disable_progress_bars()
-datasets.logging.set_verbosity_error()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,12 +59,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-
-
-def section(title: str) -> None:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n## {title}\n\n(1-minute load average at start: {load:.2f} on {os.cpu_count()} CPUs; other "
-          "processes on the machine inflate and scatter every timing)\n", flush=True)
 
 
 def synthetic_dataset(num_images: int, num_classes: int, width: int = 500, height: int = 375,
@@ -102,33 +87,6 @@ def synthetic_dataset(num_images: int, num_classes: int, width: int = 500, heigh
     return ds, names, float(np.mean(sizes))
 
 
-def random_clip(size: str, seed: int = 0, **kwargs):
-    from transformers import CLIPModel
-
-    torch.manual_seed(seed)
-    return CLIPModel(clip_config(size, **kwargs)).eval()
-
-
-def machine_facts() -> None:
-    cpu = cpu_model()
-    import pyarrow
-    import transformers
-
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print("## Machine\n")
-    print(md_table(["fact", "value"], [
-        ["device", "cpu (no accelerator used)" if not torch.cuda.is_available() else "cpu (cuda present, unused)"],
-        ["cpu", cpu],
-        ["os.cpu_count / usable", f"{os.cpu_count()} / {affinity}"],
-        ["torch threads / interop", f"{torch.get_num_threads()} / {torch.get_num_interop_threads()}"],
-        ["python", platform.python_version()],
-        ["torch / transformers / datasets / pyarrow",
-         f"{torch.__version__} / {transformers.__version__} / {datasets.__version__} / {pyarrow.__version__}"],
-        ["fdbpl_hf", fdbpl_hf.__version__],
-        ["OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "(unset)")],
-    ]))
-
-
 # ---------------------------------------------------------------------------------------------
 # (a) build throughput
 
@@ -155,23 +113,21 @@ def bench_build(args, workdir: str) -> dict:
         t_decode += now() - t0
         boxes, flips = sample_regions(image.shape[1], image.shape[2], m, spec, region_rng(seed, row))
         for th in sorted(t_render, reverse=True):  # the same crops at 1 and at all threads
-            torch.set_num_threads(th)
-            t1 = now()
-            rendered = [render_region(image, boxes[r], bool(flips[r]), spec) for r in range(m)]
-            t_render[th] += now() - t1
-        torch.set_num_threads(threads)
+            with torch_threads(th):
+                t1 = now()
+                rendered = [render_region(image, boxes[r], bool(flips[r]), spec) for r in range(m)]
+                t_render[th] += now() - t1
         crops.extend(rendered)
     t_stack = {}
     for th in sorted(t_render, reverse=True):
-        torch.set_num_threads(th)
-        t0 = now()
-        chunks = []
-        for start in range(0, n * m, ipb * m):
-            batch = crops[start : start + ipb * m]
-            chunks += [normalize(torch.stack(batch[i : i + tbs]), teacher.image_mean, teacher.image_std)
-                       for i in range(0, len(batch), tbs)]
-        t_stack[th] = now() - t0
-    torch.set_num_threads(threads)
+        with torch_threads(th):
+            t0 = now()
+            chunks = []
+            for start in range(0, n * m, ipb * m):
+                batch = crops[start : start + ipb * m]
+                chunks += [normalize(torch.stack(batch[i : i + tbs]), teacher.image_mean, teacher.image_std)
+                           for i in range(0, len(batch), tbs)]
+            t_stack[th] = now() - t0
     del crops
     regions = n * m
 
@@ -375,52 +331,50 @@ def bench_replay(args, workdir: str) -> dict:
     threads = torch.get_num_threads()
     replay = {}
     for th in sorted({1, threads}):
-        torch.set_num_threads(th)
-        one_batch(0)
-        times = []
-        for e in range(args.replay_batches):
-            t = now()
-            one_batch(e + 1)
-            times.append(now() - t)
-        replay[th] = float(np.median(times))
-    torch.set_num_threads(threads)
+        with torch_threads(th):
+            one_batch(0)
+            times = []
+            for e in range(args.replay_batches):
+                t = now()
+                one_batch(e + 1)
+                times.append(now() - t)
+            replay[th] = float(np.median(times))
 
     # Per-item breakdown (1 thread, as in a DataLoader worker), replicating __getitem__'s steps.
-    torch.set_num_threads(1)
-    acc = dict.fromkeys(["region_for (seeded permutation)", "table row (numpy format)", "source row (bytes)",
-                         "JPEG decode + to tensor", "render_region", "normalize + tensors"], 0.0)
-    keys = list(acc)
-    items = args.replay_batches * bs
-    for j in range(items):
-        i = j % n
-        t0 = now()
-        region = data.region_for(i, j)
-        t1 = now()
-        row = data.table[i * data.num_regions + region]
-        t2 = now()
-        item = data.source[i]
-        t3 = now()
-        image = image_to_tensor(decode_image(item["image"], i))
-        t4 = now()
-        pixels = render_region(image, row["box"], bool(row["flip"]), data.spec)
-        t5 = now()
-        normalize(pixels, data.image_mean, data.image_std)
-        torch.from_numpy(row["topk_indices"].astype(np.int64))
-        torch.from_numpy(row["topk_logits"].astype(np.float32))
-        t6 = now()
-        for key, dt in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-            acc[key] += dt
-    batch = one_batch(0)
-    samples = [data[i % n] for i in range(bs)]
-    t = now()
-    for _ in range(args.replay_batches):
-        default_collate(samples)
-    collate = (now() - t) / args.replay_batches
-    t = now()
-    for _ in range(args.replay_batches):
-        dense_teacher_logits(batch["topk_indices"], batch["topk_logits"], num_classes, fill=data.fill)
-    dense = (now() - t) / args.replay_batches
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        acc = dict.fromkeys(["region_for (seeded permutation)", "table row (numpy format)", "source row (bytes)",
+                             "JPEG decode + to tensor", "render_region", "normalize + tensors"], 0.0)
+        keys = list(acc)
+        items = args.replay_batches * bs
+        for j in range(items):
+            i = j % n
+            t0 = now()
+            region = data.region_for(i, j)
+            t1 = now()
+            row = data.table[i * data.num_regions + region]
+            t2 = now()
+            item = data.source[i]
+            t3 = now()
+            image = image_to_tensor(decode_image(item["image"], i))
+            t4 = now()
+            pixels = render_region(image, row["box"], bool(row["flip"]), data.spec)
+            t5 = now()
+            normalize(pixels, data.image_mean, data.image_std)
+            torch.from_numpy(row["topk_indices"].astype(np.int64))
+            torch.from_numpy(row["topk_logits"].astype(np.float32))
+            t6 = now()
+            for key, dt in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+                acc[key] += dt
+        batch = one_batch(0)
+        samples = [data[i % n] for i in range(bs)]
+        t = now()
+        for _ in range(args.replay_batches):
+            default_collate(samples)
+        collate = (now() - t) / args.replay_batches
+        t = now()
+        for _ in range(args.replay_batches):
+            dense_teacher_logits(batch["topk_indices"], batch["topk_logits"], num_classes, fill=data.fill)
+        dense = (now() - t) / args.replay_batches
     total = sum(acc.values())
     breakdown = [[k, f"{v / items * 1e3:.3f}", f"{v / total:.1%}"] for k, v in acc.items()]
     breakdown.append(["default_collate (per batch / 32)", f"{collate / bs * 1e3:.3f}", "-"])

@@ -33,29 +33,23 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
+# first: sets the offline environment and puts the checkout's fdbpl_hf on the path
+from common import (  # noqa: E402
+    CALTECH_BASE, CLOCKS, StepTimer, cpu_now, cpu_share_probe, load_average, machine_facts as common_facts, md_table,
+    now, scaled_clip_config, section, torch_threads, verdict,
+)
 import datasets  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-
-import fdbpl_hf  # noqa: E402
-from _report import CALTECH_BASE, cpu_model, md_table, now, verdict  # noqa: E402
 from flops import Tower, real_models, step_flops, text_tower, vit  # noqa: E402
 from fdbpl_hf import (  # noqa: E402
     CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_feature_cache, build_ril_table, dense_teacher_logits,
@@ -65,9 +59,6 @@ from fdbpl_hf.losses import fdbpl_loss  # noqa: E402
 from fdbpl_hf.offline import clip_tokenizer, load_digits  # noqa: E402
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402
-
-datasets.disable_progress_bars()
-datasets.logging.set_verbosity_error()
 
 
 TEACHER_PATCH_TOKENS, STUDENT_PATCH_TOKENS = 16, 7  # patches per side: 257 and 50 tokens, as at 224 px
@@ -79,14 +70,6 @@ TEACHER_PATCH_TOKENS, STUDENT_PATCH_TOKENS = 16, 7  # patches per side: 257 and 
 
 
 
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def section(title: str) -> None:
-    print(f"\n## {title}\n\n(1-minute load average now: {load_average():.2f} on {os.cpu_count()} CPUs)\n", flush=True)
-
-
 def gf(flops: float) -> str:
     return f"{flops / 1e9:,.2f}"
 
@@ -95,36 +78,13 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.1f}"
 
 
-def cpu_share_probe(seconds: float = 0.5) -> float:
-    """CPU-seconds per second this process gets while all its threads run GEMMs (= threads when idle)."""
-    a = torch.randn(512, 512)
-    a @ a
-    c0, t0 = time.process_time(), now()
-    while now() - t0 < seconds:
-        a @ a
-    return (time.process_time() - c0) / (now() - t0)
-
-
 def machine_facts(args) -> float:
-    cpu = cpu_model()
-    import transformers
-
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     share = cpu_share_probe()
-    print("## Machine\n")
-    print(md_table(["fact", "value"], [
-        ["device", "cpu (no accelerator)" if not torch.cuda.is_available() else "cpu (cuda present, unused)"],
-        ["cpu", cpu],
-        ["os.cpu_count / usable", f"{os.cpu_count()} / {affinity}"],
-        ["torch threads (set) / interop", f"{torch.get_num_threads()} / {torch.get_num_interop_threads()}"],
+    common_facts(
         ["dataloader_num_workers", "0 (replay runs in the training process, in every mode)"],
-        ["python / torch / transformers / datasets",
-         f"{platform.python_version()} / {torch.__version__} / {transformers.__version__} / {datasets.__version__}"],
-        ["fdbpl_hf", fdbpl_hf.__version__],
-        ["1-minute load average at start", f"{load_average():.2f}"],
         ["CPU share probe (GEMM on all threads)", f"{share:.2f} CPU-s/s of {torch.get_num_threads()}"],
         ["mode", ("quick (smoke run)" if args.quick else "full") + f", {args.clock} clock"],
-    ]))
+    )
     if args.clock == "wall" and share < 0.8 * torch.get_num_threads():
         print(f"\n**WARNING: the machine is busy** (load average {load_average():.2f}, this process gets "
               f"{share:.2f} of {torch.get_num_threads()} threads' CPU): wall times with several threads will be "
@@ -204,22 +164,6 @@ class Scaled:
         }
 
 
-def clip_config(text_width: int, text_layers: int, vision_width: int, vision_layers: int, patch: int,
-                image_size: int, proj: int):
-    """A CLIPConfig with CLIP's vocabulary and special ids, 64-dim heads, MLP = 4 x width."""
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=text_width, intermediate_size=4 * text_width,
-                         num_hidden_layers=text_layers, num_attention_heads=max(1, text_width // 64),
-                         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width,
-                           num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_width // 64),
-                           image_size=image_size, patch_size=patch),
-        projection_dim=proj,
-    )
-
-
 def build_models(cfg: Scaled, class_names: list[str], tokenizer):
     from transformers import CLIPModel
 
@@ -228,11 +172,11 @@ def build_models(cfg: Scaled, class_names: list[str], tokenizer):
                          f"{STUDENT_PATCH_TOKENS} per side), got {cfg.image_size}")
     torch.manual_seed(1)
     # The teacher's text tower only embeds the C class prompts once; its size does not matter.
-    teacher_clip = CLIPModel(clip_config(64, 1, cfg.teacher_width, cfg.teacher_layers, cfg.teacher_patch,
+    teacher_clip = CLIPModel(scaled_clip_config(64, 1, cfg.teacher_width, cfg.teacher_layers, cfg.teacher_patch,
                                          cfg.image_size, cfg.text_width)).eval()
     teacher = CLIPTeacher(teacher_clip, tokenizer, class_names, name="scaled ViT-L/14 (random weights)")
     torch.manual_seed(2)
-    student_clip = CLIPModel(clip_config(cfg.text_width, cfg.text_layers, cfg.student_width, cfg.student_layers,
+    student_clip = CLIPModel(scaled_clip_config(cfg.text_width, cfg.text_layers, cfg.student_width, cfg.student_layers,
                                          cfg.student_patch, cfg.image_size, cfg.text_width)).eval()
     student = get_fdbpl_model(student_clip, FDBPLConfig(), tokenizer)  # once: it hooks the token embedding
     student.set_class_names(class_names)
@@ -281,10 +225,10 @@ def measure_pieces(args, teacher, student, image_size: int, num_classes: int, re
     cpus = {k: [] for k in pieces}
     for _ in range(reps):  # interleaved, so a burst of outside load hits all three alike
         for key, (fn, _) in pieces.items():
-            c0, t0 = time.process_time(), now()
+            c0, t0 = cpu_now(), now()
             fn()
             walls[key].append(now() - t0)
-            cpus[key].append(time.process_time() - c0)
+            cpus[key].append(cpu_now() - c0)
     times = cpus if args.clock == "cpu" else walls
     best = {k: min(v) / pieces[k][1] for k, v in times.items()}
     median = {k: statistics.median(v) / pieces[k][1] for k, v in times.items()}
@@ -416,21 +360,6 @@ class PreRendered(RILDataset):
         return self.items[int(index)]
 
 
-class StepTimer(TrainerCallback):
-    """Wall and CPU time at every step's begin and end."""
-
-    def __init__(self):
-        self.begin, self.end, self.cpu_begin, self.cpu_end = [], [], [], []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.begin.append(now())
-        self.cpu_begin.append(time.process_time())
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.end.append(now())
-        self.cpu_end.append(time.process_time())
-
-
 @dataclass
 class Samples:
     """Per timed step: wall and process-CPU seconds of the whole step and of its compute part
@@ -483,7 +412,7 @@ def pure_run(args, student, batches: list[dict], num_classes: int, fill: str, st
     out = Samples()
     for i in range(1 + args.warmup + steps):
         pixels, target = prepared[i % len(prepared)]
-        c0, t0 = time.process_time(), now()
+        c0, t0 = cpu_now(), now()
         o = student(pixel_values=pixels)
         losses = fdbpl_loss(o.pos_logits, o.neg_logits, target, o.image_features, o.pos_text_features,
                             o.neg_text_features, lambda_neg=a.lambda_neg, lambda_sim=a.lambda_sim,
@@ -492,7 +421,7 @@ def pure_run(args, student, batches: list[dict], num_classes: int, fill: str, st
         losses["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        wall, cpu = now() - t0, time.process_time() - c0
+        wall, cpu = now() - t0, cpu_now() - c0
         if i >= 1 + args.warmup:
             out.add(wall, cpu, wall, cpu)
     return out
@@ -502,21 +431,20 @@ def replay_costs(args, datasets_: dict[str, RILDataset]) -> tuple[list[list], di
     """Fetch + collate of one batch of B items, in the training process, at all threads and at 1."""
     rows, best = [], {}
     threads = torch.get_num_threads()
-    clock = time.process_time if args.clock == "cpu" else now
+    clock = CLOCKS[args.clock]
     for th in sorted({threads, 1}, reverse=True):
-        torch.set_num_threads(th)
-        for name, data in datasets_.items():
-            samples = []
-            for r in range(args.replay_reps + 1):
-                t0 = clock()
-                default_collate([data[i] for i in range(args.batch)])
-                if r:
-                    samples.append(clock() - t0)
-            rows.append([name, th, ms(min(samples)), ms(statistics.median(samples)),
-                         f"{min(samples) / args.batch * 1e3:.2f}"])
-            if th == threads:
-                best[name] = min(samples)
-    torch.set_num_threads(threads)
+        with torch_threads(th):
+            for name, data in datasets_.items():
+                samples = []
+                for r in range(args.replay_reps + 1):
+                    t0 = clock()
+                    default_collate([data[i] for i in range(args.batch)])
+                    if r:
+                        samples.append(clock() - t0)
+                rows.append([name, th, ms(min(samples)), ms(statistics.median(samples)),
+                             f"{min(samples) / args.batch * 1e3:.2f}"])
+                if th == threads:
+                    best[name] = min(samples)
     return rows, best
 
 

@@ -25,93 +25,32 @@ markdown and written to `--json`.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import traceback
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import default_collate  # noqa: E402
-from transformers import CLIPModel, TrainerCallback  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from _report import CALTECH_BASE, md_table, now  # noqa: E402
+# first: sets the offline environment and puts the checkout's fdbpl_hf on the path
+from common import (  # noqa: E402
+    StepTimer, class_names, git_commit, md_table, median, now, random_clip, save_json, sync, synthetic_images,
+)
+import fdbpl_hf  # noqa: E402
+import torch  # noqa: E402
 from flops import real_models, step_flops  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
 from fdbpl_hf import (  # noqa: E402
     CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_feature_cache, build_ril_table, dense_teacher_logits,
     get_fdbpl_model,
 )
 from fdbpl_hf.losses import fdbpl_loss  # noqa: E402
-from fdbpl_hf.offline import clip_config, clip_tokenizer  # noqa: E402
+from fdbpl_hf.offline import clip_tokenizer  # noqa: E402
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402
-
-datasets.disable_progress_bars()
-datasets.logging.set_verbosity_error()
-
-WORDS = ["red", "small", "wild", "old", "striped", "spotted", "golden", "northern", "sea", "mountain"]
-NOUNS = ["fox", "warbler", "beetle", "lantern", "kettle", "canoe", "violin", "orchid", "lizard", "tractor",
-         "sparrow", "teapot", "hammer", "jellyfish", "otter", "snail", "tulip", "bus", "owl", "harp",
-         "crab", "mug", "kite", "moth", "llama", "shark", "ladder", "cactus", "drum", "whale",
-         "robin", "goose", "spider", "bison", "lamp", "sofa", "piano", "bottle", "zebra", "frog",
-         "bridge", "wagon", "clock", "tiger", "yak", "vase", "heron", "parrot", "eel", "lemur"]
-
-
-def class_names(count: int) -> list[str]:
-    """Caltech101's 50 base names, or `count` distinct two-word names (ImageNet-like 2-4 token names)."""
-    if count <= len(CALTECH_BASE):
-        return CALTECH_BASE[:count]
-    names = [f"{w} {n}" for w in WORDS for n in NOUNS]
-    if count > len(names):
-        raise ValueError(f"at most {len(names)} classes")
-    return names[:count]
-
-
-def synthetic_images(count: int, names: list[str], seed: int = 0) -> datasets.Dataset:
-    """Smooth random 500 x 375 JPEGs (quality 90): photo-like size, file size and decode cost."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(count):
-        small = Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8))
-        big = np.asarray(small.resize((500, 375), Image.BICUBIC), dtype=np.int16)
-        big = np.clip(big + rng.integers(-12, 13, size=big.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(big).save(buf, format="JPEG", quality=90)
-        rows.append({"image": {"bytes": buf.getvalue(), "path": None}, "label": i % len(names)})
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return datasets.Dataset.from_list(rows, features=features)
-
-
-class StepTimer(TrainerCallback):
-    """Device-synced time at every step end (so a step is its device work, not just its queueing)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.ends = device, []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        sync(self.device)
-        self.ends.append(now())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def trainer_steps(args, model, data, teacher, workdir: str, workers: int) -> list[float]:
     from transformers.trainer_callback import PrinterCallback
@@ -127,7 +66,7 @@ def trainer_steps(args, model, data, teacher, workdir: str, workers: int) -> lis
     trainer = FDBPLTrainer(model=model, args=targs, train_dataset=data, teacher=teacher, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
-    ends = timer.ends[args.warmup:]
+    ends = timer.end[args.warmup:]
     return [b - a for a, b in zip(ends, ends[1:])]
 
 
@@ -190,7 +129,7 @@ def piece_times(args, teacher_clip, student, names, device) -> dict:
             fn()
             sync(device)
             out.append(now() - t0)
-        return statistics.median(out)
+        return median(out)
 
     with torch.no_grad(), autocast:
         teacher = timed(lambda: teacher_clip.get_image_features(pixel_values=pixels))
@@ -204,18 +143,6 @@ def piece_times(args, teacher_clip, student, names, device) -> dict:
         student.zero_grad(set_to_none=True)
 
     return {"teacher_image_fwd": teacher, "student_image_fwd": image, "text_fwd_bwd_2C": timed(text)}
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def make_clip(size: str, device: torch.device, patch: int | None = None) -> CLIPModel:
-    config = clip_config(size, image_size=224)
-    if patch:
-        config.vision_config.patch_size = patch
-    with torch.device(device):  # initialised on the device: a CPU init of ViT-L/14 takes a while
-        return CLIPModel(config).eval()
 
 
 def run_config(args, num_classes: int, teacher_clip, student_clip, tokenizer, device, workdir: str,
@@ -281,7 +208,7 @@ def run_config(args, num_classes: int, teacher_clip, student_clip, tokenizer, de
                 res.setdefault("errors", {})[name] = repr(err)
             shutil.rmtree(run_dir, ignore_errors=True)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
-    step = {k: med(v) for k, v in samples.items()}
+    step = {k: median(v) for k, v in samples.items()}
     res["step_ms"] = {k: v * 1e3 for k, v in step.items()}
     res["steps_timed"] = {k: len(v) for k, v in samples.items()}
     on, off, ca = step["online"], step["offline"], step["cached"]
@@ -350,18 +277,22 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    report = {"args": {k: v for k, v in vars(args).items()}, "torch": torch.__version__,
+    report = {"args": {k: v for k, v in vars(args).items()}, "fdbpl_hf": fdbpl_hf.__version__,
+              "commit": git_commit(), "torch": torch.__version__,
               "python": platform.python_version(), "cpus": os.cpu_count(),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
-    print(f"# Speed on real-size models\n\ndevice {report['device_name']}, torch {torch.__version__}, "
+    print(f"# Speed on real-size models\n\nfdbpl_hf {fdbpl_hf.__version__} at {report['commit']}, "
+          f"device {report['device_name']}, torch {torch.__version__}, "
           f"bf16 autocast {args.bf16}, {os.cpu_count()} CPUs, DataLoader workers {args.workers}, "
           f"torch.compile {args.compile or 'off'}", flush=True)
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
     if args.size == "real":
-        teacher_clip, student_clip = make_clip("vit-l-14", device), make_clip("vit-b-32", device)
+        teacher_clip = random_clip("vit-l-14", seed=None, device=device, image_size=224)
+        student_clip = random_clip("vit-b-32", seed=None, device=device, image_size=224)
     else:  # patch 32 keeps the 224 px smoke run cheap
-        teacher_clip, student_clip = make_clip("base", device, patch=32), make_clip("small", device, patch=32)
+        teacher_clip = random_clip("base", seed=None, device=device, patch=32, image_size=224)
+        student_clip = random_clip("small", seed=None, device=device, patch=32, image_size=224)
     if args.compile is not None:  # the baseline's teacher gets the same treatment as the student
         teacher_clip.vision_model = torch.compile(teacher_clip.vision_model, mode=args.compile)
     workdir = tempfile.mkdtemp(prefix="fdbpl_speed_real_")
@@ -372,13 +303,11 @@ def main(argv=None) -> int:
             except Exception as err:
                 traceback.print_exc()
                 report.setdefault("errors", {})[f"C={c}"] = repr(err)
-            with open(args.json, "w") as f:
-                json.dump({k: v for k, v in report.items()}, f, indent=1, default=str)
+            save_json(args.json, report)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report["total_s"] = now() - started
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    save_json(args.json, report)
     print(f"\ntotal {report['total_s']:.0f} s; figures in {args.json}")
     return 0
 

@@ -10,11 +10,15 @@ train the same 8 rows here: ViT-B/32's text vocabulary (49,408 + 8 rows x 512), 
 tokens, 4 context positions per prompt.
 """
 
-import time
+import os
+import sys
 
-import torch
-from peft import TrainableTokensConfig, get_peft_model
-from torch import nn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import git_commit, mean_ms, torch_threads  # noqa: E402
+import torch  # noqa: E402
+from peft import TrainableTokensConfig, get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
 
 VOCAB, WIDTH, PROMPTS, LENGTH = 49408, 512, 100, 10
 
@@ -28,17 +32,15 @@ class TextEmbedding(nn.Module):
         return self.token_embedding(ids)
 
 
-def timed(step, n: int = 30) -> float:
-    for _ in range(3):
-        step()
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - start) / n * 1000
-
-
 def main() -> None:
-    torch.set_num_threads(1)
+    with torch_threads(1):
+        run()
+
+
+def run() -> None:
+    import fdbpl_hf
+
+    print(f"fdbpl_hf {fdbpl_hf.__version__} at {git_commit()}, torch {torch.__version__}, 1 thread")
     ids = torch.randint(0, VOCAB, (PROMPTS, LENGTH))
     ids[:, 1:5] = torch.arange(VOCAB, VOCAB + 4)  # the positive context tokens
     peft_model = get_peft_model(TextEmbedding(), TrainableTokensConfig(
@@ -52,8 +54,8 @@ def main() -> None:
         lambda module, args, out: out.masked_scatter(mask[..., None], ctx.expand(PROMPTS, -1, -1).reshape(-1, WIDTH)))
 
     for r in range(2):
-        peft_ms = timed(lambda: peft_model(ids).sum().backward())
-        hook_ms = timed(lambda: hooked(ids).sum().backward())
+        peft_ms = mean_ms(lambda: peft_model(ids).sum().backward())
+        hook_ms = mean_ms(lambda: hooked(ids).sum().backward())
         print(f"round {r}: peft TrainableTokensLayer {peft_ms:.2f} ms, fdbpl_hf hook {hook_ms:.2f} ms")
 
 
