@@ -5,8 +5,9 @@ from .integrity import IntegrityError
 from .modeling import FDBPLCLIPModel, FDBPLOutput, get_fdbpl_model
 from .prompts import FDBPLPromptLearner
 from .ril import (
-    CallableTeacher, CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, RILTableConfig, Teacher, build_feature_cache,
-    build_ril_table, dense_teacher_logits, load_feature_cache, load_ril_table, push_ril_table, ril_metadata,
+    CallableTeacher, CLIPTeacher, DeviceImageStore, EnsembleTeacher, RegionSpec, RILDataset, RILTableConfig, Teacher,
+    build_feature_cache, build_ril_table, dense_teacher_logits, load_feature_cache, load_ril_table, push_ril_table,
+    ril_metadata,
 )
 from .trainer import FDBPLTrainer, FDBPLTrainingArguments
 from .version import __version__
@@ -27,6 +28,7 @@ __all__ = [
     "load_ril_table",
     "ril_metadata",
     "RILDataset",
+    "DeviceImageStore",
     "dense_teacher_logits",
     "RegionSpec",
     "Teacher",

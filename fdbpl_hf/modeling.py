@@ -15,6 +15,7 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
+from .acceleration import prepared_text_mask
 from .config import FDBPLConfig
 from .prompts import (FDBPLPromptLearner, adapter_tokenizer, hypothesis_template, locate_adapter_config,
                       merged_card, save_adapter)
@@ -68,6 +69,15 @@ class _ClassPrompts:
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx_mask: torch.Tensor):
         self.input_ids, self.attention_mask, self.ctx_mask = input_ids, attention_mask, ctx_mask
+        self._text_masks: dict = {}
+
+    def text_mask(self, text_model, copies: int) -> Optional[torch.Tensor]:
+        """The text tower's prepared attention mask for `copies` stacked copies of these prompts,
+        built once per (copies, attention implementation, dtype): no host sync per step."""
+        key = (copies, text_model.config._attn_implementation, text_model.embeddings.token_embedding.weight.dtype)
+        if key not in self._text_masks:
+            self._text_masks[key] = prepared_text_mask(text_model, self.attention_mask.repeat(copies, 1))
+        return self._text_masks[key]
 
     def to(self, device: torch.device) -> "_ClassPrompts":
         if self.input_ids.device == device:
@@ -271,7 +281,7 @@ class FDBPLCLIPModel(nn.Module):
                                "(get_fdbpl_model or FDBPLCLIPModel.from_pretrained)")
         n_ctx_sets, num_classes = contexts.shape[0], prompts.input_ids.shape[0]
         ids = prompts.input_ids.repeat(n_ctx_sets, 1)
-        attention = prompts.attention_mask.repeat(n_ctx_sets, 1)
+        attention = prompts.text_mask(self.clip.text_model, n_ctx_sets)
         mask = prompts.ctx_mask.repeat(n_ctx_sets, 1)
         per_row = contexts.repeat_interleave(num_classes, dim=0)
         self._active = (per_row, mask)

@@ -16,11 +16,12 @@ from accelerate.utils import DistributedType
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .acceleration import PixelRenormaliser, TeacherRunner, compile_options, compiled
 from .losses import PCD_REDUCTIONS, WEIGHT_MODES, coop_loss, fdbpl_loss
 from .modeling import FDBPLCLIPModel
 from .prompts import ADAPTER_COMPANION_FILES, FDBPLPromptLearner, adapter_card
-from .ril.regions import normalize
 from .ril.features import check_feature_cache
+from .ril.device_replay import collate_device_replay, render_batch
 from .ril.replay import RILDataset, dense_teacher_logits
 from .ril.table import ENTROPY_COLUMN
 from .ril.teachers import Teacher
@@ -97,6 +98,12 @@ class FDBPLTrainingArguments(TrainingArguments):
                 "distribution, or the live teacher's; the paper's weights) or topk (of the top-K rebuild, "
                 "as fdbpl_hf 0.3 did; for ablations)."})
     loss_type: str = field(default="fdbpl", metadata={"help": "fdbpl (distillation) or coop (labels, baseline)."})
+    compile_loss: bool = field(default=True, metadata={
+        "help": "With --torch_compile: compile the FDBPL loss with the student's backend and mode too (the online "
+                "teacher always is). False: a shorter compile, more kernel launches per step."})
+    logging_nan_inf_filter: bool = field(default=False, metadata={
+        "help": "The Trainer's filter replaces a NaN/inf step loss by the running mean in the logged loss: it "
+                "hides a broken step and costs a host sync per step. Off: such a loss shows in the logs."})
 
     def replay_epochs(self, num_items: int) -> int:
         """How many epochs of replay a run over `num_items` images starts (`max_steps` included):
@@ -214,10 +221,28 @@ class FDBPLTrainer(Trainer):
         if not any(p.requires_grad for p in model.prompts.parameters()):
             raise ValueError("the model's prompts are frozen (FDBPLCLIPModel.from_pretrained loads for inference): "
                              "load it with is_trainable=True to train it further")
+        if train_dataset.image_store is not None:
+            if args.dataloader_num_workers > 0:
+                raise ValueError("a dataset with an image store renders on the device in the training step: it needs "
+                                 "no DataLoader workers (set dataloader_num_workers=0)")
+            kwargs.setdefault("data_collator", collate_device_replay)
         model.set_class_names(train_dataset.class_names)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_EpochToDataset(train_dataset)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        if train_dataset.image_store is not None and train_dataset.image_store.device != self.args.device:
+            train_dataset.use_image_store(train_dataset.image_store.to(self.args.device))
+        # --torch_compile: accelerate compiles the student; the loss and the online teacher get the same options,
+        # and the teacher runs under the student's autocast (fdbpl_hf.acceleration)
+        self._compile_options = compile_options(self.args)
+        self._fdbpl_loss = compiled(fdbpl_loss, self._compile_options if self.args.compile_loss else None)
+        self._run_teacher = (TeacherRunner(self.teacher, self.accelerator, self._compile_options)
+                             if self.teacher is not None else None)
+        self._renormalise = None
+        if self.teacher is not None and (tuple(self.teacher.image_mean), tuple(self.teacher.image_std)) != (
+                train_dataset.image_mean, train_dataset.image_std):
+            self._renormalise = PixelRenormaliser(train_dataset.image_mean, train_dataset.image_std,
+                                                  self.teacher.image_mean, self.teacher.image_std, self.args.device)
         # per mode: term sums, batches with a non-finite live teacher, batch count
         self._metrics: dict[str, Optional[torch.Tensor]] = {}
         self._metric_keys: dict[str, set] = {}
@@ -284,12 +309,9 @@ class FDBPLTrainer(Trainer):
             return dense_teacher_logits(inputs["topk_indices"], inputs["topk_logits"], dataset.num_classes,
                                         fill=dataset.fill)
         pixels = pixel_values.float()
-        if (tuple(self.teacher.image_mean), tuple(self.teacher.image_std)) != (dataset.image_mean, dataset.image_std):
-            raw = pixels * torch.tensor(dataset.image_std, device=pixels.device).view(3, 1, 1) + torch.tensor(
-                dataset.image_mean, device=pixels.device).view(3, 1, 1)
-            pixels = normalize(raw, self.teacher.image_mean, self.teacher.image_std)
-        with torch.no_grad():
-            return self.teacher(pixels).float()
+        if self._renormalise is not None:
+            pixels = self._renormalise(pixels)
+        return self._run_teacher(pixels)
 
     def teacher_entropy(self, inputs: dict) -> Optional[torch.Tensor]:
         """The entropy behind the region weights: the table's stored full-distribution entropy, or
@@ -303,13 +325,15 @@ class FDBPLTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # image_features: the student-feature cache (no image tower); else the replayed pixels
         pixel_values = inputs.get("pixel_values")
+        if pixel_values is None and "region_crop" in inputs:  # device-resident replay: render here, batched
+            pixel_values = render_batch(self._store_dataset(model), inputs)
         outputs = model(pixel_values=pixel_values, image_features=inputs.get("image_features"))
         args = self.args
         if args.loss_type == "coop":
             losses = {"total": coop_loss(outputs.pos_logits, inputs["labels"])}
         else:
             teacher = self.teacher_logits(inputs, pixel_values)
-            losses = fdbpl_loss(
+            losses = self._fdbpl_loss(
                 outputs.pos_logits, outputs.neg_logits, teacher, outputs.image_features,
                 outputs.pos_text_features, outputs.neg_text_features, lambda_neg=args.lambda_neg,
                 lambda_sim=args.lambda_sim, lambda_pcd=args.lambda_pcd, pcd_margin=args.pcd_margin,
@@ -334,6 +358,15 @@ class FDBPLTrainer(Trainer):
             self._metrics[mode] = row if sums is None else sums + row
             self._metric_keys[mode].update(terms)
         return (losses["total"], outputs) if return_outputs else losses["total"]
+
+    def _store_dataset(self, model) -> RILDataset:
+        """The dataset whose image store a device-replay batch indexes."""
+        if model.training:
+            return self.train_dataset
+        if isinstance(self.eval_dataset, RILDataset) and self.eval_dataset.image_store is not None:
+            return self.eval_dataset
+        raise ValueError("an evaluation batch carries device-replay regions, but eval_dataset is not an RILDataset "
+                         "with an image store (several evaluation datasets with stores are not supported)")
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """Add the mean of every loss term since the last log (over all ranks) to `logs`.

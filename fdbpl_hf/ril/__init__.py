@@ -1,6 +1,7 @@
 """Region Information Lookup tables: build (teacher, offline), publish (Hub), replay (training)."""
 
 from .build import build_ril_table
+from .device_replay import DeviceImageStore
 from .features import build_feature_cache, check_feature_cache, feature_cache_metadata, load_feature_cache
 from .publish import push_ril_table
 from .regions import RegionSpec
@@ -13,6 +14,6 @@ from .teachers import CallableTeacher, CLIPTeacher, EnsembleTeacher, Teacher
 __all__ = [
     "build_ril_table", "RILTableConfig", "ShardedBuild", "push_ril_table", "build_feature_cache", "load_feature_cache", "feature_cache_metadata",
     "check_feature_cache", "load_ril_table", "ril_metadata", "check_table_matches",
-    "RILDataset", "dense_teacher_logits", "RegionSpec",
+    "RILDataset", "dense_teacher_logits", "RegionSpec", "DeviceImageStore",
     "Teacher", "CLIPTeacher", "CallableTeacher", "EnsembleTeacher",
 ]

@@ -15,6 +15,7 @@ import torch
 from ..clip_ops import channel_stats, normalize_pixels
 from ..integrity import expand_path
 from ..losses import shannon_entropy
+from .device_replay import DeviceChunkRenderer
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
 from .table import (
@@ -47,6 +48,11 @@ def resolve_class_names(dataset: datasets.Dataset, label_column: Optional[str],
     if len(set(names)) != len(names):
         raise ValueError("class names must be unique")
     return names
+
+
+# Render table regions with the batched device kernel (device_replay.DeviceChunkRenderer): None = when the
+# teacher runs on an accelerator; True/False force it (tests compare both on CPU)
+DEVICE_RENDER: Optional[bool] = None
 
 
 class _RegionLabeler:
@@ -91,9 +97,14 @@ class _RegionLabeler:
         chunks = [jobs[start : start + self.teacher_batch_size]
                   for start in range(0, len(jobs), self.teacher_batch_size)]
         # Crops of chunk k + 1 are rendered in a background thread while the teacher scores chunk k
-        # (torch ops release the GIL), so cropping costs no teacher time.
-        with _ChunkRenderer(self.spec, self.teacher.image_mean, self.teacher.image_std,
-                            single_thread=device.type == "cpu") as renderer:
+        # (torch ops release the GIL), so cropping costs no teacher time; with the teacher on an
+        # accelerator, uint8 crops are rendered there in one batched kernel (same pixels, bit for bit).
+        if self.spec.renderer == "uint8" and (device.type != "cpu" if DEVICE_RENDER is None else DEVICE_RENDER):
+            renderer_cm = DeviceChunkRenderer(self.spec, self.teacher.image_mean, self.teacher.image_std, device)
+        else:
+            renderer_cm = _ChunkRenderer(self.spec, self.teacher.image_mean, self.teacher.image_std,
+                                         single_thread=device.type == "cpu")
+        with renderer_cm as renderer:
             pending = renderer.submit(chunks[0])
             for k, chunk in enumerate(chunks):
                 pixels = pending.result().to(device, non_blocking=True)

@@ -113,6 +113,7 @@ class RILDataset(torch.utils.data.Dataset):
         self.source = dataset.select_columns(columns).cast_column(self.image_column, datasets.Image(decode=False))
         self.table = table.with_format("numpy") if table is not None else None
         self.epoch = epoch
+        self.image_store = None  # use_image_store(): device-resident replay
         self.feature_cache, self.cache_metadata, self._labels = None, None, None
         if feature_cache is not None:
             if table is None:
@@ -175,6 +176,27 @@ class RILDataset(torch.utils.data.Dataset):
     def fill(self) -> str:
         return self.metadata["fill"]
 
+    def use_image_store(self, store) -> "RILDataset":
+        """Replay from a `DeviceImageStore` of this dataset's images (`DeviceImageStore.from_dataset`):
+        items then carry `image_index`, `region_crop` and `region_flip` instead of `pixel_values`, and
+        `FDBPLTrainer` renders each batch's regions on the store's device in one batched kernel, equal
+        bit for bit to the CPU replay (fdbpl_hf.ril.device_replay). Returns self."""
+        from .device_replay import DeviceImageStore
+
+        if not isinstance(store, DeviceImageStore):
+            raise TypeError(f"use_image_store takes a DeviceImageStore, got {type(store).__name__}")
+        if self.feature_cache is not None:
+            raise ValueError("a dataset with a student-feature cache replays stored features, not pixels: it needs "
+                             "no image store")
+        if self.spec.renderer != "uint8":
+            raise ValueError(f"the table renders with {self.spec.renderer!r} (fdbpl_hf 0.1 tables): the device "
+                             "kernel reproduces the 'uint8' renderer only; replay this table from the CPU")
+        if len(store) != len(self.source):
+            raise ValueError(f"the image store holds {len(store)} images, the dataset has {len(self.source)}: "
+                             "build it with DeviceImageStore.from_dataset(this dataset)")
+        self.image_store = store
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         """Choose which stored region each image replays (Trainer/accelerate call this each epoch)."""
         self.epoch = int(epoch)
@@ -200,6 +222,8 @@ class RILDataset(torch.utils.data.Dataset):
         regions = [self.region_for(i) for i in indices]
         if self.feature_cache is not None:
             return self._cached_items(indices, regions)
+        if self.image_store is not None:
+            return self._store_items(indices, regions)
         sources = self.source[indices]
         if self.table is not None:
             rows = self._table_rows(indices, regions)
@@ -281,6 +305,40 @@ class RILDataset(torch.utils.data.Dataset):
         if ENTROPY_COLUMN in rows:
             item[ENTROPY_COLUMN] = rows[ENTROPY_COLUMN][n]
         return item
+
+    def _store_items(self, indices: list[int], regions: list[int]) -> list[dict]:
+        from .device_replay import drawn_regions, pixel_boxes
+
+        store, rows = self.image_store, None
+        if self.table is not None:
+            rows = self._table_rows(indices, regions)
+            boxes, flips = np.asarray(rows["box"]), np.asarray(rows["flip"], dtype=bool)
+        else:
+            boxes, flips = drawn_regions(store, indices, regions, self.num_regions, self.spec, self.seed)
+        # integer pixel boxes on the host: the device kernel then needs no host sync for its shapes
+        crops = torch.from_numpy(pixel_boxes(boxes, store.heights[indices], store.widths[indices]))
+        flips = torch.from_numpy(flips)
+        labels = self._store_labels(indices)
+        items = []
+        for n, (index, region) in enumerate(zip(indices, regions)):
+            item = {"image_index": torch.tensor(index), "region_crop": crops[n], "region_flip": flips[n],
+                    "labels": torch.tensor(labels[n]), "region": torch.tensor(region)}
+            if rows is not None:
+                item.update(self._soft_label(rows, n))
+            items.append(item)
+        return items
+
+    def _store_labels(self, indices: list[int]) -> list[int]:
+        if not self.label_column:
+            return [-1] * len(indices)
+        labels = self.source.select_columns([self.label_column])[indices][self.label_column]
+        out = []
+        for index, label in zip(indices, labels):
+            if label is not None and not -1 <= int(label) < self.num_classes:
+                raise ValueError(f"row {index} of the dataset has label {label}, outside the {self.num_classes} "
+                                 f"classes (0-{self.num_classes - 1})")
+            out.append(-1 if label is None else int(label))
+        return out
 
     def _cached_items(self, indices: list[int], regions: list[int]) -> list[dict]:
         epochs = int(self.cache_metadata["epochs"])

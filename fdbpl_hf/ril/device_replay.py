@@ -1,0 +1,283 @@
+"""Device-resident replay: the few-shot images decoded once into a uint8 store on any device, and
+all B regions of a step cropped and resized by one batched tensor kernel that reproduces the
+"uint8" renderer (`render_region`: PyTorch's antialiased uint8 CPU kernel, PIL's filter) bit for bit.
+
+Why it is exact: PyTorch's uint8 antialiased resize is separable (width first, then height), with
+per-axis weights computed in float64, rounded to int16 fixed point at a precision chosen from the
+largest weight, accumulated in integers and rounded back to uint8 after each axis. Here the same
+integer weights form dense `[S, crop]` matrices (zero outside each crop's filter window) and both
+passes are float64 batched matmuls: every product and sum is an integer far below 2**53, so the
+float64 result is the integer result, and the rounding `(sum + 2**(p-1)) >> p` is reproduced by a
+floor of an exact power-of-two division. The only possible difference: the weights' normalising
+sum is a tensor reduction here and a sequential loop in PyTorch's kernel, which can differ in the
+last bit of a float64 weight; that changes an int16 weight only at an exact half-way tie
+(never seen in the tests, which compare thousands of crops bit for bit).
+
+Memory of the store: 3 bytes per source pixel. 16-shot ImageNet (16,000 images) needs about 6.7 GB
+of device memory at an average of 400 x 350 pixels, 9.0 GB at 500 x 375 (the typical JPEG size).
+See docs/gpu-speed.md (with the per-step working memory).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .regions import BOX_SCALE, RegionSpec, image_to_tensor
+from .table import decode_image
+
+# PyTorch's antialiased filters (aten/src/ATen/native/UpSample.h): half-width and a = -0.5 for bicubic
+_HALF_WIDTH = {"bilinear": 1.0, "bicubic": 2.0}
+_CUBIC_A = -0.5
+_MAX_PRECISION = 22
+# pad crop sizes of a batch up to a multiple of this: fewer distinct shapes (allocator reuse)
+PAD_MULTIPLE = 32
+
+
+class DeviceImageStore:
+    """Every source image decoded once, as uint8 RGB pixels in one flat `[P, 3]` tensor on `device`.
+
+    Decoding goes through the replay's own path (`decode_image` + `image_to_tensor`: the same modes,
+    16-bit scaling and errors), so stored pixels are the pixels replay would decode.
+    `heights`/`widths`/`offsets` are kept on the host (numpy, for region geometry without a device
+    sync) and on the device (for the gather)."""
+
+    def __init__(self, pixels: torch.Tensor, heights: np.ndarray, widths: np.ndarray):
+        if pixels.dtype != torch.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be uint8 [P, 3], got {pixels.dtype} {tuple(pixels.shape)}")
+        self.heights = np.asarray(heights, dtype=np.int64)
+        self.widths = np.asarray(widths, dtype=np.int64)
+        sizes = self.heights * self.widths
+        if int(sizes.sum()) != pixels.shape[0]:
+            raise ValueError(f"the store holds {pixels.shape[0]} pixels, the image sizes add up to {int(sizes.sum())}")
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.pixels = pixels
+        self._device_meta = torch.from_numpy(np.stack([self.offsets, self.widths])).to(pixels.device)
+
+    @classmethod
+    def from_dataset(cls, data, device="cpu", image_column: Optional[str] = None) -> "DeviceImageStore":
+        """Decode every image of `data` (an `RILDataset`, or a `datasets.Dataset` with `image_column`)
+        once, and move the pixels to `device`."""
+        import datasets
+
+        if hasattr(data, "source"):  # an RILDataset: its source already reads undecoded cells
+            source, column = data.source, data.image_column
+        else:
+            column = image_column or "image"
+            source = data.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        chunks, heights, widths = [], [], []
+        for row, cell in enumerate(source[column] if len(source) <= 4096 else _iter_column(source, column)):
+            image = image_to_tensor(decode_image(cell, row), f"row {row} of the source dataset")  # [3, H, W]
+            heights.append(image.shape[1])
+            widths.append(image.shape[2])
+            chunks.append(image.permute(1, 2, 0).reshape(-1, 3))
+        if not chunks:
+            raise ValueError("the dataset is empty (0 rows): there is nothing to store")
+        pixels = torch.cat(chunks).to(device)
+        return cls(pixels, np.array(heights), np.array(widths))
+
+    def __len__(self) -> int:
+        return len(self.heights)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory of the stored pixels (the metadata adds 16 bytes per image)."""
+        return self.pixels.numel()
+
+    def to(self, device) -> "DeviceImageStore":
+        if torch.device(device) == self.device:
+            return self
+        return DeviceImageStore(self.pixels.to(device), self.heights, self.widths)
+
+
+def _iter_column(source, column: str):
+    for start in range(0, len(source), 1024):
+        yield from source[start : start + 1024][column]
+
+
+def pixel_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Stored uint16 boxes `[B, 4]` -> integer pixel boxes `[B, 4]` (top, left, h, w); element-wise
+    `regions.decode_box` (same float64 arithmetic, round half to even like Python's `round`)."""
+    b = np.asarray(boxes).astype(np.float64) / BOX_SCALE
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    top = np.minimum(np.rint(b[:, 0] * heights).astype(np.int64), heights - 1)
+    left = np.minimum(np.rint(b[:, 1] * widths).astype(np.int64), widths - 1)
+    bh = np.maximum(1, np.minimum(np.rint(b[:, 2] * heights).astype(np.int64), heights - top))
+    bw = np.maximum(1, np.minimum(np.rint(b[:, 3] * widths).astype(np.int64), widths - left))
+    return np.stack([top, left, bh, bw], axis=1)
+
+
+def padded_size(sizes: np.ndarray) -> int:
+    """The batch's padded crop extent: its largest crop side rounded up to `PAD_MULTIPLE`."""
+    return int(math.ceil(int(np.max(sizes)) / PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def _filter(x: torch.Tensor, mode: str) -> torch.Tensor:
+    x = x.abs()
+    if mode == "bilinear":
+        return torch.where(x < 1, 1 - x, torch.zeros_like(x))
+    a = _CUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def aa_weights(in_sizes: torch.Tensor, out_size: int, length: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer-valued float64 resampling matrices `[B, out_size, length]` (zero past each input size)
+    and their fixed-point precisions `[B]`: PyTorch's antialiased uint8 weights for resizing inputs
+    of `in_sizes` `[B]` pixels to `out_size`."""
+    if mode not in _HALF_WIDTH:
+        raise ValueError(f"the batched uint8 renderer supports bilinear and bicubic, got {mode!r}")
+    size = in_sizes.to(torch.float64).view(-1, 1, 1)
+    scale = size / out_size
+    upscaled = scale >= 1.0
+    support = torch.where(upscaled, _HALF_WIDTH[mode] * scale, torch.full_like(scale, _HALF_WIDTH[mode]))
+    invscale = torch.where(upscaled, 1.0 / scale, torch.ones_like(scale))
+    i = torch.arange(out_size, dtype=torch.float64, device=size.device).view(1, -1, 1)
+    center = scale * (i + 0.5)
+    lo = torch.trunc(center - support + 0.5).clamp_min(0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), size)
+    j = torch.arange(length, dtype=torch.float64, device=size.device).view(1, 1, -1)
+    inside = (j >= lo) & (j < hi)
+    w = torch.where(inside, _filter((j - center + 0.5) * invscale, mode), torch.zeros((), dtype=torch.float64,
+                                                                                       device=size.device))
+    total = w.sum(-1, keepdim=True)
+    w = torch.where(total != 0, w / torch.where(total != 0, total, torch.ones_like(total)), w)
+    # the precision: the largest p < 22 whose next step would overflow int16 for the largest weight
+    w_max = w.amax(dim=(1, 2)).view(-1, 1)
+    steps = 2.0 ** torch.arange(1, _MAX_PRECISION + 1, dtype=torch.float64, device=size.device).view(1, -1)
+    overflow = torch.trunc(0.5 + w_max * steps) >= 2 ** 15
+    precision = torch.where(overflow.any(1), overflow.to(torch.int64).argmax(1),
+                            torch.full_like(w_max[:, 0], _MAX_PRECISION, dtype=torch.int64))
+    v = w * (2.0 ** precision.to(torch.float64)).view(-1, 1, 1)
+    return torch.where(v < 0, torch.trunc(v - 0.5), torch.trunc(v + 0.5)), precision
+
+
+def _round_shift(x: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """`clamp((x + 2**(p-1)) >> p, 0, 255)` on exact float64 integers, p per batch row."""
+    scale = (2.0 ** precision.to(torch.float64)).view(-1, *([1] * (x.ndim - 1)))
+    return torch.floor((x + scale / 2) / scale).clamp_(0, 255)
+
+
+def render_regions(store: DeviceImageStore, image_indices: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor,
+                   spec: RegionSpec, pad: tuple[int, int], mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Crop, resize and flip B regions in one batched computation on the store's device.
+
+    `image_indices` `[B]`, `crops` `[B, 4]` integer pixel boxes (`pixel_boxes`), `flips` `[B]` bool,
+    `pad` = (rows, columns) every crop fits in (`padded_size`: a host value, so no device sync).
+    Returns float32 `[B, 3, S, S]` in [0, 1], or normalised with `mean`/`std`: equal, bit for bit,
+    to `render_region(image, box, flip, spec)` (then `.sub_(mean).div_(std)`) with spec.renderer
+    "uint8"."""
+    if spec.renderer != "uint8":
+        raise ValueError("the batched renderer reproduces the 'uint8' renderer; this table renders with "
+                         f"{spec.renderer!r} (fdbpl_hf 0.1 tables): replay it from the CPU (no image store)")
+    device = store.device
+    index = image_indices.to(device, torch.int64)
+    crops = crops.to(device, torch.int64)
+    top, left, h, w = crops.unbind(1)
+    offsets, widths = store._device_meta[0][index], store._device_meta[1][index]
+    rows, cols = pad
+    y = torch.minimum(torch.arange(rows, device=device).view(1, -1), h.view(-1, 1) - 1)  # [B, rows]
+    x = torch.minimum(torch.arange(cols, device=device).view(1, -1), w.view(-1, 1) - 1)  # [B, cols]
+    # positions past a crop repeat its last row/column: their weights are zero
+    flat = (offsets + top * widths).view(-1, 1, 1) + y.unsqueeze(2) * widths.view(-1, 1, 1) + (left.view(-1, 1)
+                                                                                               + x).unsqueeze(1)
+    crop = store.pixels[flat].permute(0, 3, 1, 2).to(torch.float64)  # [B, 3, rows, cols]
+    size = spec.output_size
+    wx, px = aa_weights(w, size, cols, spec.interpolation)  # [B, S, cols]
+    wy, py = aa_weights(h, size, rows, spec.interpolation)  # [B, S, rows]
+    out = _round_shift(torch.matmul(crop, wx.transpose(1, 2).unsqueeze(1)), px)  # [B, 3, rows, S]
+    out = _round_shift(torch.matmul(wy.unsqueeze(1), out), py)  # [B, 3, S, S]
+    out = out.to(torch.float32).div_(255)
+    out = torch.where(flips.to(device, torch.bool).view(-1, 1, 1, 1), out.flip(-1), out)
+    if mean is not None:
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
+        out = out.sub_(mean_t).div_(std_t)
+    return out
+
+
+def drawn_regions(store: DeviceImageStore, indices: Sequence[int], regions: Sequence[int], num_regions: int,
+                  spec: RegionSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes `[B, 4]` (uint16) and flips `[B]` of region `regions[n]` of image `indices[n]`, drawn as
+    the online dataset and the table builder draw them (`sample_regions` on the image's size)."""
+    from .regions import region_rng, sample_regions
+
+    boxes, flips = [], []
+    for index, region in zip(indices, regions):
+        b, f = sample_regions(int(store.heights[index]), int(store.widths[index]), num_regions, spec,
+                              region_rng(seed, int(index)))
+        boxes.append(b[region])
+        flips.append(f[region])
+    return np.stack(boxes), np.array(flips, dtype=bool)
+
+
+def collate_device_replay(items: list[dict]) -> dict:
+    """The default collation plus, for device-replay items, `region_pad` (host ints: the padded crop
+    size of the batch). Other items (e.g. an evaluation set without a store) collate as usual."""
+    from torch.utils.data import default_collate
+
+    batch = default_collate(items)
+    if "region_crop" not in batch:
+        return batch
+    crops = batch["region_crop"].numpy()
+    batch["region_pad"] = (padded_size(crops[:, 2]), padded_size(crops[:, 3]))
+    return batch
+
+
+def render_batch(data, inputs: dict) -> torch.Tensor:
+    """The normalised `[B, 3, S, S]` pixels of a collated device-replay batch, on the store's device."""
+    return render_regions(data.image_store, inputs["image_index"], inputs["region_crop"], inputs["region_flip"],
+                          data.spec, tuple(int(v) for v in inputs["region_pad"]), data.image_mean, data.image_std)
+
+
+class _Done:
+    """A finished `Future` look-alike (the CPU renderer hands out real futures)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class DeviceChunkRenderer:
+    """The table/cache builders' region renderer on the teacher's device: each chunk of
+    `(image, box, flip, row)` jobs (uint8 CPU images) is uploaded once per distinct image and
+    rendered by `render_regions` in one batched computation, equal bit for bit to the CPU
+    renderer it replaces. The builder uses it when the teacher runs on an accelerator."""
+
+    def __init__(self, spec: RegionSpec, mean, std, device):
+        self.spec, self.mean, self.std, self.device = spec, tuple(mean), tuple(std), torch.device(device)
+
+    def __enter__(self) -> "DeviceChunkRenderer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, chunk: list) -> _Done:
+        slots: dict[int, int] = {}
+        images = []
+        for image, _, _, _ in chunk:
+            if id(image) not in slots:
+                slots[id(image)] = len(images)
+                images.append(image)
+        store = DeviceImageStore(
+            torch.cat([im.permute(1, 2, 0).reshape(-1, 3) for im in images]).to(self.device, non_blocking=True),
+            np.array([im.shape[1] for im in images]), np.array([im.shape[2] for im in images]))
+        index = np.array([slots[id(job[0])] for job in chunk], dtype=np.int64)
+        crops = pixel_boxes(np.stack([np.asarray(job[1]) for job in chunk]), store.heights[index], store.widths[index])
+        flips = torch.tensor([bool(job[2]) for job in chunk])
+        pad = (padded_size(crops[:, 2]), padded_size(crops[:, 3]))
+        with torch.inference_mode():
+            return _Done(render_regions(store, torch.from_numpy(index), torch.from_numpy(crops), flips, self.spec,
+                                        pad, self.mean, self.std))
