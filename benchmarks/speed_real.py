@@ -62,7 +62,6 @@ from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E40
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402
 
 
-
 def trainer_steps(args, model, data, teacher, workdir: str, workers: int, compile_mode=None) -> list[float]:
     from transformers.trainer_callback import PrinterCallback
 
