@@ -6,7 +6,7 @@
     python benchmarks/ablation.py --quick --subset loss    # smoke run: 1 seed, 1 epoch, 2 configs
 
 Every run is one `fdbpl_hf.protocol.run_base_to_novel` call (the pipeline of the demo and the
-protocol tests) on the numbers zoo (`fdbpl_hf.zoo.build_zoo(world="numbers")`, pretrained once
+protocol tests) on the numbers zoo (`fdbpl_hf.testing.zoo.build_zoo(world="numbers")`, pretrained once
 and cached under $HF_HOME), varying only its arguments:
 
 - `loss`: which loss terms (L+ only; + L-; + sim; + PCD with mean- and sum-over-pairs reductions
@@ -287,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     teacher, student = args.teacher, args.student
     zoo_marker = None
     if teacher is None or student is None:
-        from fdbpl_hf.zoo import build_zoo, read_zoo_marker
+        from fdbpl_hf.testing.zoo import build_zoo, read_zoo_marker
 
         paths = build_zoo(world="numbers", num_threads=args.threads, progress=print)
         teacher, student = teacher or paths["teacher"], student or paths["student"]

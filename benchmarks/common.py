@@ -158,7 +158,7 @@ def scaled_clip_config(text_width: int, text_layers: int, vision_width: int, vis
                        image_size: int, proj: int, heads: Optional[int] = None) -> CLIPConfig:
     """A CLIPConfig of any width and depth with CLIP's vocabulary and special ids, MLP = 4 x width and
     64-dim heads (`heads` overrides the head count of both towers). The named sizes, up to real
-    ViT-B/32 and ViT-L/14, are `fdbpl_hf.offline.clip_config`."""
+    ViT-B/32 and ViT-L/14, are `fdbpl_hf.testing.worlds.clip_config`."""
     return CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=text_width, intermediate_size=4 * text_width,
                          num_hidden_layers=text_layers, num_attention_heads=heads or max(1, text_width // 64),
@@ -172,9 +172,9 @@ def scaled_clip_config(text_width: int, text_layers: int, vision_width: int, vis
 
 def random_clip(size: str, seed: Optional[int] = 0, device: Optional[torch.device] = None,
                 patch: Optional[int] = None, **config_kwargs) -> CLIPModel:
-    """A random-weight CLIP of a named size (`fdbpl_hf.offline.clip_config`), in eval mode, built on
+    """A random-weight CLIP of a named size (`fdbpl_hf.testing.worlds.clip_config`), in eval mode, built on
     `device` (a CPU init of ViT-L/14 takes a while); `seed=None` keeps the current RNG state."""
-    from fdbpl_hf.offline import clip_config
+    from fdbpl_hf.testing.worlds import clip_config
 
     config = clip_config(size, **config_kwargs)
     if patch:

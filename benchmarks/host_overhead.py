@@ -44,7 +44,7 @@ from transformers import CLIPModel  # noqa: E402
 from fdbpl_hf import (  # noqa: E402
     CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_feature_cache, build_ril_table, get_fdbpl_model,
 )
-from fdbpl_hf.offline import clip_tokenizer  # noqa: E402
+from fdbpl_hf.testing.worlds import clip_tokenizer  # noqa: E402
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402
 from fdbpl_hf.version import __version__  # noqa: E402

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 import fdbpl_hf  # noqa: E402
-from fdbpl_hf.offline import clip_tokenizer, load_digits  # noqa: E402
+from fdbpl_hf.testing.worlds import clip_tokenizer, load_digits  # noqa: E402
 from fdbpl_hf.ril import build as ril_build  # noqa: E402
 from fdbpl_hf.ril.regions import (  # noqa: E402
     RegionSpec, image_to_tensor, normalize, region_rng, render_region, sample_regions,

@@ -56,7 +56,7 @@ from fdbpl_hf import (  # noqa: E402
     get_fdbpl_model,
 )
 from fdbpl_hf.losses import fdbpl_loss  # noqa: E402
-from fdbpl_hf.offline import clip_tokenizer, load_digits  # noqa: E402
+from fdbpl_hf.testing.worlds import clip_tokenizer, load_digits  # noqa: E402
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402
 

@@ -4,7 +4,7 @@
     python benchmarks/speed_real.py                  # on a CUDA GPU (about 2 minutes on an H200)
     python benchmarks/speed_real.py --quick --device cpu --size small   # smoke run of the script itself
 
-Random weights of the real architectures (`fdbpl_hf.offline.clip_config("vit-l-14")` and
+Random weights of the real architectures (`fdbpl_hf.testing.worlds.clip_config("vit-l-14")` and
 `"vit-b-32"`: costs do not depend on the weights; nothing is downloaded). The source images
 are smooth synthetic 500 x 375 JPEGs (ImageNet's typical size), decoded and cropped by the real
 replay. For each class count C (50: a typical base split; 500: ImageNet's base classes) it:
@@ -56,7 +56,7 @@ from fdbpl_hf import (  # noqa: E402
     get_fdbpl_model,
 )
 from fdbpl_hf.losses import fdbpl_loss  # noqa: E402
-from fdbpl_hf.offline import clip_tokenizer  # noqa: E402
+from fdbpl_hf.testing.worlds import clip_tokenizer  # noqa: E402
 from fdbpl_hf.ril.device_replay import DeviceImageStore  # noqa: E402
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments  # noqa: E402

@@ -10,7 +10,7 @@ from conftest import make_clip
 
 from fdbpl_hf import (CallableTeacher, CLIPTeacher, FDBPLConfig, RegionSpec, RILDataset, build_ril_table,
                       get_fdbpl_model)
-from fdbpl_hf.offline import DIGIT_NAMES
+from fdbpl_hf.testing.worlds import DIGIT_NAMES
 from fdbpl_hf.ril.device_replay import DeviceImageStore
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN as MEAN
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_STD as STD

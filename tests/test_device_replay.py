@@ -9,7 +9,7 @@ from conftest import make_clip
 from PIL import Image
 
 from fdbpl_hf import RegionSpec, RILDataset, build_ril_table
-from fdbpl_hf.offline import DIGIT_NAMES
+from fdbpl_hf.testing.worlds import DIGIT_NAMES
 from fdbpl_hf.ril.device_replay import (
     DeviceImageStore, collate_device_replay, padded_size, pixel_boxes, render_batch, render_regions,
 )
