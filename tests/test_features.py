@@ -276,3 +276,38 @@ def test_cached_items_without_labels_and_metrics_after_predict(digits_small, tab
     metrics = trainer.evaluate(data_for(digits_small, table, cache))
     assert {"eval_loss_pos", "eval_loss_neg", "eval_loss_pcd"} <= set(metrics)
     assert all(np.isfinite(metrics[k]) for k in metrics if k.startswith("eval_loss_"))
+
+
+def test_cache_built_with_the_device_kernel_equals_the_cpu_build(digits_small, table, tokenizer, tmp_path,
+                                                                 monkeypatch):
+    """On an accelerator the cache build renders its regions with the batched device kernel (each
+    image decoded once); forced here on CPU: same region columns, same features bit for bit (the same
+    pixels in the same forward batches), same build key and metadata."""
+    from fdbpl_hf.ril import device_replay
+    from fdbpl_hf.ril import features as features_module
+
+    submitted = []
+    submit = device_replay.DeviceChunkRenderer.submit
+    monkeypatch.setattr(device_replay.DeviceChunkRenderer, "submit",
+                        lambda self, chunk: submitted.append(len(chunk)) or submit(self, chunk))
+    model, data = student(tokenizer), data_for(digits_small, table)
+    caches = {}
+    for name, flag in (("cpu", False), ("kernel", True)):
+        monkeypatch.setattr(features_module, "DEVICE_RENDER", flag)
+        caches[name] = build_feature_cache(data, model, epochs=3, dtype="float32", output_dir=str(tmp_path / name),
+                                           batch_size=7, shard_size=11, progress=False)
+    # 30 images x 3 epochs, two images (6 regions) per forward, groups split at the 11-image shards
+    assert sum(submitted) == len(digits_small) * 3 and max(submitted) == 6
+    cpu, kernel = caches["cpu"], caches["kernel"]
+    assert np.array_equal(np.asarray(cpu["region"]), np.asarray(kernel["region"]))
+    assert np.array_equal(np.asarray(cpu["image_features"]), np.asarray(kernel["image_features"]))
+    meta_cpu, meta_kernel = feature_cache_metadata(cpu), feature_cache_metadata(kernel)
+    assert meta_cpu["build_key"] == meta_kernel["build_key"] and meta_cpu == meta_kernel
+    # and the kernel-built cache is the replay's: a stored row equals the student on the replayed pixels
+    data.set_epoch(2)
+    item = data[13]
+    with torch.no_grad():
+        expected = model.get_image_features(item["pixel_values"].unsqueeze(0))[0]
+    torch.testing.assert_close(torch.tensor(np.asarray(kernel[13 * 3 + 2]["image_features"], dtype=np.float32)), expected,
+                               rtol=1e-5, atol=1e-5)
+    assert int(kernel[13 * 3 + 2]["region"]) == int(item["region"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import datasets
@@ -32,11 +33,18 @@ from .feature_cache import (  # re-exported: the cache's format lives in feature
     CACHE_FORMAT, CACHE_LAYOUT, CACHE_METADATA_FILE, CACHE_REQUIRED_KEYS, check_cache_matches_table,
     check_cache_metadata, content_key, feature_cache_metadata, load_feature_cache, verify_cache,
 )
+from .device_replay import DeviceChunkRenderer
+from .regions import image_to_tensor
 from .replay import RILDataset
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
-from .table import library_version
+from .table import decode_image, library_version
 
 logger = logging.getLogger(__name__)
+
+# Render the cached regions with the batched device kernel (device_replay.DeviceChunkRenderer), each
+# image decoded once: None = when the student runs on an accelerator; True/False force it (tests
+# compare both on CPU). Tables of the float renderer (fdbpl_hf 0.1) always render on the CPU.
+DEVICE_RENDER: Optional[bool] = None
 
 # Stored fp16 features vs a fresh fp32 forward differ by ~1e-3 relative; another checkpoint of the
 # same architecture gives unrelated features (cosine far below this).
@@ -78,6 +86,22 @@ class _AllEpochs(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.data.render_epochs(index, self.epochs)
+
+
+def _epoch_jobs(data, indices: range, epochs: int) -> tuple[list, np.ndarray]:
+    """The `(image, box, flip, row)` render jobs of images `indices` for epochs 0 .. `epochs` - 1
+    (image-major, as `RILDataset.render_epochs` orders them), each image decoded once, and the
+    replayed regions `[len(indices), epochs]`."""
+    indices = list(indices)
+    region = np.array([[data.region_for(i, e) for e in range(epochs)] for i in indices], dtype=np.int32)
+    rows = data.table[[i * data.num_regions + int(r) for i, rs in zip(indices, region) for r in rs]]
+    cells = data.source[indices][data.image_column]
+    jobs = []
+    for n, (index, cell) in enumerate(zip(indices, cells)):
+        image = image_to_tensor(decode_image(cell, index), f"row {index} of the source dataset")
+        jobs.extend((image, rows["box"][n * epochs + e], bool(rows["flip"][n * epochs + e]), index)
+                    for e in range(epochs))
+    return jobs, region
 
 
 def _image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -177,23 +201,43 @@ def _build_cache(build: ShardedBuild, data, clip, epochs: int, dim: int, dtype: 
     own_images = sum(stop - start for _, start, stop in build.my_shards())
     bar = _progress(progress and build.rank == 0, own_images * epochs)
 
+    on_device = data.spec.renderer == "uint8" and (model_device.type != "cpu" if DEVICE_RENDER is None
+                                                   else DEVICE_RENDER)
+    # each image is decoded once and rendered for all its cached epochs; about batch_size regions
+    # per forward (the same image groups on both paths, so the forwards see the same batches)
+    images_per_batch = max(1, batch_size // epochs)
+
+    def write(out, regions, first: int, feats: torch.Tensor, region: np.ndarray) -> int:
+        n = region.shape[0]
+        out[first: first + n] = feats.view(n, epochs, dim).cpu().numpy()
+        regions[first: first + n] = region
+        bar.update(n * epochs)
+        return first + n
+
     def build_shard(shard: int, start: int, stop: int) -> datasets.Dataset:
         out = np.empty((stop - start, epochs, dim), dtype=dtype)
         regions = np.empty((stop - start, epochs), dtype=np.int32)
-        # each image is decoded once and rendered for all its cached epochs; about batch_size
-        # regions per forward
-        loader = DataLoader(_AllEpochs(data, epochs), batch_size=max(1, batch_size // epochs),
-                            sampler=range(start, stop), num_workers=num_workers, collate_fn=default_collate,
-                            pin_memory=model_device.type == "cuda")
-        first = start
-        for batch in loader:
-            pixels = batch["pixel_values"]  # [images, epochs, 3, S, S]
-            n = pixels.shape[0]
-            feats = _image_features(clip, pixels.flatten(0, 1).to(model_device, non_blocking=True))
-            out[first - start: first - start + n] = feats.view(n, epochs, dim).cpu().numpy()
-            regions[first - start: first - start + n] = batch["region"].numpy()
-            first += n
-            bar.update(n * epochs)
+        first = 0
+        if on_device and stop > start:
+            groups = [range(i, min(i + images_per_batch, stop)) for i in range(start, stop, images_per_batch)]
+            renderer = DeviceChunkRenderer(data.spec, data.image_mean, data.image_std, model_device)
+            # the next group is decoded on the host while this one renders and runs on the device
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(_epoch_jobs, data, groups[0], epochs)
+                for k in range(len(groups)):
+                    jobs, region = pending.result()
+                    if k + 1 < len(groups):
+                        pending = pool.submit(_epoch_jobs, data, groups[k + 1], epochs)
+                    pixels = renderer.submit(jobs).result()  # [images * epochs, 3, S, S], image-major
+                    first = write(out, regions, first, _image_features(clip, pixels), region)
+        else:
+            loader = DataLoader(_AllEpochs(data, epochs), batch_size=images_per_batch,
+                                sampler=range(start, stop), num_workers=num_workers, collate_fn=default_collate,
+                                pin_memory=model_device.type == "cuda")
+            for batch in loader:
+                pixels = batch["pixel_values"]  # [images, epochs, 3, S, S]
+                feats = _image_features(clip, pixels.flatten(0, 1).to(model_device, non_blocking=True))
+                first = write(out, regions, first, feats, batch["region"].numpy())
         return datasets.Dataset.from_dict(
             {"region": regions.reshape(-1), "image_features": out.reshape(-1, dim)}, features=features)
 
