@@ -308,6 +308,6 @@ def test_cache_built_with_the_device_kernel_equals_the_cpu_build(digits_small, t
     item = data[13]
     with torch.no_grad():
         expected = model.get_image_features(item["pixel_values"].unsqueeze(0))[0]
-    torch.testing.assert_close(torch.tensor(np.asarray(kernel[13 * 3 + 2]["image_features"], dtype=np.float32)), expected,
-                               rtol=1e-5, atol=1e-5)
+    stored = np.asarray(kernel[13 * 3 + 2]["image_features"], dtype=np.float32)
+    torch.testing.assert_close(torch.from_numpy(stored), expected, rtol=1e-5, atol=1e-5)
     assert int(kernel[13 * 3 + 2]["region"]) == int(item["region"])
