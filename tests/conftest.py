@@ -95,3 +95,20 @@ def tiny_checkpoints(tmp_path_factory, tokenizer):
         image_processor_for(clip.config).save_pretrained(path)
         paths[name] = path
     return paths
+
+
+def odd_images(sixteen_bit: bool = False) -> list:
+    """Images a table build must convert: grey, RGBA, smaller than a region, 1 px (and 16-bit)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8), mode="L"),
+        Image.fromarray(rng.integers(0, 255, (20, 50, 4), dtype=np.uint8), mode="RGBA"),
+        Image.fromarray(rng.integers(0, 255, (3, 2, 3), dtype=np.uint8), mode="RGB"),  # smaller than a region
+        Image.fromarray(rng.integers(0, 255, (1, 1), dtype=np.uint8), mode="L"),
+    ]
+    if sixteen_bit:
+        images.append(Image.fromarray(rng.integers(0, 65535, (33, 47), dtype=np.uint16).astype(np.int32), mode="I"))
+    return images

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_clip
+from conftest import make_clip, odd_images
 from PIL import Image
 
 from fdbpl_hf import RegionSpec, RILDataset, build_ril_table
@@ -87,14 +87,7 @@ def test_store_replay_equals_cpu_replay_on_a_real_table(digits_small, teacher_cl
 
 
 def test_store_replay_of_odd_images_and_the_online_dataset(teacher_clip, tokenizer, tmp_path):
-    rng = np.random.default_rng(0)
-    images = [
-        Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8), mode="L"),
-        Image.fromarray(rng.integers(0, 255, (20, 50, 4), dtype=np.uint8), mode="RGBA"),
-        Image.fromarray(rng.integers(0, 255, (3, 2, 3), dtype=np.uint8), mode="RGB"),  # smaller than a region
-        Image.fromarray(rng.integers(0, 255, (1, 1), dtype=np.uint8), mode="L"),
-        Image.fromarray(rng.integers(0, 65535, (33, 47), dtype=np.uint16).astype(np.int32), mode="I"),  # 16-bit
-    ]
+    images = odd_images(sixteen_bit=True)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1, 1]}, features=features)
     table = build_ril_table(ds, teacher_clip, num_regions=3, top_k=2, teacher_tokenizer=tokenizer,

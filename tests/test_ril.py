@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip, run_ok, torchrun_command
+from conftest import make_clip, odd_images, run_ok, torchrun_command
 from PIL import Image
 
 from fdbpl_hf import (
@@ -276,13 +276,7 @@ def image_dataset(images, labels, names=("a", "b")):
 
 
 def test_odd_images_are_converted(teacher_clip, tokenizer, tmp_path):
-    rng = np.random.default_rng(0)
-    images = [
-        Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8), mode="L"),
-        Image.fromarray(rng.integers(0, 255, (20, 50, 4), dtype=np.uint8), mode="RGBA"),
-        Image.fromarray(rng.integers(0, 255, (3, 2, 3), dtype=np.uint8), mode="RGB"),  # smaller than a region
-        Image.fromarray(rng.integers(0, 255, (1, 1), dtype=np.uint8), mode="L"),
-    ]
+    images = odd_images()
     ds = image_dataset(images, [0, 1, 0, 1])
     table = build(ds, teacher_clip, tokenizer, tmp_path / "t", top_k=2)
     item = replay(ds, table)[2]
