@@ -122,8 +122,23 @@ def test_total_is_weighted_sum_with_custom_lambdas() -> None:
 def test_default_lambdas() -> None:
     x = _inputs(4)
     out = fdbpl_loss(**x)
-    expected = out["pos"] + 1.0 * out["neg"] + 0.001 * out["sim"] + 0.1 * out["pcd"]
+    expected = out["pos"] + 1.0 * out["neg"] + 0.001 * out["sim"] + 1.0 * out["pcd"]
     torch.testing.assert_close(out["total"], expected)
+
+
+def test_loss_defaults_equal_the_training_arguments_defaults() -> None:
+    """Calling the pure loss without arguments trains what the Trainer trains by default."""
+    import dataclasses
+    import inspect
+
+    from fdbpl_hf import FDBPLTrainingArguments
+
+    trainer_defaults = {f.name: f.default for f in dataclasses.fields(FDBPLTrainingArguments)}
+    shared = [p for p in inspect.signature(fdbpl_loss).parameters.values()
+              if p.default is not inspect.Parameter.empty and p.name in trainer_defaults]
+    assert {p.name for p in shared} >= {"lambda_neg", "lambda_sim", "lambda_pcd", "use_pcd", "pcd_reduction"}
+    for p in shared:
+        assert p.default == trainer_defaults[p.name], p.name
 
 
 def test_threshold_weights_match_reference() -> None:
