@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DatasetInfo, make_base_novel_test, resolve_dataset
+from .data import DatasetInfo, _name_key, make_base_novel_test, resolve_dataset
 from .metrics import accuracy, auroc, average_base_novel, fpr_at_tpr, harmonic_mean, per_class_accuracy, summarize_seeds
 from .modeling import FDBPLCLIPModel
 from .version import __version__
@@ -320,7 +320,15 @@ def _pct(x: float) -> float:
     return 100.0 * float(x)
 
 
-def _accuracy_block(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
+def _accuracy_block(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
+                    where: str = "the dataset") -> dict[str, Any]:
+    # A label outside the class list would count as a miss (and vanish from the per-class table):
+    # a silently low accuracy, e.g. when fewer class names are given than the dataset has classes.
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(class_names)):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(f"{where} has label {bad} but {len(class_names)} class names were given (labels must be "
+                         f"0..{len(class_names) - 1}): give one class name per class, in the label order"
+                         + (" (label -1 marks unlabelled rows: filter them out)" if bad < 0 else ""))
     per_class = per_class_accuracy(logits, labels, num_classes=len(class_names))
     return {
         "accuracy": _pct(accuracy(logits, labels)),
@@ -414,8 +422,10 @@ def evaluate_base_to_novel(model, test_dataset, info: Union[DatasetInfo, str, No
     kw = _encode_kwargs(image_processor, batch_size, image_column, label_column, progress)
     base_images = encode_images(model, split["base"], name="the base test split", **kw)
     novel_images = encode_images(model, split["novel"], name="the novel test split", **kw)
-    base = _accuracy_block(_logits(model, base_images, base_text), base_images.labels, base_names)
-    novel = _accuracy_block(_logits(model, novel_images, novel_text), novel_images.labels, novel_names)
+    base = _accuracy_block(_logits(model, base_images, base_text), base_images.labels, base_names,
+                           "the base test split")
+    novel = _accuracy_block(_logits(model, novel_images, novel_text), novel_images.labels, novel_names,
+                            "the novel test split")
     result: dict[str, Any] = {
         "base_acc": base["accuracy"],
         "novel_acc": novel["accuracy"],
@@ -430,6 +440,25 @@ def evaluate_base_to_novel(model, test_dataset, info: Union[DatasetInfo, str, No
         result["ood"] = {"in": "base test images", "out": "novel test images", "classes": "base",
                          **_ood_from_images(model, base_images, novel_images, base_text, base_names, tpr)}
     return result
+
+
+def _check_class_label(where: str, dataset, label_column: str, class_names: Sequence[str]) -> None:
+    """Refuse class names that cannot be the dataset's `ClassLabel` classes in label order: another
+    count, or the same names in another order (e.g. sorted), would score each image against
+    the wrong class text."""
+    features = getattr(dataset, "features", None)
+    names = getattr(features.get(label_column), "names", None) if features is not None else None
+    if names is None:
+        return
+    if len(names) != len(class_names):
+        raise ValueError(f"{where}: its label column {label_column!r} has {len(names)} classes but {len(class_names)} "
+                         "class names were given: give one name per class, in the label order")
+    keys, given = [_name_key(n) for n in names], [_name_key(n) for n in class_names]
+    if keys != given and sorted(keys) == sorted(given):
+        first = next(i for i, (a, b) in enumerate(zip(keys, given)) if a != b)
+        raise ValueError(f"{where}: class names are the dataset's in another order (label {first} is "
+                         f"{names[first]!r}, the name given for it {class_names[first]!r}): give them in the label "
+                         "order (dataset.features[label_column].names)")
 
 
 def _target(spec) -> tuple[Any, list[str], Optional[str]]:
@@ -455,11 +484,13 @@ def evaluate_cross_dataset(model, targets: Mapping[str, Any], *, image_processor
     out = {}
     for name, spec in targets.items():
         dataset, class_names, target_template = _target(spec)
+        _check_class_label(f"cross-dataset target {name!r}", dataset, label_column, class_names)
         target_template = target_template or template
         text = _text_features(model, class_names, False, target_template)
         images = encode_images(model, dataset, name=f"cross-dataset target {name!r}",
                                **_encode_kwargs(image_processor, batch_size, image_column, label_column, progress))
-        out[name] = _accuracy_block(_logits(model, images, text), images.labels, class_names)
+        out[name] = _accuracy_block(_logits(model, images, text), images.labels, class_names,
+                                    f"cross-dataset target {name!r}")
     return out
 
 
@@ -511,7 +542,8 @@ def evaluate_domain_generalization(model, source, targets: Mapping[str, Any], *,
     encode = _encode_kwargs(image_processor, batch_size, image_column, label_column, progress)
     text = _text_features(model, class_names, False, source_template)
     images = encode_images(model, dataset, name=f"source {source_name!r}", **encode)
-    source_block = _accuracy_block(_logits(model, images, text), images.labels, class_names)
+    source_block = _accuracy_block(_logits(model, images, text), images.labels, class_names,
+                                   f"source {source_name!r}")
     out: dict[str, Any] = {"source": {"name": source_name, **source_block}, "targets": {}}
     for name, spec in targets.items():
         target, ids = _dg_target(name, spec, len(class_names))
@@ -524,7 +556,8 @@ def evaluate_domain_generalization(model, source, targets: Mapping[str, Any], *,
         if images.labels is not None and len(images.labels) and int(images.labels.max()) >= len(target_names):
             raise ValueError(f"target {name!r} has label {int(images.labels.max())} but only {len(target_names)} "
                              "classes: give its class ids in the source")
-        out["targets"][name] = {**_accuracy_block(_logits(model, images, target_text), images.labels, target_names),
+        out["targets"][name] = {**_accuracy_block(_logits(model, images, target_text), images.labels, target_names,
+                                                    f"target {name!r}"),
                                 "num_classes": len(target_names)}
     accuracies = [t["accuracy"] for t in out["targets"].values()]
     out["target_average"] = float(np.mean(accuracies))

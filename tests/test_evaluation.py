@@ -271,3 +271,24 @@ def test_bad_inputs(clip, tokenizer, processor, digits_small):
     with pytest.raises(ValueError, match="template must contain"):
         ZeroShotCLIP(clip, tokenizer, "a photo")
     assert not math.isnan(predict_logits(adapter, digits_small.select(range(2)), ["x"], **kw)[0].sum().item())
+
+
+def test_class_names_that_are_not_the_labels_classes_are_refused(clip, tokenizer, processor, digits_small):
+    """Fewer names than classes, or the names in another order, used to score a silently wrong accuracy."""
+    import datasets
+
+    from fdbpl_hf.evaluation import evaluate_domain_generalization
+
+    model = get_fdbpl_model(clip, FDBPLConfig(), tokenizer)
+    kw = dict(image_processor=processor, progress=False)
+    with pytest.raises(ValueError, match=r"target 'd': its label column 'label' has 10 classes but 3 class names"):
+        evaluate_cross_dataset(model, {"d": (digits_small, DIGIT_NAMES[:3])}, **kw)
+    with pytest.raises(ValueError, match=r"target 'd': class names are the dataset's in another order \(label 0 is "
+                                         r"'zero', the name given for it 'eight'"):
+        evaluate_cross_dataset(model, {"d": (digits_small, sorted(DIGIT_NAMES))}, **kw)
+    plain = digits_small.cast_column("label", datasets.Value("int64"))  # no ClassLabel: the labels are checked
+    with pytest.raises(ValueError, match=r"target 'p' has label 9 but 3 class names were given"):
+        evaluate_cross_dataset(model, {"p": (plain, DIGIT_NAMES[:3])}, **kw)
+    unlabelled = plain.map(lambda row: {"label": -1})
+    with pytest.raises(ValueError, match=r"source 'u' has label -1 .*unlabelled rows"):
+        evaluate_domain_generalization(model, (unlabelled, DIGIT_NAMES), {"t": plain}, source_name="u", **kw)
