@@ -642,6 +642,9 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             "imagenet", hub_id="ILSVRC/imagenet-1k", test_split="validation", template="a photo of a {}.",
             name_style="first_synonym", num_classes=1000, coop_order=True, verified=False,
+            # first synonyms that collide: classes 638 "maillot" / 639 "maillot, tank suit" (and the Hub
+            # copy's 517 "crane2" next to 134 "crane"); identical prompts could never be told apart
+            classname_overrides={"maillot, tank suit": "tank suit", "crane2": "construction crane"},
             evidence="gated on the Hub and its card was not available to check here; timm's 'All the ImageNets' "
                      "collection (https://huggingface.co/collections/timm/all-the-imagenets) describes it as a builder "
                      "script, which datasets 4+ does not run (try revision='refs/convert/parquet' or a Parquet copy). "

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .data import DatasetInfo, _name_key, make_base_novel_test, resolve_dataset
 from .metrics import accuracy, auroc, average_base_novel, fpr_at_tpr, harmonic_mean, per_class_accuracy, summarize_seeds
-from .modeling import FDBPLCLIPModel
+from .modeling import FDBPLCLIPModel, _refuse_identical_prompts
 from .version import __version__
 
 __all__ = [
@@ -127,11 +127,13 @@ class ZeroShotCLIP:
         max_len = self.clip.config.text_config.max_position_embeddings
         # Tokenise without truncation first: a cut prompt would lose its EOS token (CLIP pools there)
         # and silently score the wrong text.
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        token_rows = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        lengths = [len(ids) for ids in token_rows]
         for name, text, n in zip(class_names, texts, lengths):
             if n > max_len:
                 raise ValueError(f"the prompt for class {name!r} ({text[:60]!r}...) is {n} tokens long, more than "
                                  f"the text encoder's {max_len}: shorten the class name or the template")
+        _refuse_identical_prompts(list(class_names), token_rows)
         batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
             return self.clip.get_text_features(input_ids=batch["input_ids"],

@@ -225,6 +225,7 @@ class FDBPLCLIPModel(nn.Module):
                 )
             rows.append(ids)
             masks.append([0] + mask + [0])
+        _refuse_identical_prompts(class_names, rows)
         length = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -458,6 +459,18 @@ def _tokenizer_for(clip_model: CLIPModel):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
+
+
+def _refuse_identical_prompts(class_names: Sequence[str], token_rows: Sequence[Sequence[int]]) -> None:
+    """Two classes whose prompts are the same tokens ("cat" and "Cat ", or ImageNet's two "maillot")
+    get the same text features: the later one could never be predicted, a silently wrong accuracy."""
+    seen: dict[tuple, int] = {}
+    for i, ids in enumerate(token_rows):
+        j = seen.setdefault(tuple(ids), i)
+        if j != i:
+            raise ValueError(f"classes {j} ({class_names[j]!r}) and {i} ({class_names[i]!r}) give the same prompt "
+                             "tokens, hence the same text features: one of them could never be predicted; "
+                             "give each class a distinct name")
 
 
 def _single_token_id(tokenizer, word: str) -> int:

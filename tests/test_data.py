@@ -346,6 +346,14 @@ def test_string_labels_are_encoded_and_checked():
         DatasetInfo.custom().prepare(table)
 
 
+def test_imagenet_first_synonyms_stay_distinct():
+    """ImageNet's label names 638 "maillot" and 639 "maillot, tank suit" (and the Hub copy's 134
+    "crane" / 517 "crane2") must not become one prompt."""
+    raw = ["crane", "crane2", "maillot", "maillot, tank suit", "tench, Tinca tinca"]
+    names = DATASETS["imagenet"].clean_class_names(raw)
+    assert names == ["crane", "construction crane", "maillot", "tank suit", "tench"]
+
+
 def test_imagenet_a_and_r_class_maps():
     from fdbpl_hf.imagenet_variants import (IMAGENET_A_CLASS_IDS, IMAGENET_A_WNIDS, IMAGENET_R_CLASS_IDS,
                                             IMAGENET_R_WNIDS)

@@ -216,3 +216,14 @@ def test_wrappers_do_not_leak_and_unload(tiny_clip, tokenizer):
     assert torch.equal(plain, reference) and not torch.allclose(prompted, plain)
     with pytest.raises(RuntimeError, match="unloaded"):
         model.get_text_features(["cat"])
+
+
+def test_classes_with_identical_prompts_are_refused(tiny_clip, tokenizer):
+    """"cat" and "Cat " tokenise alike: same text features, the later class never predicted."""
+    from fdbpl_hf.evaluation import ZeroShotCLIP
+
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    with pytest.raises(ValueError, match=r"classes 0 \('cat'\) and 2 \('Cat '\) give the same prompt tokens"):
+        model.set_class_names(["cat", "dog", "Cat "])
+    with pytest.raises(ValueError, match=r"classes 1 \('maillot'\) and 2 \('maillot'\) give the same prompt"):
+        ZeroShotCLIP(tiny_clip, tokenizer).get_text_features(["crane", "maillot", "maillot"])
