@@ -359,6 +359,16 @@ class FDBPLCLIPModel(nn.Module):
         """
         if getattr(self, "_unloaded", False):
             raise RuntimeError("this FDBPLCLIPModel was unloaded: wrap the CLIP model again first")
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # A CLIP holding peft layers (LoRA ...) would be saved with their `base_layer`/`lora_*` keys,
+        # which a stock CLIPModel does not know: it would load with those weights freshly
+        # initialised, and the pipeline would classify with a different model.
+        tuned = [name for name, module in self.clip.named_modules() if isinstance(module, BaseTunerLayer)]
+        if tuned:
+            raise ValueError(f"the CLIP model holds {len(tuned)} peft adapter layers (e.g. {tuned[0]!r}), which a "
+                             "stock CLIP checkpoint cannot hold: merge them first (clip = peft_model."
+                             "merge_and_unload()), wrap that CLIP with these prompts, then save_merged")
         cfg = self.fdbpl_config
         tok, first = self._adapter_tokenizer()
         merged = copy.deepcopy(self).unload()  # a copy without our hook; self stays as it is
