@@ -576,11 +576,20 @@ def evaluate_ood(model, id_dataset, ood_dataset, class_names: Sequence[str], *, 
     E.g. ID = a dataset's test images, OOD = another dataset. Labels are not needed. Returns
     {"num_in", "num_out", "scores": {score: {"auroc", "fpr95"}}} (percent).
     """
+    if id_dataset is None or ood_dataset is None:
+        raise ValueError("evaluate_ood needs an in-distribution and an OOD dataset, got None for the "
+                         + ("in-distribution" if id_dataset is None else "OOD") + " one")
+    if id_dataset is ood_dataset:
+        raise ValueError("the in-distribution and OOD datasets are the same: the AUROC would measure nothing; "
+                         "give images of other classes as the OOD set")
     model = as_classifier(model, tokenizer, template)
     text = _text_features(model, class_names, False, template)
     kw = _encode_kwargs(image_processor, batch_size, image_column, None, progress)
     id_images = encode_images(model, id_dataset, name="the in-distribution set", **kw)
     ood_images = encode_images(model, ood_dataset, name="the OOD set", **kw)
+    if torch.equal(id_images.features, ood_images.features):
+        raise ValueError("the in-distribution and OOD sets hold the same images: the AUROC would measure nothing; "
+                         "give images of other classes as the OOD set")
     return _ood_from_images(model, id_images, ood_images, text, class_names, tpr)
 
 

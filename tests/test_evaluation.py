@@ -292,3 +292,16 @@ def test_class_names_that_are_not_the_labels_classes_are_refused(clip, tokenizer
     unlabelled = plain.map(lambda row: {"label": -1})
     with pytest.raises(ValueError, match=r"source 'u' has label -1 .*unlabelled rows"):
         evaluate_domain_generalization(model, (unlabelled, DIGIT_NAMES), {"t": plain}, source_name="u", **kw)
+
+
+def test_ood_without_an_ood_set_or_with_the_same_images_is_refused(clip, tokenizer, processor, digits_small):
+    """Identical sets used to score AUROC 50 as if it were a finding; None failed inside len()."""
+    model = get_fdbpl_model(clip, FDBPLConfig(), tokenizer)
+    kw = dict(image_processor=processor, progress=False)
+    ten = digits_small.select(range(10))
+    with pytest.raises(ValueError, match="got None for the OOD one"):
+        evaluate_ood(model, ten, None, DIGIT_NAMES, **kw)
+    with pytest.raises(ValueError, match="datasets are the same"):
+        evaluate_ood(model, ten, ten, DIGIT_NAMES, **kw)
+    with pytest.raises(ValueError, match="sets hold the same images"):
+        evaluate_ood(model, ten, digits_small.select(range(10)), DIGIT_NAMES, **kw)
