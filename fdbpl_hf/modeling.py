@@ -326,11 +326,15 @@ class FDBPLCLIPModel(nn.Module):
 
     # ---- persistence (only the adapter, in peft's format) ------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool = True,
-                        model_card_kwargs: Optional[dict] = None) -> Optional[str]:
+                        safe_serialization: bool = True, model_card_kwargs: Optional[dict] = None) -> Optional[str]:
         """Write the adapter as a peft `TrainableTokens` adapter: `adapter_config.json`,
         `adapter_model.safetensors`, the tokenizer with the context tokens, `fdbpl_config.json`
         and a `README.md` card (`model_card_kwargs={"repo_id": ...}` names the repo in its
-        snippets). Nothing is written when `is_main_process` is False (as in transformers)."""
+        snippets). Nothing is written when `is_main_process` is False (as in transformers).
+        `safe_serialization` is accepted as in peft; adapters are always safetensors."""
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: FDBPL adapters are only written as safetensors (loading "
+                             "never unpickles); drop the argument")
         if not is_main_process:
             return None
         repo_id = (model_card_kwargs or {}).get("repo_id")

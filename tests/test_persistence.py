@@ -150,3 +150,13 @@ def test_revision_recorded_from_the_loaded_commit(tokenizer):
     assert get_fdbpl_model(clip, FDBPLConfig(), tokenizer).fdbpl_config.revision == "0123abcd"
     assert get_fdbpl_model(clip, FDBPLConfig(revision="v1"), tokenizer).fdbpl_config.revision == "v1"
     assert get_fdbpl_model(make_clip("tiny"), FDBPLConfig(), tokenizer).fdbpl_config.revision is None
+
+
+def test_save_pretrained_takes_peft_safe_serialization(tiny_clip, tokenizer, tmp_path):
+    """`save_pretrained(dir, safe_serialization=True)` as written for peft models used to be a TypeError."""
+    model = get_fdbpl_model(tiny_clip, FDBPLConfig(), tokenizer)
+    model.save_pretrained(tmp_path / "safe", safe_serialization=True)
+    assert (tmp_path / "safe" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="only written as safetensors"):
+        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    assert not (tmp_path / "pickle").exists()
