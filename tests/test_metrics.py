@@ -40,6 +40,14 @@ def test_per_class_accuracy():
     assert np.nanmean(per) == pytest.approx((0.5 + 2 / 3) / 2)
 
 
+def test_per_class_accuracy_refuses_references_outside_the_classes():
+    """A reference >= num_classes used to vanish from the table (here: class 2 at 1.0, not 0.0)."""
+    with pytest.raises(ValueError, match=r"reference class id 2 is outside 0..1 \(num_classes=2\)"):
+        per_class_accuracy([0, 1, 0], [0, 1, 2], num_classes=2)
+    with pytest.raises(ValueError, match="reference class id -1 is outside"):
+        per_class_accuracy([0, 1, 0], [0, 1, -1])
+
+
 def test_harmonic_mean():
     assert round(harmonic_mean(69.34, 74.22), 2) == 71.70
     assert harmonic_mean(0.8, 0.8) == pytest.approx(0.8)

@@ -32,6 +32,10 @@ def per_class_accuracy(predictions, references, num_classes=None) -> np.ndarray:
     if pred.shape != ref.shape:
         raise ValueError(f"{pred.shape[0]} predictions for {ref.shape[0]} references")
     n = int(num_classes) if num_classes is not None else (int(ref.max()) + 1 if ref.size else 0)
+    if ref.size and (ref.min() < 0 or ref.max() >= n):
+        # such a reference would silently drop out of the table (or fail inside numpy)
+        raise ValueError(f"reference class id {int(ref.min()) if ref.min() < 0 else int(ref.max())} is outside "
+                         f"0..{n - 1} (num_classes={n})")
     total = np.bincount(ref, minlength=n)[:n].astype(np.float64)
     correct = np.bincount(ref[pred == ref], minlength=n)[:n].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
