@@ -46,6 +46,8 @@ def test_per_class_accuracy_refuses_references_outside_the_classes():
         per_class_accuracy([0, 1, 0], [0, 1, 2], num_classes=2)
     with pytest.raises(ValueError, match="reference class id -1 is outside"):
         per_class_accuracy([0, 1, 0], [0, 1, -1])
+    with pytest.raises(ValueError, match="reference class id 3 is outside the 2 classes of the logits"):
+        accuracy(torch.tensor([[2.0, 1.0], [0.1, 0.3]]), [0, 3])
 
 
 def test_harmonic_mean():

@@ -37,11 +37,16 @@ def _class_predictions(predictions: Any) -> np.ndarray:
 
 def accuracy(predictions: Any, references: Any) -> float:
     """Top-1 accuracy in [0, 1]; `predictions` are class ids (N,) or logits (N, C)."""
-    pred, ref = _class_predictions(predictions), _array(references).reshape(-1)
+    logits = _array(predictions)
+    pred, ref = _class_predictions(logits), _array(references).reshape(-1)
     if pred.shape != ref.shape:
         raise ValueError(f"{pred.shape[0]} predictions for {ref.shape[0]} references")
     if ref.size == 0:
         raise ValueError("accuracy of an empty set is undefined")
+    if logits.ndim == 2 and (ref.min() < 0 or ref.max() >= logits.shape[1]):
+        # a reference no logit column stands for would count as a miss: a silently low accuracy
+        bad = int(ref.min()) if ref.min() < 0 else int(ref.max())
+        raise ValueError(f"reference class id {bad} is outside the {logits.shape[1]} classes of the logits")
     return float(np.mean(pred == ref))
 
 
