@@ -208,16 +208,16 @@ class FewShotSplit:
 # ---------------------------------------------------------------------------------------------
 
 
-def _name_key(name: str) -> str:
-    # Case/punctuation-insensitive, so "BACKGROUND_Google" matches "background google".
+def class_name_key(name: str) -> str:
+    """A class name compared case/punctuation-insensitively: "BACKGROUND_Google" -> "backgroundgoogle"."""
     return re.sub(r"[^0-9a-z]+", "", name.lower())
 
 
 def kept_class_ids(class_names: Sequence[str] | int, exclude: Iterable[str] = ()) -> list[int]:
     """Sorted class ids whose names are not in `exclude` (compared case/punctuation-insensitively)."""
     names = [str(i) for i in range(class_names)] if isinstance(class_names, int) else list(class_names)
-    dropped = {_name_key(n) for n in exclude}
-    return [i for i, n in enumerate(names) if _name_key(n) not in dropped]
+    dropped = {class_name_key(n) for n in exclude}
+    return [i for i, n in enumerate(names) if class_name_key(n) not in dropped]
 
 
 def base_novel_split(class_names: Sequence[str] | int, exclude: Iterable[str] = ()) -> tuple[list[int], list[int]]:
@@ -495,11 +495,11 @@ class DatasetInfo:
 
     def clean_class_names(self, names: Iterable[str]) -> list[str]:
         """Class names for prompts: overrides first, else the style cleaner (and lowercasing)."""
-        overrides = {_name_key(k): v for k, v in self.classname_overrides.items()}
+        overrides = {class_name_key(k): v for k, v in self.classname_overrides.items()}
         out = []
         for n in names:
-            if _name_key(n) in overrides:
-                out.append(overrides[_name_key(n)])
+            if class_name_key(n) in overrides:
+                out.append(overrides[class_name_key(n)])
                 continue
             text = clean_class_name(n, self.name_style)
             out.append(text.lower() if self.lowercase else text)
@@ -790,9 +790,9 @@ def get_dataset_info(name: str) -> DatasetInfo:
     """Registry entry by name, case/punctuation-insensitive (e.g. "OxfordPets", "FGVCAircraft")."""
     if name in DATASETS:
         return DATASETS[name]
-    key = _name_key(name)
+    key = class_name_key(name)
     for registered in DATASETS:
-        if _name_key(registered) == key:
+        if class_name_key(registered) == key:
             return DATASETS[registered]
     if key in _ALIASES:
         return DATASETS[_ALIASES[key]]

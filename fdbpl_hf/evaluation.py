@@ -37,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DatasetInfo, _name_key, make_base_novel_test, resolve_dataset
+from .data import DatasetInfo, class_name_key, make_base_novel_test, resolve_dataset
 from .metrics import accuracy, auroc, average_base_novel, fpr_at_tpr, harmonic_mean, per_class_accuracy, summarize_seeds
-from .modeling import FDBPLCLIPModel, _refuse_identical_prompts
+from .modeling import FDBPLCLIPModel, check_tokenizer, refuse_identical_prompts
 from .version import __version__
 
 __all__ = [
@@ -89,6 +89,7 @@ class ZeroShotCLIP:
         if tokenizer is None:
             raise ValueError("zero-shot CLIP needs the tokenizer of its checkpoint")
         _check_template(template)
+        check_tokenizer(clip_model, tokenizer)
         self.clip = clip_model.eval()
         self.tokenizer = tokenizer
         self.template = template
@@ -133,7 +134,7 @@ class ZeroShotCLIP:
             if n > max_len:
                 raise ValueError(f"the prompt for class {name!r} ({text[:60]!r}...) is {n} tokens long, more than "
                                  f"the text encoder's {max_len}: shorten the class name or the template")
-        _refuse_identical_prompts(list(class_names), token_rows)
+        refuse_identical_prompts(list(class_names), token_rows)
         batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
             return self.clip.get_text_features(input_ids=batch["input_ids"],
@@ -455,7 +456,7 @@ def _check_class_label(where: str, dataset, label_column: str, class_names: Sequ
     if len(names) != len(class_names):
         raise ValueError(f"{where}: its label column {label_column!r} has {len(names)} classes but {len(class_names)} "
                          "class names were given: give one name per class, in the label order")
-    keys, given = [_name_key(n) for n in names], [_name_key(n) for n in class_names]
+    keys, given = [class_name_key(n) for n in names], [class_name_key(n) for n in class_names]
     if keys != given and sorted(keys) == sorted(given):
         first = next(i for i, (a, b) in enumerate(zip(keys, given)) if a != b)
         raise ValueError(f"{where}: class names are the dataset's in another order (label {first} is "

@@ -122,6 +122,7 @@ class FDBPLCLIPModel(nn.Module):
         if tokenizer is None:
             raise ValueError("a tokenizer is required (the one of the base CLIP model)")
         _check_compatible(clip_model, prompts.config, check_base_model)
+        check_tokenizer(clip_model, tokenizer)
         self.clip = clip_model
         self.clip.requires_grad_(False)
         self.clip.eval()
@@ -225,7 +226,7 @@ class FDBPLCLIPModel(nn.Module):
                 )
             rows.append(ids)
             masks.append([0] + mask + [0])
-        _refuse_identical_prompts(class_names, rows)
+        refuse_identical_prompts(class_names, rows)
         length = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -475,7 +476,22 @@ def _tokenizer_for(clip_model: CLIPModel):
     return AutoTokenizer.from_pretrained(name)
 
 
-def _refuse_identical_prompts(class_names: Sequence[str], token_rows: Sequence[Sequence[int]]) -> None:
+def check_tokenizer(clip: CLIPModel, tokenizer) -> None:
+    """Refuse a tokenizer that is not the CLIP model's: the text tower pools at the tokenizer's EOS
+    (the first `eos_token_id` of each row, or the largest id for legacy configs with id 2), so an
+    EOS the model does not know pools every prompt at position 0: identical features, no error."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    vocab = clip.config.text_config.vocab_size
+    if bos is None or eos is None:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no BOS or EOS token: pass the CLIP "
+                         "model's own tokenizer")
+    model_eos = getattr(clip.text_model, "eos_token_id", clip.config.text_config.eos_token_id)
+    if max(bos, eos) >= vocab or (model_eos != 2 and eos != model_eos):
+        raise ValueError(f"the tokenizer's BOS/EOS ids ({bos}, {eos}) are not the CLIP model's (EOS "
+                         f"{model_eos}, {vocab} token embeddings): pass the model's own tokenizer")
+
+
+def refuse_identical_prompts(class_names: Sequence[str], token_rows: Sequence[Sequence[int]]) -> None:
     """Two classes whose prompts are the same tokens ("cat" and "Cat ", or ImageNet's two "maillot")
     get the same text features: the later one could never be predicted, a silently wrong accuracy."""
     seen: dict[tuple, int] = {}

@@ -227,3 +227,20 @@ def test_classes_with_identical_prompts_are_refused(tiny_clip, tokenizer):
         model.set_class_names(["cat", "dog", "Cat "])
     with pytest.raises(ValueError, match=r"classes 1 \('maillot'\) and 2 \('maillot'\) give the same prompt"):
         ZeroShotCLIP(tiny_clip, tokenizer).get_text_features(["crane", "maillot", "maillot"])
+
+
+def test_a_tokenizer_with_another_eos_is_refused(tiny_clip):
+    """The text tower pools at the model's EOS id: a tokenizer ending prompts with another token made
+    every class the same feature (pooled at position 0), with no error."""
+    from transformers import CLIPTokenizer
+
+    from fdbpl_hf.evaluation import ZeroShotCLIP
+    from fdbpl_hf.testing.worlds import _clip_vocab_and_merges
+
+    vocab, merges = _clip_vocab_and_merges()
+    other = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), unk_token="<|endoftext|>",
+                          bos_token="<|startoftext|>", eos_token="!", pad_token="!")
+    with pytest.raises(ValueError, match=r"BOS/EOS ids \(49406, 0\) are not the CLIP model's \(EOS 49407"):
+        get_fdbpl_model(tiny_clip, FDBPLConfig(), other)
+    with pytest.raises(ValueError, match="pass the model's own tokenizer"):
+        ZeroShotCLIP(tiny_clip, other)
