@@ -541,6 +541,7 @@ def evaluate_domain_generalization(model, source, targets: Mapping[str, Any], *,
         raise ValueError("no domain-generalisation targets given")
     model = as_classifier(model, tokenizer, template)
     dataset, class_names, source_template = _dg_source(source)
+    _check_class_label(f"source {source_name!r}", dataset, label_column, class_names)
     source_template = source_template or template
     encode = _encode_kwargs(image_processor, batch_size, image_column, label_column, progress)
     text = _text_features(model, class_names, False, source_template)

@@ -289,6 +289,8 @@ def test_class_names_that_are_not_the_labels_classes_are_refused(clip, tokenizer
     plain = digits_small.cast_column("label", datasets.Value("int64"))  # no ClassLabel: the labels are checked
     with pytest.raises(ValueError, match=r"target 'p' has label 9 but 3 class names were given"):
         evaluate_cross_dataset(model, {"p": (plain, DIGIT_NAMES[:3])}, **kw)
+    with pytest.raises(ValueError, match=r"source 's': class names are the dataset's in another order"):
+        evaluate_domain_generalization(model, (digits_small, DIGIT_NAMES[::-1]), {"t": plain}, source_name="s", **kw)
     unlabelled = plain.map(lambda row: {"label": -1})
     with pytest.raises(ValueError, match=r"source 'u' has label -1 .*unlabelled rows"):
         evaluate_domain_generalization(model, (unlabelled, DIGIT_NAMES), {"t": plain}, source_name="u", **kw)
