@@ -118,7 +118,9 @@ class FDBPLCLIPModel(nn.Module):
                  check_base_model: bool = True):
         super().__init__()
         if not isinstance(clip_model, CLIPModel):
-            raise TypeError(f"expected a transformers.CLIPModel, got {type(clip_model).__name__}")
+            hint = (": merge its adapters into the CLIP first (clip = peft_model.merge_and_unload())"
+                    if hasattr(clip_model, "merge_and_unload") else "")
+            raise TypeError(f"expected a transformers.CLIPModel, got {type(clip_model).__name__}{hint}")
         if tokenizer is None:
             raise ValueError("a tokenizer is required (the one of the base CLIP model)")
         _check_compatible(clip_model, prompts.config, check_base_model)

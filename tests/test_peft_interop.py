@@ -242,6 +242,8 @@ def test_save_merged_refuses_a_clip_holding_peft_layers(tmp_path, tiny_clip, tok
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(tiny_clip, LoraConfig(target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False))
+    with pytest.raises(TypeError, match=r"got PeftModel: merge its adapters .*merge_and_unload"):
+        get_fdbpl_model(lora, FDBPLConfig(), tokenizer)
     model = get_fdbpl_model(lora.get_base_model(), FDBPLConfig(), tokenizer)
     with pytest.raises(ValueError, match=r"holds 8 peft adapter layers .*merge_and_unload"):
         model.save_merged(tmp_path / "lora")
