@@ -340,8 +340,20 @@ class FDBPLCLIPModel(nn.Module):
                              "never unpickles); drop the argument")
         if not is_main_process:
             return None
+        # the adapter names a plain base model: prompts learned over LoRA layers would be loaded
+        # without them, and score differently
+        self._refuse_peft_layers("the adapter holds only the prompts, learned on top of them", "save")
         repo_id = (model_card_kwargs or {}).get("repo_id")
         return save_adapter(save_directory, self.prompts, self._adapter_tokenizer()[0], repo_id=repo_id)
+
+    def _refuse_peft_layers(self, why: str, then: str) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        tuned = [name for name, module in self.clip.named_modules() if isinstance(module, BaseTunerLayer)]
+        if tuned:
+            raise ValueError(f"the CLIP model holds {len(tuned)} peft adapter layers (e.g. {tuned[0]!r}) and {why}: "
+                             "merge them first (clip = peft_model.merge_and_unload()), wrap that CLIP with these "
+                             f"prompts, then {then}")
 
     def _adapter_tokenizer(self):
         """(the tokenizer plus the context tokens, the first context id), made once per model:
@@ -366,16 +378,10 @@ class FDBPLCLIPModel(nn.Module):
         """
         if getattr(self, "_unloaded", False):
             raise RuntimeError("this FDBPLCLIPModel was unloaded: wrap the CLIP model again first")
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         # A CLIP holding peft layers (LoRA ...) would be saved with their `base_layer`/`lora_*` keys,
         # which a stock CLIPModel does not know: it would load with those weights freshly
         # initialised, and the pipeline would classify with a different model.
-        tuned = [name for name, module in self.clip.named_modules() if isinstance(module, BaseTunerLayer)]
-        if tuned:
-            raise ValueError(f"the CLIP model holds {len(tuned)} peft adapter layers (e.g. {tuned[0]!r}), which a "
-                             "stock CLIP checkpoint cannot hold: merge them first (clip = peft_model."
-                             "merge_and_unload()), wrap that CLIP with these prompts, then save_merged")
+        self._refuse_peft_layers("a stock CLIP checkpoint cannot hold them", "save_merged")
         cfg = self.fdbpl_config
         tok, first = self._adapter_tokenizer()
         merged = copy.deepcopy(self).unload()  # a copy without our hook; self stays as it is

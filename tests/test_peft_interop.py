@@ -237,16 +237,20 @@ def test_merged_card_never_shows_a_local_base_model_path(tmp_path, tiny_clip, to
     assert "base_model: openai/clip-vit-base-patch32" in (tmp_path / "hub" / "README.md").read_text()
 
 
-def test_save_merged_refuses_a_clip_holding_peft_layers(tmp_path, tiny_clip, tokenizer):
-    """Its LoRA keys would load into a stock CLIPModel as freshly initialised projections."""
+def test_saving_refuses_a_clip_holding_peft_layers(tmp_path, tiny_clip, tokenizer):
+    """A merged folder's LoRA keys would load into a stock CLIPModel as freshly initialised
+    projections; an adapter would be loaded onto the base model without the LoRA layers."""
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(tiny_clip, LoraConfig(target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False))
     with pytest.raises(TypeError, match=r"got PeftModel: merge its adapters .*merge_and_unload"):
         get_fdbpl_model(lora, FDBPLConfig(), tokenizer)
     model = get_fdbpl_model(lora.get_base_model(), FDBPLConfig(), tokenizer)
-    with pytest.raises(ValueError, match=r"holds 8 peft adapter layers .*merge_and_unload"):
+    with pytest.raises(ValueError, match=r"holds 8 peft adapter layers .*stock CLIP .*merge_and_unload"):
         model.save_merged(tmp_path / "lora")
+    # the adapter alone, loaded onto the plain base model, scored differently (no error)
+    with pytest.raises(ValueError, match=r"holds 8 peft adapter layers .*only the prompts.*merge_and_unload"):
+        model.save_pretrained(tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
     merged = get_fdbpl_model(lora.merge_and_unload(), FDBPLConfig(), tokenizer)
     merged.save_merged(tmp_path / "merged")  # the way out the message names
