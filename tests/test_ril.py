@@ -540,3 +540,30 @@ def test_build_table_script_parses_the_config(tmp_path):
     assert (args.teacher, args.output_dir) == ("t", str(tmp_path))
     assert (config.num_regions, config.top_k, config.seed, config.template, config.teacher_batch_size,
             config.teacher_revision, config.device) == (3, 2, 5, "a {}.", 8, "main", "cpu")
+
+
+def _small_table(tmp_path, teacher_fn, num_classes=5, rows=3):
+    """A 2-region table of `rows` random 20x24 images labelled 0..rows-1, built with a callable teacher."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(rows)]
+    ds = image_dataset(images, list(range(rows)), names=[f"c{i}" for i in range(num_classes)])
+    table = build_ril_table(ds, CallableTeacher(teacher_fn, num_classes, 16), num_regions=2,
+                            top_k=num_classes, output_dir=str(tmp_path / "small"))
+    return ds, table
+
+
+def test_log_probabilities_below_the_float16_range_are_stored_finite(tmp_path):
+    """A teacher whose logits span more than float16's range: the far classes' log-probabilities
+    (about -1e5) were stored as -inf, and replay refused every such table as corrupt."""
+    def sure(px):
+        logits = torch.zeros(len(px), 5)
+        logits[:, 2] = 1e5
+        return logits
+
+    ds, table = _small_table(tmp_path, sure)
+    item = replay(ds, table)[0]
+    assert torch.isfinite(item["topk_logits"]).all()
+    assert int(item["topk_indices"][0]) == 2 and float(item["topk_logits"][0]) == 0.0
+    dense = dense_teacher_logits(item["topk_indices"][None], item["topk_logits"][None], 5, fill="dense")
+    assert torch.equal(dense.softmax(-1)[0], torch.eye(5)[2])
+

@@ -29,6 +29,8 @@ from .teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Teacher, as_teacher
 
 logger = logging.getLogger(__name__)
 
+FLOAT16_MIN = float(np.finfo(np.float16).min)  # the most negative finite value of the stored log-probabilities
+
 
 def resolve_class_names(dataset: datasets.Dataset, label_column: Optional[str],
                         class_names: Optional[Sequence[str]]) -> list[str]:
@@ -122,7 +124,9 @@ class _RegionLabeler:
                     log_p = torch.log_softmax(logits.float(), dim=-1)
                     values, idx = log_p.topk(self.top_k, dim=-1)
                     top_idx.append(idx.cpu().numpy().astype(self.index_dtype))
-                    top_val.append(values.cpu().numpy().astype(np.float16))
+                    # a log-probability below float16's range (a teacher with a logit range over 65504)
+                    # would be stored as -inf, which replay refuses: clamped, it still means p = 0
+                    top_val.append(values.clamp_min(FLOAT16_MIN).cpu().numpy().astype(np.float16))
                     # of the FULL distribution: a top-K rebuild caps it at log K (spec §3)
                     entropies.append(shannon_entropy(log_p).cpu().numpy().astype(np.float16))
         return {
