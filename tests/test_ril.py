@@ -567,3 +567,16 @@ def test_log_probabilities_below_the_float16_range_are_stored_finite(tmp_path):
     dense = dense_teacher_logits(item["topk_indices"][None], item["topk_logits"][None], 5, fill="dense")
     assert torch.equal(dense.softmax(-1)[0], torch.eye(5)[2])
 
+
+def test_a_missing_label_column_is_named_not_blamed_on_the_images(tmp_path):
+    """The image digests cover the labels: a dataset without the table's label column (renamed, or
+    a typo in label_column=) was reported as holding images the table was not built on."""
+    ds, table = _small_table(tmp_path, lambda px: px.mean(dim=(2, 3)) @ torch.ones(3, 5))
+    with pytest.raises(ValueError, match=r"no label column 'lable' \(columns: \['image', 'label'\]\)"):
+        replay(ds, table, label_column="lable")
+    renamed = ds.rename_column("label", "labels")
+    with pytest.raises(ValueError, match=r"label from column 'label', and the dataset has no label column 'label' "
+                                         r"\(columns: \['image', 'labels'\]\); pass label_column=") as err:
+        replay(renamed, table)
+    assert "source images" not in str(err.value)
+    assert int(replay(renamed, table, label_column="labels")[1]["labels"]) == 1

@@ -95,6 +95,9 @@ class RILDataset(torch.utils.data.Dataset):
         if self.image_column not in dataset.column_names:
             raise ValueError(f"the dataset has no image column {self.image_column!r} (columns: "
                              f"{dataset.column_names}): pass image_column=")
+        if label_column is not None and label_column not in dataset.column_names:
+            raise ValueError(f"the dataset has no label column {label_column!r} (columns: {dataset.column_names}): "
+                             "pass label_column= naming it")
         self.label_column = label_column if label_column is not None else src.get("label_column")
         if self.label_column not in dataset.column_names:
             self.label_column = None

@@ -340,7 +340,15 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
                             "dataset: the table binds every row of the dataset it was built on)")
         else:
             label = label_column if label_column in dataset.column_names else None
-            if src.get("image_digests") is None:  # a table from before per-image digests
+            recorded_label = src.get("label_column")
+            if recorded_label is not None and label is None:
+                # each image's digest covers its label: without the column every row would differ,
+                # and the rows' list would blame the images
+                problems.append(f"labels: the table recorded each image with its label from column "
+                                f"{recorded_label!r}, and the dataset has no label column "
+                                f"{label_column or recorded_label!r} (columns: {dataset.column_names}); pass "
+                                "label_column= naming the dataset's label column")
+            elif src.get("image_digests") is None:  # a table from before per-image digests
                 fp = source_fingerprint(dataset, image_column, label)
                 if fp != src["fingerprint"]:
                     problems.append(f"source content fingerprint: table {src['fingerprint']} vs dataset {fp} "
