@@ -580,3 +580,20 @@ def test_a_missing_label_column_is_named_not_blamed_on_the_images(tmp_path):
         replay(renamed, table)
     assert "source images" not in str(err.value)
     assert int(replay(renamed, table, label_column="labels")[1]["labels"]) == 1
+
+
+def test_class_names_must_cover_the_label_columns_classes(tmp_path):
+    """With a ClassLabel column, class_names with an extra name built a table (and trained prompts)
+    of one class too many, silently; a missing name failed only if some row had the last label."""
+    rng = np.random.default_rng(0)
+    ds = image_dataset([Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))], [0],
+                       names=["cat", "dog", "fox"])
+    for names in (["cat", "dog", "fox", "owl"], ["cat", "dog"]):
+        teacher = CallableTeacher(lambda px, c=len(names): px.mean(dim=(2, 3)) @ torch.ones(3, c), len(names), 16)
+        with pytest.raises(ValueError, match=rf"class_names has {len(names)} names, but the label column 'label' is "
+                                             r"a ClassLabel of 3 classes \(cat, dog, fox\)"):
+            build_ril_table(ds, teacher, num_regions=2, top_k=2, class_names=names, output_dir=str(tmp_path / "t"))
+    teacher = CallableTeacher(lambda px: px.mean(dim=(2, 3)) @ torch.ones(3, 3), 3, 16)
+    table = build_ril_table(ds, teacher, num_regions=2, top_k=2, class_names=["a cat", "a dog", "a fox"],
+                            output_dir=str(tmp_path / "t"))  # other (e.g. cleaned) names, one per class: fine
+    assert ril_metadata(table)["class_names"] == ["a cat", "a dog", "a fox"]

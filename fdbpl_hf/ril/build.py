@@ -36,6 +36,13 @@ def resolve_class_names(dataset: datasets.Dataset, label_column: Optional[str],
                         class_names: Optional[Sequence[str]]) -> list[str]:
     if class_names is not None:
         names = list(class_names)
+        feature = dataset.features.get(label_column) if label_column else None
+        if isinstance(feature, datasets.ClassLabel) and feature.num_classes != len(names):
+            # the labels index the ClassLabel: an extra or missing name would shift or add a class silently
+            raise ValueError(f"class_names has {len(names)} names, but the label column {label_column!r} is a "
+                             f"ClassLabel of {feature.num_classes} classes ({', '.join(feature.names[:5])}"
+                             f"{', ...' if feature.num_classes > 5 else ''}): give one name per class, in label "
+                             "order, or cast the column to a ClassLabel of your classes first")
     else:
         feature = dataset.features.get(label_column) if label_column else None
         if not isinstance(feature, datasets.ClassLabel):
