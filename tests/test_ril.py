@@ -597,3 +597,46 @@ def test_class_names_must_cover_the_label_columns_classes(tmp_path):
     table = build_ril_table(ds, teacher, num_regions=2, top_k=2, class_names=["a cat", "a dog", "a fox"],
                             output_dir=str(tmp_path / "t"))  # other (e.g. cleaned) names, one per class: fine
     assert ril_metadata(table)["class_names"] == ["a cat", "a dog", "a fox"]
+
+
+def test_regions_are_cut_from_the_upright_image_that_datasets_decodes(tmp_path):
+    """A JPEG with an EXIF orientation (phone photos): `datasets.Image`, and so evaluation, turns it
+    upright; the table and its replay cropped the stored (sideways) pixels, so training saw other
+    images than evaluation. Tables built before keep replaying as they were built."""
+    from fdbpl_hf.integrity import metadata_digest
+    from fdbpl_hf.ril import DeviceImageStore
+    from fdbpl_hf.ril.regions import image_to_tensor, render_region
+    from fdbpl_hf.ril.table import build_key
+
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 30, 3), dtype=np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif.tobytes())
+    ds = image_dataset([{"bytes": buf.getvalue(), "path": None}], [0])
+    assert ds[0]["image"].size == (12, 30)  # upright, as datasets decodes it
+    table = build_ril_table(ds, CallableTeacher(lambda px: px.mean(dim=(2, 3))[:, :2], 2, 16), num_regions=2,
+                            top_k=2, output_dir=str(tmp_path / "t"))
+    data = replay(ds, table)
+    item = data[0]
+    row = table.with_format("numpy")[int(item["region"])]
+    upright = image_to_tensor(ds[0]["image"])
+    expected = render_region(upright, row["box"], bool(row["flip"]), data.spec)
+    expected = (expected - torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+    torch.testing.assert_close(item["pixel_values"], expected)
+    store = DeviceImageStore.from_dataset(ds)
+    assert (store.heights[0], store.widths[0]) == (30, 12)
+    data.use_image_store(store)
+
+    # a table from before: its regions were cut from the stored orientation, and replay keeps that
+    path = tmp_path / "t" / "ril_metadata.json"
+    meta = json.loads(path.read_text())
+    del meta["regions"]["exif_transpose"]
+    meta["build_key"] = build_key(meta)
+    meta["metadata_digest"] = metadata_digest(meta)
+    path.write_text(json.dumps(meta))
+    old = replay(ds, load_ril_table(str(tmp_path / "t")))
+    assert old.spec.exif_transpose is False
+    with pytest.raises(ValueError, match="image store holds the images upright .* as stored"):
+        old.use_image_store(DeviceImageStore.from_dataset(ds))
+    assert old.use_image_store(DeviceImageStore.from_dataset(old)).image_store.heights[0] == 12

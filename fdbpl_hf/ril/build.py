@@ -94,7 +94,8 @@ class _RegionLabeler:
         render_device = torch.device("cpu") if self.spec.renderer == "uint8" else device
         for item, index in zip(batch[self.image_column], indices):
             row = index + self.offset
-            image = image_to_tensor(decode_image(item, row), f"row {row} of the source dataset").to(render_device)
+            image = image_to_tensor(decode_image(item, row, self.spec.exif_transpose),
+                                    f"row {row} of the source dataset").to(render_device)
             b, f = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
                                   region_rng(self.seed, row))
             boxes.append(b)

@@ -43,9 +43,10 @@ class DeviceImageStore:
     Decoding goes through the replay's own path (`decode_image` + `image_to_tensor`: the same modes,
     16-bit scaling and errors), so stored pixels are the pixels replay would decode.
     `heights`/`widths`/`offsets` are kept on the host (numpy, for region geometry without a device
-    sync) and on the device (for the gather)."""
+    sync) and on the device (for the gather). `exif_transpose`: whether the images were turned upright
+    by their EXIF orientation (`RegionSpec.exif_transpose`; a table's replay needs the same)."""
 
-    def __init__(self, pixels: torch.Tensor, heights: np.ndarray, widths: np.ndarray):
+    def __init__(self, pixels: torch.Tensor, heights: np.ndarray, widths: np.ndarray, exif_transpose: bool = True):
         if pixels.dtype != torch.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be uint8 [P, 3], got {pixels.dtype} {tuple(pixels.shape)}")
         self.heights = np.asarray(heights, dtype=np.int64)
@@ -55,6 +56,7 @@ class DeviceImageStore:
             raise ValueError(f"the store holds {pixels.shape[0]} pixels, the image sizes add up to {int(sizes.sum())}")
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.pixels = pixels
+        self.exif_transpose = bool(exif_transpose)
         self._device_meta = torch.from_numpy(np.stack([self.offsets, self.widths])).to(pixels.device)
 
     @classmethod
@@ -64,20 +66,20 @@ class DeviceImageStore:
         import datasets
 
         if hasattr(data, "source"):  # an RILDataset: its source already reads undecoded cells
-            source, column = data.source, data.image_column
+            source, column, upright = data.source, data.image_column, data.spec.exif_transpose
         else:
-            column = image_column or "image"
+            column, upright = image_column or "image", True  # as datasets.Image decodes
             source = data.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         chunks, heights, widths = [], [], []
         for row, cell in enumerate(source[column] if len(source) <= 4096 else _iter_column(source, column)):
-            image = image_to_tensor(decode_image(cell, row), f"row {row} of the source dataset")  # [3, H, W]
+            image = image_to_tensor(decode_image(cell, row, upright), f"row {row} of the source dataset")  # [3, H, W]
             heights.append(image.shape[1])
             widths.append(image.shape[2])
             chunks.append(image.permute(1, 2, 0).reshape(-1, 3))
         if not chunks:
             raise ValueError("the dataset is empty (0 rows): there is nothing to store")
         pixels = torch.cat(chunks).to(device)
-        return cls(pixels, np.array(heights), np.array(widths))
+        return cls(pixels, np.array(heights), np.array(widths), upright)
 
     def __len__(self) -> int:
         return len(self.heights)
@@ -94,7 +96,7 @@ class DeviceImageStore:
     def to(self, device) -> "DeviceImageStore":
         if torch.device(device) == self.device:
             return self
-        return DeviceImageStore(self.pixels.to(device), self.heights, self.widths)
+        return DeviceImageStore(self.pixels.to(device), self.heights, self.widths, self.exif_transpose)
 
 
 def _iter_column(source, column: str):

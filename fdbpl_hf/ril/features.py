@@ -98,7 +98,8 @@ def _epoch_jobs(data, indices: range, epochs: int) -> tuple[list, np.ndarray]:
     cells = data.source[indices][data.image_column]
     jobs = []
     for n, (index, cell) in enumerate(zip(indices, cells)):
-        image = image_to_tensor(decode_image(cell, index), f"row {index} of the source dataset")
+        image = image_to_tensor(decode_image(cell, index, data.spec.exif_transpose),
+                                f"row {index} of the source dataset")
         jobs.extend((image, rows["box"][n * epochs + e], bool(rows["flip"][n * epochs + e]), index)
                     for e in range(epochs))
     return jobs, region

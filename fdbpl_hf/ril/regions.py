@@ -31,6 +31,9 @@ class RegionSpec:
     PIL's filter, about 4-8x cheaper on CPU) or "float" (float32 interpolation, used by fdbpl_hf 0.1 tables,
     which have no renderer field and keep replaying with it). Builder and replay always use
     the table's renderer, so replay stays exact either way.
+    `exif_transpose`: turn each image upright by its EXIF orientation before cropping, as
+    `datasets.Image` decodes it (so training sees the images evaluation sees); tables built before
+    the field existed replay without it, as they were built.
     """
 
     output_size: int = 224
@@ -40,6 +43,7 @@ class RegionSpec:
     interpolation: str = "bicubic"
     antialias: bool = True
     renderer: str = "uint8"
+    exif_transpose: bool = True
 
     def __post_init__(self) -> None:
         if self.renderer not in RENDERERS:
@@ -63,6 +67,7 @@ class RegionSpec:
     def from_dict(cls, d: dict) -> "RegionSpec":
         d = dict(d)
         d.setdefault("renderer", "float")  # tables from before the field was added
+        d.setdefault("exif_transpose", False)  # tables up to 0.5.0 cropped the stored orientation
         d["scale"], d["ratio"] = tuple(d["scale"]), tuple(d["ratio"])
         return cls(**d)
 

@@ -194,6 +194,12 @@ class RILDataset(torch.utils.data.Dataset):
         if self.spec.renderer != "uint8":
             raise ValueError(f"the table renders with {self.spec.renderer!r} (fdbpl_hf 0.1 tables): the device "
                              "kernel reproduces the 'uint8' renderer only; replay this table from the CPU")
+        if store.exif_transpose != self.spec.exif_transpose:
+            def how(upright: bool) -> str:
+                return "upright (EXIF orientation applied)" if upright else "as stored (EXIF orientation ignored)"
+            raise ValueError(f"the image store holds the images {how(store.exif_transpose)}, this table's regions "
+                             f"were cut from them {how(self.spec.exif_transpose)}: build the store with "
+                             "DeviceImageStore.from_dataset(this RILDataset)")
         if len(store) != len(self.source):
             raise ValueError(f"the image store holds {len(store)} images, the dataset has {len(self.source)}: "
                              "build it with DeviceImageStore.from_dataset(this dataset)")
@@ -233,7 +239,7 @@ class RILDataset(torch.utils.data.Dataset):
         with _one_thread_in_main_process():
             items = []
             for n, (index, region) in enumerate(zip(indices, regions)):
-                image = image_to_tensor(decode_image(sources[self.image_column][n], index),
+                image = image_to_tensor(decode_image(sources[self.image_column][n], index, self.spec.exif_transpose),
                                         f"row {index} of the source dataset")
                 if self.table is None:
                     boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
@@ -265,7 +271,8 @@ class RILDataset(torch.utils.data.Dataset):
         regions = [self.region_for(index, e) for e in range(epochs)]
         rows = self.table[[index * self.num_regions + r for r in regions]]
         with _one_thread_in_main_process():
-            image = image_to_tensor(decode_image(self.source[index][self.image_column], index),
+            cell = self.source[index][self.image_column]
+            image = image_to_tensor(decode_image(cell, index, self.spec.exif_transpose),
                                     f"row {index} of the source dataset")
             pixels = torch.stack([self._pixels(image, rows["box"][n], rows["flip"][n]) for n in range(epochs)])
         return {"pixel_values": pixels, "region": torch.tensor(regions)}

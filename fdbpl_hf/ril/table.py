@@ -375,19 +375,22 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
         raise ValueError("the RIL table does not match what it is used with:\n  - " + "\n  - ".join(problems))
 
 
-def decode_image(item, row: int):
-    """Decode one `datasets.Image(decode=False)` cell with an error that names the row."""
-    from PIL import Image
+def decode_image(item, row: int, exif_transpose: bool = True):
+    """Decode one `datasets.Image(decode=False)` cell with an error that names the row; with
+    `exif_transpose`, turned upright by its EXIF orientation as `datasets.Image` decodes it."""
+    from PIL import Image, ImageOps
 
     if item is None or (isinstance(item, dict) and item.get("bytes") is None and not item.get("path")):
         raise ValueError(f"row {row} of the source dataset has no image (None): drop that row (dataset.filter) or "
                          "fill it")
     try:
         if isinstance(item, Image.Image):
-            item.load()
-            return item
-        image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"])
+            image = item
+        else:
+            image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"])
         image.load()
+        if exif_transpose and image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
+            image = ImageOps.exif_transpose(image)
         return image
     except Exception as err:  # PIL raises many types for broken files
         raise ValueError(f"row {row} of the source dataset: the image cannot be decoded ({err}). "
