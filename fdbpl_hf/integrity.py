@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import logging
+import operator
 import os
 import shutil
 import socket
@@ -294,13 +295,27 @@ def image_digests(dataset, image_column: str, label_column: Optional[str], num_c
             if item is None or (item.get("bytes") is None and not item.get("path")):
                 raise ValueError(f"row {row} of the source dataset has no image (column {image_column!r} is "
                                  "None): drop that row (dataset.filter) or fill it")
-            if label is not None and num_classes is not None and label != -1 and not 0 <= int(label) < num_classes:
-                raise ValueError(f"row {row} of the source dataset has label {label}, outside the {num_classes} "
-                                 f"classes (0-{num_classes - 1}): fix the label or the class list")
+            if label is not None and num_classes is not None:
+                class_id = _class_id(label)
+                if class_id is None:
+                    raise ValueError(f"row {row} of the source dataset has label {label!r} (column {label_column!r}), "
+                                     f"not a class id: labels must be integers 0-{num_classes - 1} in class_names "
+                                     f"order (string labels: dataset.class_encode_column({label_column!r}))")
+                if class_id != -1 and not 0 <= class_id < num_classes:
+                    raise ValueError(f"row {row} of the source dataset has label {label}, outside the {num_classes} "
+                                     f"classes (0-{num_classes - 1}): fix the label or the class list")
             h = hashlib.sha256(_encoded(item, row))
             h.update(b"|" + str(label).encode())
             out += h.digest()[:IMAGE_DIGEST_BYTES]
     return bytes(out)
+
+
+def _class_id(label) -> Optional[int]:
+    """`label` as an integer class id (ints, numpy ints, integral floats), or None (text, 1.5, lists)."""
+    try:
+        return operator.index(label)
+    except TypeError:
+        return int(label) if isinstance(label, float) and label.is_integer() else None
 
 
 def _encoded(item: dict, row: int) -> bytes:

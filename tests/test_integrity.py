@@ -5,6 +5,7 @@ images, errors that name the thing, locks, incomplete checkpoints, launch traps.
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -453,3 +454,15 @@ def test_home_folder_is_expanded(digits_small, tmp_path, monkeypatch):
     assert (tmp_path / "home" / "tables" / "t" / "ril_metadata.json").is_file()
     assert not (tmp_path / "~").exists()
     assert len(load_ril_table("~/tables/t")) == len(table)
+
+
+def test_labels_that_are_not_class_ids_name_their_row(tmp_path):
+    """Text labels (a CSV's "cat"), fractional or list labels: the build failed with int()'s bare message
+    (text, lists), or truncated 1.5 to class 1 silently."""
+    png = {"bytes": _png(Image.new("RGB", (8, 8))), "path": None}
+    for labels, shown in ((["cat", "dog"], "'cat'"), ([0.0, 1.5], "1.5"), ([[0], [1]], "[0]")):
+        ds = datasets.Dataset.from_dict({"image": [png, png], "label": labels}).cast_column("image", datasets.Image())
+        row = 1 if shown == "1.5" else 0
+        with pytest.raises(ValueError, match=rf"row {row} of the source dataset has label {re.escape(shown)} \(column "
+                                             r"'label'\), not a class id: labels must be integers 0-9"):
+            build(ds, tmp_path / "t", class_names=DIGIT_NAMES)
