@@ -640,3 +640,13 @@ def test_regions_are_cut_from_the_upright_image_that_datasets_decodes(tmp_path):
     with pytest.raises(ValueError, match="image store holds the images upright .* as stored"):
         old.use_image_store(DeviceImageStore.from_dataset(ds))
     assert old.use_image_store(DeviceImageStore.from_dataset(old)).image_store.heights[0] == 12
+
+
+def test_an_undecodable_image_names_its_file(teacher_clip, tokenizer, tmp_path):
+    """Image folders keep each row's file name: the error named only the row (and PIL a BytesIO object)."""
+    good = _png(Image.new("RGB", (8, 8)))
+    ds = image_dataset([{"bytes": good, "path": "cats/ok.png"}, {"bytes": good[:40], "path": "dogs/broken.png"}],
+                       [0, 1])
+    with pytest.raises(ValueError, match=r"row 1 of the source dataset \(file dogs/broken.png\): the image cannot be "
+                                         "decoded"):
+        build(ds, teacher_clip, tokenizer, tmp_path / "t", top_k=2)

@@ -393,7 +393,9 @@ def decode_image(item, row: int, exif_transpose: bool = True):
             image = ImageOps.exif_transpose(image)
         return image
     except Exception as err:  # PIL raises many types for broken files
-        raise ValueError(f"row {row} of the source dataset: the image cannot be decoded ({err}). "
+        path = item.get("path") if isinstance(item, dict) else None
+        raise ValueError(f"row {row} of the source dataset{f' (file {path})' if path else ''}: the image cannot be "
+                         f"decoded ({err}). "
                          "Fix or drop that row (e.g. dataset.filter) before building or replaying a table.") from err
 
 
