@@ -49,11 +49,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BuildArguments, RI
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def teacher_device(config: RILTableConfig) -> Optional[str]:
+    """Where the teacher runs: `--device`; else, with `--num_proc`, None (map worker r moves it to GPU r,
+    and the parent must not start CUDA before the workers fork); else this process's GPU, or the CPU."""
+    import torch
+
+    if config.device:
+        return config.device
+    if config.num_proc:
+        return None
+    # one GPU per process under accelerate launch / torchrun
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
 def main(args: BuildArguments | Sequence[str] | None = None, config: Optional[RILTableConfig] = None):
     """Build (and optionally publish) the table; returns it. `args` is a `BuildArguments` (then
     `config` the settings, default `RILTableConfig()`) or a command line (default `sys.argv[1:]`)."""
-    import torch
-
     if not isinstance(args, BuildArguments):
         args, config = parse_args(args)
     config = config or RILTableConfig()
@@ -61,11 +72,12 @@ def main(args: BuildArguments | Sequence[str] | None = None, config: Optional[RI
         raise SystemExit("--push_to_hub needs --hub_dataset_id (the dataset repo to publish to)")
     data = training_set(args.dataset, num_shots=args.num_shots or None, seed=args.split_seed, classes=args.classes,
                         split=args.split)
-    # one GPU per process under accelerate launch / torchrun
-    device = config.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    device = teacher_device(config)
     output_dir = os.path.expanduser(args.output_dir)  # a quoted "~/x" is the home folder's x, not ./~
     revision = config.teacher_revision
-    teacher = CLIPModel.from_pretrained(args.teacher, revision=revision).to(device)
+    teacher = CLIPModel.from_pretrained(args.teacher, revision=revision)
+    if device is not None:
+        teacher = teacher.to(device)
     # the teacher's own normalisation, as the online baseline in examples/train.py uses it
     processor = CLIPImageProcessor.from_pretrained(args.teacher, revision=revision)
     config = dataclasses.replace(

@@ -650,3 +650,22 @@ def test_an_undecodable_image_names_its_file(teacher_clip, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"row 1 of the source dataset \(file dogs/broken.png\): the image cannot be "
                                          "decoded"):
         build(ds, teacher_clip, tokenizer, tmp_path / "t", top_k=2)
+
+
+def test_build_table_script_leaves_num_proc_workers_their_own_gpu(monkeypatch):
+    """`--num_proc N` on an N-GPU machine: the script pinned the teacher to cuda:0 in the parent, so
+    every map worker ran on GPU 0 (the labeler uses GPU `rank` only when no device is set)."""
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        import build_table
+    finally:
+        sys.path.pop(0)
+    from fdbpl_hf import RILTableConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert build_table.teacher_device(RILTableConfig()) == "cuda:1"  # one GPU per launched process
+    assert build_table.teacher_device(RILTableConfig(num_proc=4)) is None  # worker r picks GPU r
+    assert build_table.teacher_device(RILTableConfig(num_proc=4, device="cuda:2")) == "cuda:2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_table.teacher_device(RILTableConfig()) == "cpu"
