@@ -364,7 +364,12 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
     if class_names is not None and list(class_names) != list(metadata["class_names"]):
         table_names = metadata["class_names"]
         if len(class_names) != len(table_names):
-            problems.append(f"class count: table {len(table_names)} vs given {len(class_names)}")
+            given, stored = set(class_names), set(table_names)
+            missing = [n for n in table_names if n not in given]
+            extra = [n for n in class_names if n not in stored]
+            problems.append(f"class count: table {len(table_names)} vs given {len(class_names)}"
+                            + (f"; not given: {_few(missing)}" if missing else "")
+                            + (f"; not in the table: {_few(extra)}" if extra else ""))
         else:
             diffs = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(table_names, class_names)) if a != b]
             problems.append("class names differ at " + ", ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else ""))
@@ -373,6 +378,10 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
         problems.append(f"input size: table regions are {size}px (teacher input) vs student {image_size}px")
     if problems:
         raise ValueError("the RIL table does not match what it is used with:\n  - " + "\n  - ".join(problems))
+
+
+def _few(names: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(repr(n) for n in names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def decode_image(item, row: int, exif_transpose: bool = True):
