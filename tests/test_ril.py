@@ -679,3 +679,12 @@ def test_a_class_list_of_another_length_names_the_classes(tmp_path):
     with pytest.raises(ValueError, match=r"class count: table 5 vs given 6; not given: 'c4'; not in the table: "
                                          r"'c 4', 'c5'$"):
         replay(ds, table, class_names=["c0", "c1", "c2", "c3", "c 4", "c5"])
+
+
+def test_unverified_replay_still_refuses_a_subset(tmp_path):
+    """verify=False (or FDBPL_HF_VERIFY=0) skips hashing the images, and skipped the free row count
+    too: a subset of the dataset replayed the soft labels of other images."""
+    ds, table = _small_table(tmp_path, lambda px: px.mean(dim=(2, 3)) @ torch.ones(3, 5))
+    with pytest.raises(ValueError, match="source rows: table 3 vs dataset 2"):
+        replay(ds.select([2, 1]), table, verify=False)
+    assert len(replay(ds, table, verify=False)) == 3

@@ -104,8 +104,9 @@ class RILDataset(torch.utils.data.Dataset):
         if verify and table is not None:
             check_table_matches(self.metadata, dataset=dataset, image_column=self.image_column,
                                 label_column=self.label_column, class_names=class_names, image_size=image_size)
-        else:
-            check_table_matches(self.metadata, class_names=class_names, image_size=image_size)
+        else:  # unverified, but a row count is free: a subset would replay other images' soft labels
+            check_table_matches(self.metadata, dataset=dataset if table is not None else None, images=False,
+                                class_names=class_names, image_size=image_size)
         self.spec = RegionSpec.from_dict(self.metadata["regions"])
         self.num_regions = int(self.metadata["num_regions"])
         self.seed = int(self.metadata["seed"])

@@ -326,11 +326,13 @@ def _load_from_hub(path: str, config_name: Optional[str], revision, token, cache
 
 def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] = None,
                         image_column: str = "image", label_column: Optional[str] = "label",
-                        class_names: Optional[Sequence[str]] = None, image_size: Optional[int] = None) -> None:
+                        class_names: Optional[Sequence[str]] = None, image_size: Optional[int] = None,
+                        images: bool = True) -> None:
     """Raise a `ValueError` that lists every way the table differs from what it is used with.
 
     The dataset is compared image by image (each image's encoded bytes and label against the
-    digest the table recorded), so a shuffled, subset, swapped or replaced row is named.
+    digest the table recorded), so a shuffled, subset, swapped or replaced row is named;
+    `images=False` compares its row count only (no image is read).
     """
     problems = []
     if dataset is not None:
@@ -338,7 +340,7 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
         if len(dataset) != src["num_rows"]:
             problems.append(f"source rows: table {src['num_rows']} vs dataset {len(dataset)} (a subset or another "
                             "dataset: the table binds every row of the dataset it was built on)")
-        else:
+        elif images:
             label = label_column if label_column in dataset.column_names else None
             recorded_label = src.get("label_column")
             if recorded_label is not None and label is None:
