@@ -688,3 +688,22 @@ def test_unverified_replay_still_refuses_a_subset(tmp_path):
     with pytest.raises(ValueError, match="source rows: table 3 vs dataset 2"):
         replay(ds.select([2, 1]), table, verify=False)
     assert len(replay(ds, table, verify=False)) == 3
+
+
+def test_a_table_missing_a_column_is_named(tmp_path):
+    """A table without a column replay reads: verified, it was reported as rows that differ;
+    unverified, the first batch failed with KeyError('topk_logits')."""
+    from fdbpl_hf.ril.table import attach_metadata, table_features
+
+    ds, table = _small_table(tmp_path, lambda px: px.mean(dim=(2, 3)) @ torch.ones(3, 5))
+    partial = attach_metadata(table.remove_columns("topk_logits"), ril_metadata(table))
+    for verify in (True, False):
+        with pytest.raises(ValueError, match=r"the RIL table has no column 'topk_logits' \(columns: \['box', 'flip', "
+                                             r"'topk_indices', 'teacher_entropy'\]\): it is not a whole RIL table"):
+            replay(ds, partial, verify=verify)
+    narrow = table.map(lambda row: {"topk_indices": row["topk_indices"][:3], "topk_logits": row["topk_logits"][:3]},
+                       features=table_features(3, 5))
+    with pytest.raises(ValueError, match=r"column 'topk_indices' holds 3 classes per region, its metadata says "
+                                         "top_k=5"):
+        replay(ds, attach_metadata(narrow, ril_metadata(table)), verify=False)
+

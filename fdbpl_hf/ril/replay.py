@@ -12,8 +12,8 @@ from ..clip_ops import channel_stats, normalize_pixels, torch_threads
 from ..integrity import verification_enabled
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .feature_cache import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
-from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_matches, decode_image,
-                    is_verified, ril_metadata, validate_table_rows, verify_rows)
+from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_columns, check_table_matches,
+                    decode_image, is_verified, ril_metadata, validate_table_rows, verify_rows)
 
 MR_FILL_GAP = 10.0
 
@@ -84,6 +84,7 @@ class RILDataset(torch.utils.data.Dataset):
         verify = verification_enabled(verify)
         if table is not None:
             check_metadata(self.metadata, "the RIL table's metadata")
+            check_table_columns(table, self.metadata, "the RIL table")
             if verify and not is_verified(table):
                 # a table that did not come from load_ril_table/build_ril_table as is (e.g. shuffled,
                 # selected or rebuilt in memory): its rows must still be the ones that were built

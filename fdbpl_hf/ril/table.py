@@ -164,6 +164,24 @@ def verify_rows(dataset: datasets.Dataset, metadata: dict, what: str, layout: st
     mark_verified(dataset)
 
 
+TABLE_COLUMNS = ("box", "flip", "topk_indices", "topk_logits")  # and ENTROPY_COLUMN, from 0.4 on
+
+
+def check_table_columns(table: datasets.Dataset, metadata: dict, where: str) -> None:
+    """Refuse a table without one of the columns replay reads, or whose top-K columns are not
+    `top_k` wide (before its content digests, which would only say its rows differ)."""
+    missing = [c for c in TABLE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{where} has no column {', '.join(map(repr, missing))} (columns: {table.column_names}): it "
+                         "is not a whole RIL table; rebuild or re-download it")
+    for column in ("topk_indices", "topk_logits"):
+        width = getattr(table.features[column], "length", -1)
+        if width not in (-1, None) and width != int(metadata["top_k"]):
+            raise ValueError(f"{where}: column {column!r} holds {width} classes per region, its metadata says "
+                             f"top_k={metadata['top_k']}: rows and metadata of different tables; rebuild or "
+                             "re-download it")
+
+
 def validate_table_rows(rows: dict, num_classes: int, where) -> None:
     """Values no teacher can produce, refused with the row that holds them: log-probabilities above
     0 (beyond fp16 rounding) or not finite, class ids outside 0..C-1 or repeated in a row, empty boxes.
@@ -278,6 +296,7 @@ def load_ril_table(path_or_repo_id: str, config_name: Optional[str] = None, *, r
     expected_rows = metadata["source"]["num_rows"] * metadata["num_regions"]
     if len(table) != expected_rows:
         raise ValueError(f"RIL table {path} has {len(table)} rows, its metadata promises {expected_rows}")
+    check_table_columns(table, metadata, f"RIL table {path}")
     warn_if_weights_from_top_k(table, metadata, path)
     if verification_enabled(verify):
         verify_rows(table, metadata, f"RIL table {path}", TABLE_LAYOUT)
