@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -707,3 +708,22 @@ def test_a_table_missing_a_column_is_named(tmp_path):
                                          "top_k=5"):
         replay(ds, attach_metadata(narrow, ril_metadata(table)), verify=False)
 
+
+
+def test_build_settings_are_checked_and_numpy_integers_accepted(tmp_path):
+    """teacher_batch_size=0 failed with range()'s bare message (-1: IndexError), seed=-1 with numpy's; a
+    numpy integer num_regions was refused as "not a positive integer"."""
+    rng = np.random.default_rng(0)
+    ds = image_dataset([Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))], [0], names=["a", "b", "c"])
+    teacher = CallableTeacher(lambda px: px.mean(dim=(2, 3)), 3, 16)
+    for setting, message in ((dict(teacher_batch_size=0), "teacher_batch_size must be a positive integer, got 0"),
+                             (dict(teacher_batch_size=-1), "teacher_batch_size must be a positive integer, got -1"),
+                             (dict(seed=-1), "seed must be a non-negative integer, got -1"),
+                             (dict(top_k=True), "top_k must be between 1 and the number of classes")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_ril_table(ds, teacher, **{"num_regions": 2, "top_k": 2, **setting}, output_dir=str(tmp_path / "x"))
+    table = build_ril_table(ds, teacher, num_regions=np.int64(3), top_k=np.int64(2), seed=np.int32(1),
+                            output_dir=str(tmp_path / "t"))
+    meta = ril_metadata(table)
+    assert (len(table), meta["num_regions"], meta["top_k"], meta["seed"]) == (3, 3, 2, 1)
+    assert type(meta["build_config"]["num_regions"]) is int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional, Sequence
@@ -257,13 +258,20 @@ def build_ril_table(
             raise ValueError(f"column {column!r} is not in the dataset (columns: {dataset.column_names})")
     if not isinstance(dataset.features[image_column], datasets.Image):
         raise ValueError(f"column {image_column!r} is {dataset.features[image_column]!r}, not a datasets.Image")
-    if not isinstance(num_regions, int) or num_regions < 1:
-        raise ValueError(f"num_regions must be a positive integer, got {num_regions!r}")
+    for name, value, least in (("num_regions", num_regions, 1), ("seed", seed, 0),
+                               ("teacher_batch_size", config.teacher_batch_size, 1)):
+        if _integer(value) is None or value < least:
+            raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} integer, got {value!r}")
+    # numpy integers (e.g. from np.ceil(...).astype(int)) as plain ints: they go into the JSON metadata
+    config = dataclasses.replace(config, num_regions=int(num_regions), seed=int(seed),
+                                 teacher_batch_size=int(config.teacher_batch_size))
+    num_regions, seed = config.num_regions, config.seed
     names = resolve_class_names(dataset, label_column, class_names)
     if top_k is None:
         top_k = min(DEFAULT_TOP_K, len(names))
-    if not isinstance(top_k, int) or not 1 <= top_k <= len(names):
+    if _integer(top_k) is None or not 1 <= top_k <= len(names):
         raise ValueError(f"top_k must be between 1 and the number of classes ({len(names)}), got {top_k!r}")
+    top_k = int(top_k)
     if fill not in FILL_RULES:
         raise ValueError(f"fill must be one of {FILL_RULES}, got {fill!r}")
     if fill == "dense" and top_k != len(names):
@@ -334,6 +342,11 @@ def build_ril_table(
 
     build.run(build_shard)
     return load_ril_table(output_dir)
+
+
+def _integer(value) -> Optional[int]:
+    """`value` as an int when it is an integer (Python or numpy; not a bool), else None."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
 
 
 def _existing_table(output_dir: str, key: str) -> Optional[datasets.Dataset]:
