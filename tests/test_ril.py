@@ -727,3 +727,26 @@ def test_build_settings_are_checked_and_numpy_integers_accepted(tmp_path):
     meta = ril_metadata(table)
     assert (len(table), meta["num_regions"], meta["top_k"], meta["seed"]) == (3, 3, 2, 1)
     assert type(meta["build_config"]["num_regions"]) is int
+
+
+def test_an_occupied_output_dir_names_what_differs(tmp_path):
+    """Rebuilding into a folder that holds another build listed the teacher, M, K and seed, equal or not
+    (and nothing of what did differ, e.g. a table of an older fdbpl_hf without regions.exif_transpose)."""
+    from fdbpl_hf.integrity import metadata_digest
+    from fdbpl_hf.ril.table import build_key
+
+    ds, table = _small_table(tmp_path, lambda px: px.mean(dim=(2, 3)) @ torch.ones(3, 5))
+    teacher = CallableTeacher(lambda px: px.mean(dim=(2, 3)) @ torch.ones(3, 5), 5, 16)
+    settings = dict(num_regions=2, top_k=5, output_dir=str(tmp_path / "small"))
+    with pytest.raises(ValueError, match=r"built with other settings \(built by fdbpl_hf [\d.]+; differs in seed\)"):
+        build_ril_table(ds, teacher, seed=3, **settings)
+    with pytest.raises(ValueError, match=r"differs in num_regions, source.fingerprint, source.num_rows\)"):
+        build_ril_table(ds.select([0, 1]), teacher, **dict(settings, num_regions=3))
+    path = tmp_path / "small" / "ril_metadata.json"
+    meta = json.loads(path.read_text())
+    del meta["regions"]["exif_transpose"]
+    meta.update(library_version="0.5.0", build_key=build_key(meta))
+    meta["metadata_digest"] = metadata_digest(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"built by fdbpl_hf 0\.5\.0; differs in regions\.exif_transpose\)"):
+        build_ril_table(ds, teacher, **settings)

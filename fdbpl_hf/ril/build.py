@@ -20,8 +20,8 @@ from .device_replay import DeviceChunkRenderer
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
 from .table import (
-    ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, build_key, decode_image, describe_source,
-    library_version, load_ril_table, read_metadata_file, table_features,
+    ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, build_key, content_differences, decode_image,
+    describe_source, library_version, load_ril_table, read_metadata_file, table_features,
 )
 from .table_config import (  # DEFAULT_NUM_REGIONS: re-exported, its home before 0.5
     BUILD_CONFIG_KEY, DEFAULT_NUM_REGIONS, DEFAULT_TEMPLATE, DEFAULT_TOP_K, RILTableConfig,
@@ -319,7 +319,7 @@ def build_ril_table(
                          "teacher_revision= (a string that identifies its weights), or give a torch.nn.Module")
     output_dir = expand_path(output_dir) if output_dir else default_build_dir(key)
 
-    done = _existing_table(output_dir, key)
+    done = _existing_table(output_dir, metadata)
     if done is not None:
         logger.info("RIL table already built at %s", output_dir)
         return done
@@ -349,16 +349,20 @@ def _integer(value) -> Optional[int]:
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
 
 
-def _existing_table(output_dir: str, key: str) -> Optional[datasets.Dataset]:
+def _existing_table(output_dir: str, metadata: dict) -> Optional[datasets.Dataset]:
     meta_path = os.path.join(output_dir, METADATA_FILE)
     if absent_or_empty(output_dir):
         return None
     if not os.path.isfile(meta_path):
         raise ValueError(f"output_dir {output_dir} exists but is not an RIL table; choose another folder")
     existing = read_metadata_file(meta_path)
-    if existing.get("build_key") != key:
-        raise ValueError(f"output_dir {output_dir} already holds an RIL table built with other settings "
-                         f"(teacher {existing.get('teacher', {}).get('name')}, M={existing.get('num_regions')}, "
-                         f"K={existing.get('top_k')}, seed {existing.get('seed')}; or another teacher's weights or "
-                         "source images); delete it or pick another folder")
+    if not isinstance(existing, dict):
+        raise ValueError(f"output_dir {output_dir} holds a {METADATA_FILE} that is not an RIL table's; choose another "
+                         "folder")
+    if existing.get("build_key") != metadata["build_key"]:
+        raise ValueError(f"output_dir {output_dir} already holds an RIL table built with other settings (built by "
+                         f"fdbpl_hf {existing.get('library_version')}; differs in "
+                         f"{', '.join(content_differences(existing, metadata)) or 'its build key'}); delete it or "
+                         "pick another folder")
     return load_ril_table(output_dir)
+

@@ -116,6 +116,22 @@ def build_key(metadata: dict) -> str:
     return json_digest(content, 16)
 
 
+def content_differences(old: dict, new: dict) -> list[str]:
+    """The metadata entries (`key` or `key.sub`) that make two tables' build keys differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in _NOT_CONTENT or old.get(key) == new.get(key):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            ignored = ("datasets_fingerprint", "image_digests") if key == "source" else ()
+            subs = [f"{key}.{k}" for k in sorted(set(a) | set(b)) if k not in ignored and a.get(k) != b.get(k)]
+            out.extend(subs)
+        else:
+            out.append(key)
+    return out
+
+
 REQUIRED_KEYS = ("format", "num_regions", "top_k", "seed", "fill", "class_names", "teacher.name",
                  "regions.output_size", "source.num_rows", "source.fingerprint", "source.image_column", "build_key")
 
