@@ -750,3 +750,20 @@ def test_an_occupied_output_dir_names_what_differs(tmp_path):
     path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"built by fdbpl_hf 0\.5\.0; differs in regions\.exif_transpose\)"):
         build_ril_table(ds, teacher, **settings)
+
+
+def test_a_table_built_without_labels_replays_with_the_datasets_labels(tmp_path):
+    """A table built with label_column=None binds the images alone: naming the dataset's label column at
+    replay (for CoOp, or the labels of the items) reported every image as one the table was not built on."""
+    rng = np.random.default_rng(0)
+    ds = image_dataset([Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(3)],
+                       [0, 1, 0])
+    table = build_ril_table(ds, CallableTeacher(lambda px: px.mean(dim=(2, 3))[:, :2], 2, 16), label_column=None,
+                            class_names=["a", "b"], num_regions=2, top_k=2, output_dir=str(tmp_path / "t"))
+    assert int(replay(ds, table)[1]["labels"]) == -1  # no label column named: none is read
+    assert [int(replay(ds, table, label_column="label")[i]["labels"]) for i in range(3)] == [0, 1, 0]
+    other = ds.cast_column("image", datasets.Image(decode=False)).map(
+        lambda row, i: {"image": {"bytes": _png(Image.new("RGB", (9, 9), (i, 0, 0))), "path": None}},
+        with_indices=True).cast_column("image", datasets.Image())
+    with pytest.raises(ValueError, match="source images: row 0 \\(an image the table was not built on\\)"):
+        replay(other, table, label_column="label")  # the images themselves are still bound

@@ -378,6 +378,8 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
         elif images:
             label = label_column if label_column in dataset.column_names else None
             recorded_label = src.get("label_column")
+            if "label_column" in src and recorded_label is None:
+                label = None  # a table built without labels bound the images alone
             if recorded_label is not None and label is None:
                 # each image's digest covers its label: without the column every row would differ,
                 # and the rows' list would blame the images
