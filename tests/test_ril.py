@@ -767,3 +767,15 @@ def test_a_table_built_without_labels_replays_with_the_datasets_labels(tmp_path)
         with_indices=True).cast_column("image", datasets.Image())
     with pytest.raises(ValueError, match="source images: row 0 \\(an image the table was not built on\\)"):
         replay(other, table, label_column="label")  # the images themselves are still bound
+
+
+def test_an_interrupted_build_of_another_version_says_so(tmp_path):
+    """A build interrupted under an older fdbpl_hf, resumed after an upgrade that changes the build key
+    (0.5.0 -> regions.exif_transpose): the refusal listed teacher, weights, images, M, K or seed only."""
+    from fdbpl_hf.ril.sharding import prepare_workdir
+
+    prepare_workdir(str(tmp_path / "w"), {"build_key": "old", "shard_size": 8, "library_version": "0.5.0"})
+    with pytest.raises(ValueError, match=r"seed; it was started by fdbpl_hf 0\.5\.0, this is 0\.6\.0, whose builds"):
+        prepare_workdir(str(tmp_path / "w"), {"build_key": "new", "shard_size": 8, "library_version": "0.6.0"})
+    with pytest.raises(ValueError, match=r"M, K or seed\); delete it"):
+        prepare_workdir(str(tmp_path / "w"), {"build_key": "new", "shard_size": 8, "library_version": "0.5.0"})

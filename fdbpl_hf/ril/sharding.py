@@ -105,8 +105,11 @@ def prepare_workdir(work: str, metadata: dict, kind: str = "RIL table") -> None:
         with open(build_file, encoding="utf-8") as f:
             previous = json.load(f)
         if previous.get("build_key") != metadata["build_key"]:
+            versions = (previous.get("library_version"), metadata.get("library_version"))
+            upgraded = (f"; it was started by fdbpl_hf {versions[0]}, this is {versions[1]}, whose builds of the same "
+                        "settings may differ" if versions[0] != versions[1] else "")
             raise ValueError(f"{work} holds an interrupted build with other settings (another teacher, its weights, "
-                             "the source images, M, K or seed); delete it to start over")
+                             f"the source images, M, K or seed{upgraded}); delete it to start over")
         if previous.get("shard_size") != metadata["shard_size"]:
             # finished shards are named by index: another shard_size would map them to other rows
             raise ValueError(f"{work} holds an interrupted build with shard_size={previous.get('shard_size')}; "
