@@ -221,7 +221,9 @@ class FDBPLTrainer(Trainer):
         if not any(p.requires_grad for p in model.prompts.parameters()):
             raise ValueError("the model's prompts are frozen (FDBPLCLIPModel.from_pretrained loads for inference): "
                              "load it with is_trainable=True to train it further")
-        if train_dataset.image_store is not None:
+        eval_data = kwargs.get("eval_dataset")
+        stores = [d for d in (train_dataset, eval_data) if isinstance(d, RILDataset) and d.image_store is not None]
+        if stores:
             if args.dataloader_num_workers > 0:
                 raise ValueError("a dataset with an image store renders on the device in the training step: it needs "
                                  "no DataLoader workers (set dataloader_num_workers=0)")
@@ -230,8 +232,9 @@ class FDBPLTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_EpochToDataset(train_dataset)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **kwargs)
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
-        if train_dataset.image_store is not None and train_dataset.image_store.device != self.args.device:
-            train_dataset.use_image_store(train_dataset.image_store.to(self.args.device))
+        for data in stores:  # the evaluation set's store too: its regions are rendered in the step, beside the model
+            if data.image_store.device != self.args.device:
+                data.use_image_store(data.image_store.to(self.args.device))
         # --torch_compile: accelerate compiles the student; the loss and the online teacher get the same options,
         # and the teacher runs under the student's autocast (fdbpl_hf.acceleration)
         self._compile_options = compile_options(self.args)

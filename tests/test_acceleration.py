@@ -193,3 +193,21 @@ def test_device_replay_refuses_workers(digits_small, table, tokenizer, tmp_path)
     with pytest.raises(ValueError, match="needs no DataLoader workers"):
         FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, dataloader_num_workers=1),
                      train_dataset=data)
+
+
+def test_an_evaluation_sets_image_store_follows_the_model(digits_small, table, tokenizer, tmp_path):
+    """Only the training set's store was moved to the training device, and the device-replay collation
+    was set only for it: an evaluation set with a store (its regions rendered in the step) failed on a
+    GPU (store left on the CPU) and, beside a training set without one, had no `region_pad`."""
+    class Elsewhere(DeviceImageStore):  # a store left on another device than the run's
+        device = property(lambda self: torch.device("cuda", 0))
+
+    store = DeviceImageStore.from_dataset(digits_small)
+    evaluation = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD).use_image_store(
+        Elsewhere(store.pixels, store.heights, store.widths))
+    trainer = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, per_device_eval_batch_size=8),
+                           train_dataset=RILDataset(digits_small, table, image_mean=MEAN, image_std=STD),
+                           eval_dataset=evaluation)
+    assert type(evaluation.image_store) is DeviceImageStore and evaluation.image_store.device == trainer.args.device
+    plain = trainer.evaluate(RILDataset(digits_small, table, image_mean=MEAN, image_std=STD))["eval_loss"]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(plain, rel=1e-5)  # same pixels, same loss
