@@ -66,7 +66,22 @@ def _labels(dataset, label_column: str) -> np.ndarray:
     if label_column not in dataset.column_names:
         raise KeyError(f"dataset has no column {label_column!r} (columns: {dataset.column_names})")
     # Formatting only the label column keeps image columns undecoded.
-    return np.asarray(dataset.with_format("numpy", columns=[label_column])[label_column], dtype=np.int64)
+    raw = np.asarray(dataset.with_format("numpy", columns=[label_column])[label_column])
+    if raw.dtype.kind in "iub":
+        return raw.astype(np.int64)
+    # A missing label (None: NaN in numpy) or a fractional one would otherwise fail with numpy's bare
+    # message, or be truncated to a class silently; name the rows instead
+    try:
+        values = raw.astype(np.float64)
+    except (TypeError, ValueError):
+        values = np.array([float(v) if isinstance(v, (int, float, np.number)) else np.nan for v in raw])
+    bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+    if len(bad):
+        shown = ", ".join(f"row {int(i)} ({'missing' if not np.isfinite(values[i]) else str(raw[i])})"
+                          for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ValueError(f"column {label_column!r} holds {len(bad)} value(s) that are not class ids: {shown}; "
+                         "drop or fill the unlabelled rows (dataset.filter) before drawing shots")
+    return values.astype(np.int64)
 
 
 def _class_names(dataset, label_column: str) -> list[str]:

@@ -63,6 +63,19 @@ def test_few_shot_respects_index_mappings(digits):
     assert sorted(view.select(idx)["label"][:]) == list(range(10))
 
 
+def test_few_shot_names_rows_whose_label_is_missing_or_not_a_class_id():
+    """A ClassLabel cell holding None (an unlabelled row) failed with numpy's bare "cannot convert float
+    NaN to integer"; a label of 1.5 would have been truncated to class 1."""
+    missing = datasets.Dataset.from_dict(
+        {"label": [0, None, 1, 1]}, features=datasets.Features({"label": datasets.ClassLabel(names=["a", "b"])}))
+    with pytest.raises(ValueError, match=r"'label' holds 1 value\(s\) that are not class ids: row 1 \(missing\)"):
+        few_shot_indices(missing, 1, seed=0)
+    with pytest.raises(ValueError, match=r"row 2 \(1.5\)"):
+        few_shot_indices(datasets.Dataset.from_dict({"label": [0.0, 1.0, 1.5]}), 1, seed=0)
+    # whole floats and -1 (unlabelled, skipped) are still fine
+    assert few_shot_indices(datasets.Dataset.from_dict({"label": [0.0, 1.0, -1.0]}), 1, seed=0) == [0, 1]
+
+
 def test_few_shot_split_json_round_trip(digits, tmp_path):
     split = FewShotSplit.create(digits, 2, seed=1, dataset_id="local/digits", split="train", revision="abc")
     path = tmp_path / "shot_2-seed_1.json"

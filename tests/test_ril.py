@@ -158,6 +158,9 @@ def test_dense_teacher_logits():
     top = torch.log_softmax(logits, -1).topk(5)
     dense = dense_teacher_logits(top.indices, top.values, 5, fill="dense")
     torch.testing.assert_close(dense.softmax(-1), logits.softmax(-1))
+    # a dense row that repeats a class leaves another unset: NaN, which the loss then shows
+    repeated = dense_teacher_logits(torch.tensor([[0, 0, 1]]), torch.tensor([[-0.5, -0.5, -1.0]]), 3, fill="dense")
+    assert repeated[0, :2].isfinite().all() and repeated[0, 2].isnan()
     with pytest.raises(ValueError, match="K = C"):
         dense_teacher_logits(idx, val, 4, fill="dense")
     with pytest.raises(ValueError, match="exceeds"):

@@ -23,7 +23,8 @@ def dense_teacher_logits(topk_indices: torch.Tensor, topk_logits: torch.Tensor, 
     """Rebuild dense `[B, C]` teacher logits from top-K indices and values.
 
     "mr" (marginal re-norm): the K values at their classes, every other class at
-    (smallest kept value - 10); "dense": the table holds every class (K = C).
+    (smallest kept value - 10); "dense": the table holds every class (K = C); a class no index
+    names (a row repeating another) comes back NaN, never an arbitrary value.
     """
     if fill not in FILL_RULES:
         raise ValueError(f"fill must be one of {FILL_RULES}, got {fill!r}")
@@ -38,7 +39,9 @@ def dense_teacher_logits(topk_indices: torch.Tensor, topk_logits: torch.Tensor, 
     if fill == "dense":
         if k != num_classes:
             raise ValueError(f"fill='dense' needs K = C, got K={k} for {num_classes} classes")
-        out = torch.empty(values.shape[0], num_classes, dtype=values.dtype, device=values.device)
+        # NaN, not empty(): a row whose indices repeat a class leaves another unset, and checking for
+        # that here would cost a host sync per step; NaN makes the loss (and the logs) show it instead
+        out = torch.full((values.shape[0], num_classes), float("nan"), dtype=values.dtype, device=values.device)
     else:
         floor = values.min(dim=-1, keepdim=True).values - MR_FILL_GAP
         out = floor.expand(-1, num_classes).clone()
