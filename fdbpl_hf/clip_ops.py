@@ -1,5 +1,6 @@
 """Small operations every part of the package does the same way: CLIP's pixel normalisation,
-the text features of prompt templates, and running torch on a given number of threads."""
+the text features of prompt templates and the checks on them (the model's own tokenizer, one
+distinct prompt per class), and running torch on a given number of threads."""
 
 from __future__ import annotations
 
@@ -39,6 +40,33 @@ def prompt_text_features(clip, tokenizer, class_names: Sequence[str], templates:
                                return_tensors="pt").to(device)
             feats.append(F.normalize(clip.get_text_features(**tokens).pooler_output.float(), dim=-1))
     return torch.stack(feats)
+
+
+def check_tokenizer(clip, tokenizer) -> None:
+    """Refuse a tokenizer that is not the CLIP model's: the text tower pools at the tokenizer's EOS
+    (the first `eos_token_id` of each row, or the largest id for legacy configs with id 2), so an
+    EOS the model does not know pools every prompt at position 0: identical features, no error."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    vocab = clip.config.text_config.vocab_size
+    if bos is None or eos is None:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no BOS or EOS token: pass the CLIP "
+                         "model's own tokenizer")
+    model_eos = getattr(clip.text_model, "eos_token_id", clip.config.text_config.eos_token_id)
+    if max(bos, eos) >= vocab or (model_eos != 2 and eos != model_eos):
+        raise ValueError(f"the tokenizer's BOS/EOS ids ({bos}, {eos}) are not the CLIP model's (EOS "
+                         f"{model_eos}, {vocab} token embeddings): pass the model's own tokenizer")
+
+
+def refuse_identical_prompts(class_names: Sequence[str], token_rows: Sequence[Sequence[int]]) -> None:
+    """Two classes whose prompts are the same tokens ("cat" and "Cat ", or ImageNet's two "maillot")
+    get the same text features: the later one could never be predicted, a silently wrong accuracy."""
+    seen: dict[tuple, int] = {}
+    for i, ids in enumerate(token_rows):
+        j = seen.setdefault(tuple(ids), i)
+        if j != i:
+            raise ValueError(f"classes {j} ({class_names[j]!r}) and {i} ({class_names[i]!r}) give the same prompt "
+                             "tokens, hence the same text features: one of them could never be predicted; "
+                             "give each class a distinct name")
 
 
 @contextlib.contextmanager

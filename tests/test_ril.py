@@ -148,6 +148,24 @@ def test_corrupt_entropy_values_are_refused(digits_small, teacher_clip, tokenize
         data.__getitems__([0, 1, 2, 3])
 
 
+def test_clip_teacher_refuses_identical_prompts_and_another_tokenizer(teacher_clip, tokenizer):
+    """The teacher labels every region of a table: two classes with the same prompt under every template
+    split their soft labels evenly, and a tokenizer with another EOS gave every class one feature (a
+    uniform teacher), each silently, into a table that is then trusted."""
+    from transformers import CLIPTokenizer
+
+    from fdbpl_hf.testing.worlds import _clip_vocab_and_merges
+
+    with pytest.raises(ValueError, match=r"classes 0 \('cat'\) and 2 \('Cat '\) give the same prompt tokens"):
+        CLIPTeacher(teacher_clip, tokenizer, ["cat", "dog", "Cat "], templates=["a photo of a {}.", "a {}."])
+    CLIPTeacher(teacher_clip, tokenizer, ["cat", "dog", "bird"], templates=["a photo of a {}.", "a {}."])
+    vocab, merges = _clip_vocab_and_merges()
+    other = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), unk_token="<|endoftext|>",
+                          bos_token="<|startoftext|>", eos_token="!", pad_token="!")
+    with pytest.raises(ValueError, match="pass the model's own tokenizer"):
+        CLIPTeacher(teacher_clip, other, ["cat", "dog"])
+
+
 def test_dense_teacher_logits():
     idx = torch.tensor([[2, 0], [1, 3]])
     val = torch.tensor([[-0.1, -2.5], [-0.3, -1.0]])

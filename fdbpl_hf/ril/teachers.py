@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..clip_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, prompt_text_features  # constants re-exported
+from ..clip_ops import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_tokenizer,  # constants re-exported
+                        prompt_text_features, refuse_identical_prompts)
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, PreTrainedTokenizerBase
@@ -84,14 +85,19 @@ class CLIPTeacher(Teacher):
         self.name = name or getattr(clip_model.config, "_name_or_path", "") or "CLIPModel"
         self.revision = revision
         self.logit_scale = float(clip_model.logit_scale.exp())
+        check_tokenizer(clip_model, tokenizer)
         context = clip_model.config.text_config.max_position_embeddings
+        rows = [[] for _ in self.class_names]
         for template in self.templates:
-            for name in self.class_names:
-                count = len(tokenizer(template.format(name))["input_ids"])
-                if count > context:
-                    raise ValueError(f"the prompt {template.format(name)!r} of class {name!r} is {count} tokens "
+            for name, row in zip(self.class_names, rows):
+                ids = tokenizer(template.format(name))["input_ids"]
+                if len(ids) > context:
+                    raise ValueError(f"the prompt {template.format(name)!r} of class {name!r} is {len(ids)} tokens "
                                      f"long, more than the teacher's {context}-token context: shorten the class name "
                                      "(or the template)")
+                row.extend(ids + [-1])  # -1 separates the templates' prompts
+        # identical prompts under every template: identical text features, soft labels split between them
+        refuse_identical_prompts(self.class_names, rows)
         # the templates' normalised features averaged, then renormalised (CLIP's prompt ensembling)
         feats = prompt_text_features(clip_model, tokenizer, self.class_names, self.templates)
         self.text_features = F.normalize(feats.mean(0), dim=-1)
