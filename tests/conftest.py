@@ -4,10 +4,17 @@
 # So the loopback FakeHub must be started and the environment configured here, before any test
 # module (or anything below) imports an HF library; otherwise traffic would go to huggingface.co.
 import atexit
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+# torch.compile's inductor caches generated C++ without the ATen CPU capability in its key: code
+# generated for AVX-512 and then compiled under ATEN_CPU_CAPABILITY=default fails ("'at::vec' has not
+# been declared"). One cache folder per capability keeps runs under different capabilities apart.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_fdbpl_{os.environ.get('ATEN_CPU_CAPABILITY') or 'native'}"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
