@@ -517,7 +517,7 @@ class DatasetInfo:
         """Class names for prompts: overrides first, else the style cleaner (and lowercasing)."""
         overrides = {class_name_key(k): v for k, v in self.classname_overrides.items()}
         out = []
-        for n in names:
+        for n in check_class_names(f"DatasetInfo {self.name!r} class names", names, unique=False):
             if class_name_key(n) in overrides:
                 out.append(overrides[class_name_key(n)])
                 continue
@@ -527,7 +527,8 @@ class DatasetInfo:
 
     def prompts(self, names: Iterable[str], clean: bool = True) -> list[str]:
         """One prompt per class: the template filled with the (cleaned) class name."""
-        names = self.clean_class_names(names) if clean else list(names)
+        names = self.clean_class_names(names) if clean else \
+            check_class_names(f"DatasetInfo {self.name!r} class names", names, unique=False)
         return [self.template.format(n) for n in names]
 
     def load(self, split: str | None = None, revision: str | None = None, **kwargs: Any):

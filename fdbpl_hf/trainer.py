@@ -191,6 +191,9 @@ class FDBPLTrainer(Trainer):
             raise TypeError("pass FDBPLTrainingArguments (they carry the FDBPL loss settings)")
         if not isinstance(train_dataset, RILDataset):
             raise TypeError("train_dataset must be an RILDataset (RILDataset(...) or RILDataset.online(...))")
+        if teacher is not None and not isinstance(teacher, Teacher):
+            raise TypeError(f"teacher must be a fdbpl_hf Teacher (CLIPTeacher, CallableTeacher, EnsembleTeacher), got "
+                            f"{type(teacher).__name__}")
         if args.loss_type == "fdbpl" and train_dataset.is_online and teacher is None:
             raise ValueError("an online RILDataset has no soft labels: pass teacher= (the online baseline)")
         if teacher is not None and teacher.num_classes != train_dataset.num_classes:
@@ -198,9 +201,6 @@ class FDBPLTrainer(Trainer):
         if teacher is not None and teacher.input_size != train_dataset.spec.output_size:
             raise ValueError(f"the teacher takes {teacher.input_size}px inputs but the regions are rendered at "
                              f"{train_dataset.spec.output_size}px")
-        if teacher is not None and not isinstance(teacher, Teacher):
-            raise TypeError(f"teacher must be a fdbpl_hf Teacher (CLIPTeacher, CallableTeacher, EnsembleTeacher), got "
-                            f"{type(teacher).__name__}")
         if teacher is not None and teacher.class_names is not None:
             check_class_order(f"the teacher ({teacher.name})", teacher.class_names, "the training data",
                               train_dataset.class_names, fix="build the teacher with the training classes")

@@ -700,10 +700,11 @@ def test_build_table_script_leaves_num_proc_workers_their_own_gpu(monkeypatch):
 def test_a_class_list_of_another_length_names_the_classes(tmp_path):
     """A class list one class short (or long) of the table's said only "class count: table 5 vs given 4"."""
     ds, table = _small_table(tmp_path, lambda px: px.mean(dim=(2, 3)) @ torch.ones(3, 5))
-    with pytest.raises(ValueError, match=r"class count: table 5 vs given 4; not given: 'c2'$"):
+    with pytest.raises(ValueError, match=r"class count: table 5 vs given 4 \(class 2 is 'c2' in the table but 'c3' "
+                                         r"in class_names .*\); not given: 'c2'$"):
         replay(ds, table, class_names=["c0", "c1", "c3", "c4"])
-    with pytest.raises(ValueError, match=r"class count: table 5 vs given 6; not given: 'c4'; not in the table: "
-                                         r"'c 4', 'c5'$"):
+    with pytest.raises(ValueError, match=r"class count: table 5 vs given 6 \(class 4 is 'c4' in the table but 'c 4' "
+                                         r"in class_names .*\); not given: 'c4'; not in the table: 'c 4', 'c5'$"):
         replay(ds, table, class_names=["c0", "c1", "c2", "c3", "c 4", "c5"])
 
 

@@ -192,6 +192,15 @@ def test_evaluation_settings(clip, tokenizer, processor, digits_small):
         summarize_runs([{"protocol": {"dataset": "d", "method": "m", "seed": 1}, "results": {}}], ddof=-1)
 
 
+def test_protocol_runs_refuse_zero_regions(tmp_path):
+    """num_regions=0 silently meant "the default" (`num_regions or epochs`)."""
+    from fdbpl_hf.protocol import run_base_to_novel
+
+    with pytest.raises(ValueError, match=re.escape("run_base_to_novel num_regions must be an integer >= 1 or None, "
+                                                   "got 0")):
+        run_base_to_novel("fdbpl-offline", student="s", teacher="t", num_regions=0, output_dir=str(tmp_path))
+
+
 def test_example_scripts_check_their_own_settings(tmp_path):
     import os
     import sys
@@ -273,6 +282,8 @@ def test_online_teacher_and_eval_sets_are_compared_with_the_training_classes(dig
     with pytest.raises(ValueError, match=re.escape("class 0 is 'nine' in the teacher (Sequential) but 'zero' in the "
                                                    "training data")):
         FDBPLTrainer(model=model, args=args(tmp_path), train_dataset=online, teacher=pooled_teacher(DIGIT_NAMES[::-1]))
+    with pytest.raises(TypeError, match="teacher must be a fdbpl_hf Teacher .* got CLIPModel"):  # was AttributeError
+        FDBPLTrainer(model=model, args=args(tmp_path), train_dataset=online, teacher=make_clip("tiny"))
     train = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD)
     # an evaluation set over other classes was scored against the training classes
     others = RILDataset.online(reordered(digits_small, [f"class {i}" for i in range(10)]),
@@ -370,6 +381,8 @@ def test_a_string_where_a_class_list_belongs_is_refused(digits_small, table, cli
         kept_class_ids(["a", "b", "Background"], exclude="Background")
     with pytest.raises(TypeError, match="exclude_classes must be a list of strings"):
         DatasetInfo.custom(hub_id="x/y", exclude_classes="BACKGROUND_Google")
+    with pytest.raises(TypeError, match="class names must be a list of strings"):
+        DatasetInfo.custom(hub_id="x/y").prompts("cat")
 
 
 @pytest.mark.parametrize("template, what", [

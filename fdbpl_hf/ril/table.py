@@ -409,7 +409,8 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
             given, stored = set(class_names), set(table_names)
             missing = [n for n in table_names if n not in given]
             extra = [n for n in class_names if n not in stored]
-            problems.append(f"class count: table {len(table_names)} vs given {len(class_names)}"
+            problems.append(f"class count: table {len(table_names)} vs given {len(class_names)} "
+                            f"({class_order_difference('the table', table_names, 'class_names', class_names)})"
                             + (f"; not given: {_few(missing)}" if missing else "")
                             + (f"; not in the table: {_few(extra)}" if extra else ""))
         else:
