@@ -131,7 +131,11 @@ class RILDataset(torch.utils.data.Dataset):
         else:  # unverified, but a row count is free: a subset would replay other images' soft labels
             check_table_matches(self.metadata, dataset=dataset if table is not None else None, images=False,
                                 class_names=class_names, image_size=image_size)
-        self.spec = RegionSpec.from_dict(self.metadata["regions"])
+        try:
+            self.spec = RegionSpec.from_dict(self.metadata["regions"])
+        except ValueError as err:  # e.g. a table built before 0.7 with ratio=(1, inf): every region a fallback crop
+            raise ValueError(f"the RIL table's region settings are refused: {err}. Rebuild the table with valid "
+                             "RegionSpec settings") from err
         self.num_regions = int(self.metadata["num_regions"])
         self.seed = int(self.metadata["seed"])
         self.class_names = list(self.metadata["class_names"])
