@@ -35,6 +35,8 @@ def _template_or_none(where: str, value) -> None:
         check_template(where, value)
 
 
+TEMPLATE = Custom(_template_or_none, "a template with one '{}' or None")
+
 @dataclass
 class EvalArguments:
     student: str = field(metadata={"help": "Student CLIP checkpoint (Hub id or folder)."})
@@ -48,14 +50,16 @@ class EvalArguments:
                                                                               "own classes (cross-dataset)."})
     train_log: Optional[str] = field(default=None, metadata={"help": "trainer_state.json of the run (or a JSON list "
                                                                      "of log entries), for the loss plot."})
-    num_shots: Annotated[Optional[int], integer(0, optional=True)] = field(default=None, metadata={"help": "Shots the adapter was trained with, recorded "
-                                                                     "(default 16 with an adapter, 0 zero-shot)."})
-    split_seed: Annotated[int, integer(0)] = field(default=1, metadata={"help": "Seed of the training run's few-shot draw (recorded)."})
+    num_shots: Annotated[Optional[int], integer(0, optional=True)] = field(default=None, metadata={
+        "help": "Shots the adapter was trained with, recorded (default 16 with an adapter, 0 zero-shot)."})
+    split_seed: Annotated[int, integer(0)] = field(default=1, metadata={
+        "help": "Seed of the training run's few-shot draw (recorded)."})
     method: Optional[str] = field(default=None, metadata={"help": "Method label (default: FDBPL or CLIP zero-shot)."})
-    template: Annotated[Optional[str], Custom(_template_or_none, "a template with one '{}' or None")] = field(default=None, metadata={"help": "Zero-shot prompt (default: the dataset's)."})
+    template: Annotated[Optional[str], TEMPLATE] = field(default=None, metadata={
+        "help": "Zero-shot prompt (default: the dataset's)."})
     batch_size: Annotated[int, integer(1)] = field(default=64, metadata={"help": "Images per forward pass."})
-    max_eval_samples: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={"help": "Score a seeded random subset of this "
-                                                                            "many test rows (quick checks)."})
+    max_eval_samples: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
+        "help": "Score a seeded random subset of this many test rows (quick checks)."})
     no_ood: bool = field(default=False, metadata={"help": "Skip the OOD detection (base vs novel images)."})
     check_base_model_name: bool = field(default=True, metadata={"help": "Refuse an adapter whose recorded base "
                                                                         "model name differs from --student."})

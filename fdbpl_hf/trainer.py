@@ -85,36 +85,48 @@ class FDBPLTrainingArguments(TrainingArguments):
     `--warmup_epochs 0` hands the schedule back to the Trainer (`--warmup_steps`,
     `--lr_scheduler_kwargs`)."""
 
-    learning_rate: Annotated[float, greater_than(0)] = field(default=0.002, metadata={"help": "SGD learning rate (paper: 0.002)."})
+    learning_rate: Annotated[float, greater_than(0)] = field(default=0.002, metadata={
+        "help": "SGD learning rate (paper: 0.002)."})
     weight_decay: Annotated[float, at_least(0)] = field(default=5e-4, metadata={"help": "Weight decay (paper: 5e-4)."})
     num_train_epochs: Annotated[float, at_least(0)] = field(default=50.0, metadata={"help": "Epochs (paper: 50)."})
-    per_device_train_batch_size: Annotated[int, integer(1)] = field(default=32, metadata={"help": "Regions per device per step."})
+    per_device_train_batch_size: Annotated[int, integer(1)] = field(default=32, metadata={
+        "help": "Regions per device per step."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after the warm-up."})
     optim: str = field(default="sgd", metadata={"help": "sgd: the paper's SGD with --momentum; any other "
                                                         "Trainer optimiser name is built by the Trainer."})
-    max_grad_norm: Annotated[float, at_least(0)] = field(default=0.0, metadata={"help": "Gradient clipping norm; 0 = none (paper)."})
+    max_grad_norm: Annotated[float, at_least(0)] = field(default=0.0, metadata={
+        "help": "Gradient clipping norm; 0 = none (paper)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the teacher columns."})
     label_names: Optional[list[str]] = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
     ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={"help": "Both contexts are always used."})
-    momentum: Annotated[float, between(0, 1, high_open=True)] = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
-    warmup_epochs: Annotated[float, at_least(0)] = field(default=1.0, metadata={"help": "Constant warm-up epochs at warmup_lr."})
-    warmup_lr: Annotated[float, at_least(0)] = field(default=1e-5, metadata={"help": "Learning rate during the warm-up (CoOp: 1e-5)."})
-    lambda_neg: Annotated[float, at_least(0)] = field(default=1.0, metadata={"help": "Weight of the negative-prompt loss."})
-    lambda_sim: Annotated[float, at_least(0)] = field(default=0.001, metadata={"help": "Weight of the positive/negative dissimilarity."})
+    momentum: Annotated[float, between(0, 1, high_open=True)] = field(default=0.9, metadata={
+        "help": "SGD momentum (paper: 0.9)."})
+    warmup_epochs: Annotated[float, at_least(0)] = field(default=1.0, metadata={
+        "help": "Constant warm-up epochs at warmup_lr."})
+    warmup_lr: Annotated[float, at_least(0)] = field(default=1e-5, metadata={
+        "help": "Learning rate during the warm-up (CoOp: 1e-5)."})
+    lambda_neg: Annotated[float, at_least(0)] = field(default=1.0, metadata={
+        "help": "Weight of the negative-prompt loss."})
+    lambda_sim: Annotated[float, at_least(0)] = field(default=0.001, metadata={
+        "help": "Weight of the positive/negative dissimilarity."})
     lambda_pcd: Annotated[float, at_least(0)] = field(default=1.0, metadata={
         "help": "Weight of the PCD ranking loss (1.0: the measured winner, docs/ablations.md; spec's 0.1 was inert)."})
     pcd_margin: Annotated[float, at_least(0)] = field(default=0.2, metadata={"help": "Margin of the PCD ranking loss."})
-    use_pcd: Annotated[bool, flag()] = field(default=True, metadata={"help": "False reproduces the released code (PCD off)."})
+    use_pcd: Annotated[bool, flag()] = field(default=True, metadata={
+        "help": "False reproduces the released code (PCD off)."})
     pcd_reduction: Annotated[str, one_of(*PCD_REDUCTIONS)] = field(default="mean", metadata={
         "help": "PCD over region pairs: mean (measured winner) or sum (the authors' commented form; far worse, "
                 "docs/ablations.md)."})
-    weight_mode: Annotated[str, one_of(*WEIGHT_MODES)] = field(default="soft", metadata={"help": "Region information weight: soft or threshold."})
-    entropy_threshold: Annotated[float, probability()] = field(default=0.5, metadata={"help": "Normalised entropy cut for threshold mode."})
+    weight_mode: Annotated[str, one_of(*WEIGHT_MODES)] = field(default="soft", metadata={
+        "help": "Region information weight: soft or threshold."})
+    entropy_threshold: Annotated[float, probability()] = field(default=0.5, metadata={
+        "help": "Normalised entropy cut for threshold mode."})
     weight_entropy: Annotated[str, one_of("full", "topk")] = field(default="full", metadata={
         "help": "Entropy behind the region weights: full (the table's stored entropy of the teacher's full "
                 "distribution, or the live teacher's; the paper's weights) or topk (of the top-K rebuild, "
                 "as fdbpl_hf 0.3 did; for ablations)."})
-    loss_type: Annotated[str, one_of("fdbpl", "coop")] = field(default="fdbpl", metadata={"help": "fdbpl (distillation) or coop (labels, baseline)."})
+    loss_type: Annotated[str, one_of("fdbpl", "coop")] = field(default="fdbpl", metadata={
+        "help": "fdbpl (distillation) or coop (labels, baseline)."})
     compile_loss: Annotated[bool, flag()] = field(default=True, metadata={
         "help": "With --torch_compile: compile the FDBPL loss with the student's backend and mode too (the online "
                 "teacher always is). False: a shorter compile, more kernel launches per step."})

@@ -204,7 +204,8 @@ class Interval(Rule):
     bounds: Number
 
     def describe(self) -> str:
-        return f"two finite numbers (min, max) with min <= max, each {self.bounds.describe().removeprefix('a finite number ')}"
+        each = self.bounds.describe().removeprefix("a finite number ")
+        return f"two finite numbers (min, max) with min <= max, each {each}"
 
     def problem(self, value: Any) -> Optional[str]:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
@@ -375,7 +376,8 @@ def check_template(where: str, template: Any) -> str:
         if not found:
             what = "has no '{}' field, so every class would get the same prompt"
         elif len(found) > 1:
-            what = f"has {len(found)} fields ({', '.join('{' + f + '}' for f in found)}), and only one class name fills it"
+            shown = ", ".join("{" + f + "}" for f in found)
+            what = f"has {len(found)} fields ({shown}), and only one class name fills it"
         else:
             what = f"has the field {{{found[0]}}}, which format(class_name) cannot fill"
         raise ValueError(f"{where} {template!r} {what}: a template holds exactly one '{{}}' for the class name, e.g. "

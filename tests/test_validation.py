@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import make_clip
 
-from fdbpl_hf import (CallableTeacher, CLIPTeacher, EnsembleTeacher, FDBPLConfig, RegionSpec, RILDataset, RILTableConfig,
-                      build_ril_table, get_fdbpl_model)
+from fdbpl_hf import (CallableTeacher, CLIPTeacher, EnsembleTeacher, FDBPLConfig, RegionSpec, RILDataset,
+                      RILTableConfig, build_ril_table, get_fdbpl_model)
 from fdbpl_hf.data import DatasetInfo, few_shot_indices, kept_class_ids, subset_classes
 from fdbpl_hf.evaluation import (ZeroShotCLIP, encode_images, evaluate_base_to_novel, evaluate_cross_dataset,
                                  evaluate_domain_generalization, evaluate_ood, ood_metrics, predict_logits,
@@ -155,7 +155,8 @@ def test_replay_settings(digits_small, table):
         RILDataset(digits_small, table, image_mean=[122.8, 116.7, 104.1], image_std=STD)
     with pytest.raises(ValueError, match=re.escape("RILDataset image_std must be 3 numbers in (0, 1]")):
         RILDataset(digits_small, table, image_mean=MEAN, image_std=[0.0, 0.2, 0.2])
-    with pytest.raises(ValueError, match=re.escape("RILDataset image_std must be 3 finite numbers, got [0.2, nan, 0.2]")):
+    with pytest.raises(ValueError, match=re.escape("RILDataset image_std must be 3 finite numbers, got "
+                                                   "[0.2, nan, 0.2]")):
         RILDataset(digits_small, table, image_mean=MEAN, image_std=[0.2, float("nan"), 0.2])
     with pytest.raises(ValueError, match=re.escape("RILDataset.online num_regions must be an integer >= 1, got 0")):
         RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=MEAN, image_std=STD, region_spec=spec,
@@ -265,8 +266,9 @@ def test_table_and_dataset_classlabel_are_compared(digits_small, table):
     """Same images and integer labels under a ClassLabel in another order: replay trained each image towards
     the soft label of another class name."""
     swapped = reordered(digits_small, DIGIT_NAMES[::-1])
-    with pytest.raises(ValueError, match=re.escape("class 0 is 'nine' in the dataset's label column 'label' (ClassLabel)"
-                                                   " but 'zero' in the RIL table, which is class 9 ('zero')")):
+    with pytest.raises(ValueError, match=re.escape("class 0 is 'nine' in the dataset's label column 'label' "
+                                                   "(ClassLabel) but 'zero' in the RIL table, which is class 9 "
+                                                   "('zero')")):
         RILDataset(swapped, table, image_mean=MEAN, image_std=STD)
     with pytest.raises(ValueError, match=re.escape("in the dataset's label column 'label' (ClassLabel) but 'zero' in "
                                                    "class_names")):
@@ -429,8 +431,8 @@ def test_an_evaluation_target_must_be_a_dataset(clip, tokenizer, processor, digi
     with pytest.raises(TypeError, match=re.escape("cross-dataset target 'd' must be a datasets.Dataset, got list: "
                                                   "build one from the rows with datasets.Dataset.from_list(rows)")):
         evaluate_cross_dataset(model, {"d": (rows, DIGIT_NAMES)}, **kw)
-    with pytest.raises(TypeError, match=re.escape("cross-dataset target 'd' must be (dataset, class_names) or (dataset, "
-                                                  "class_names, template), got a list of row dicts")):
+    with pytest.raises(TypeError, match=re.escape("cross-dataset target 'd' must be (dataset, class_names) or "
+                                                  "(dataset, class_names, template), got a list of row dicts")):
         evaluate_cross_dataset(model, {"d": rows}, **kw)
     with pytest.raises(TypeError, match="domain-generalisation target 't' must be a datasets.Dataset, got list"):
         evaluate_domain_generalization(model, (digits_small, DIGIT_NAMES), {"t": rows[:2]}, **kw)

@@ -89,9 +89,11 @@ class RILDataset(torch.utils.data.Dataset):
             raise TypeError(f"RILDataset's table must be an RIL table (a datasets.Dataset from build_ril_table or "
                             f"load_ril_table), got {type(table).__name__}")
         if metadata is not None and not isinstance(metadata, dict):
-            raise TypeError(f"RILDataset's metadata must be a dict (ril_metadata(table)), got {type(metadata).__name__}")
-        image_mean, image_std = check_image_stats("RILDataset image_mean", image_mean, "RILDataset image_std",
-                                                  image_std)
+            raise TypeError(f"RILDataset's metadata must be a dict (ril_metadata(table)), got "
+                            f"{type(metadata).__name__}")
+        check_image_stats("RILDataset image_mean", image_mean, "RILDataset image_std", image_std)
+        # kept as given (their values go into the feature cache's key)
+        image_mean, image_std = tuple(image_mean), tuple(image_std)
         check_value("RILDataset image_size", image_size, integer(1, optional=True))
         check_value("RILDataset epoch", epoch, integer(0))
         check_value("RILDataset image_column", image_column, text(optional=True))

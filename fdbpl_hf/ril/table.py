@@ -415,8 +415,8 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
                             + (f"; not in the table: {_few(extra)}" if extra else ""))
         else:
             count = sum(a != b for a, b in zip(table_names, class_names))
-            problems.append(f"class order: {class_order_difference('the table', table_names, 'class_names', class_names)}"
-                            f" ({count} of {len(table_names)} positions differ)")
+            first = class_order_difference("the table", table_names, "class_names", class_names)
+            problems.append(f"class order: {first} ({count} of {len(table_names)} positions differ)")
     size = metadata["regions"]["output_size"]
     if image_size is not None and image_size != size:
         problems.append(f"input size: table regions are {size}px (teacher input) vs student {image_size}px")

@@ -38,7 +38,8 @@ class RILTableConfig:
     `template` may also be a list of templates (ensembled) when set from Python.
     """
 
-    num_regions: Annotated[int, integer(1)] = field(default=DEFAULT_NUM_REGIONS, metadata={"help": "Regions per image, M (paper: 500)."})
+    num_regions: Annotated[int, integer(1)] = field(default=DEFAULT_NUM_REGIONS, metadata={
+        "help": "Regions per image, M (paper: 500)."})
     top_k: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
         "help": f"Teacher classes kept per region, K (default min({DEFAULT_TOP_K}, number of classes))."})
     seed: Annotated[int, integer(0)] = field(default=0, metadata={"help": "Seed of the region sampling."})
@@ -47,7 +48,8 @@ class RILTableConfig:
     fill: Annotated[str, one_of(*FILL_RULES)] = field(default="mr", metadata={
         "help": "How training rebuilds dense teacher logits from the stored top-K: 'mr' (marginal re-norm: the "
                 "classes left out get the smallest kept log-probability - 10) or 'dense' (needs K = C)."})
-    teacher_name: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={"help": "Teacher name recorded in the table."})
+    teacher_name: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={
+        "help": "Teacher name recorded in the table."})
     teacher_revision: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={
         "help": "Teacher revision (branch, tag or commit), recorded in the table."})
     teacher_input_size: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
@@ -56,13 +58,17 @@ class RILTableConfig:
         "help": "Pixel mean of the teacher's normalisation (default OpenAI CLIP's)."})
     teacher_image_std: Optional[list[float]] = field(default=None, metadata={
         "help": "Pixel std of the teacher's normalisation (default OpenAI CLIP's)."})
-    image_column: Annotated[str, text()] = field(default="image", metadata={"help": "Image column of the source dataset."})
+    image_column: Annotated[str, text()] = field(default="image", metadata={
+        "help": "Image column of the source dataset."})
     label_column: Annotated[Optional[str], text(optional=True)] = field(default="label", metadata={
         "help": "Label column of the source dataset (None for unlabelled data: then pass class names)."})
-    source_id: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={"help": "Source dataset id, recorded in the table."})
-    source_revision: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={"help": "Source dataset revision, recorded."})
+    source_id: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={
+        "help": "Source dataset id, recorded in the table."})
+    source_revision: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={
+        "help": "Source dataset revision, recorded."})
     images_per_batch: Annotated[int, integer(1)] = field(default=4, metadata={"help": "Images per datasets.map batch."})
-    teacher_batch_size: Annotated[int, integer(1)] = field(default=256, metadata={"help": "Regions per teacher forward."})
+    teacher_batch_size: Annotated[int, integer(1)] = field(default=256, metadata={
+        "help": "Regions per teacher forward."})
     shard_size: Annotated[int, integer(1)] = field(default=1000, metadata={"help": "Images per resumable shard."})
     num_proc: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
         "help": "datasets.map worker processes (worker r uses GPU r)."})
