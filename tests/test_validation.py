@@ -202,14 +202,22 @@ def test_protocol_runs_refuse_zero_regions(tmp_path):
         run_base_to_novel("fdbpl-offline", student="s", teacher="t", num_regions=0, output_dir=str(tmp_path))
 
 
-def test_example_scripts_check_their_own_settings(tmp_path):
+def _example(name: str):
+    """An example script as a module, by its path (the `evaluate` package would shadow a plain import)."""
+    import importlib.util
     import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    import build_table
-    import evaluate as evaluate_script
-    import train as train_script
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"fdbpl_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and typing look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_scripts_check_their_own_settings(tmp_path):
+    build_table, evaluate_script, train_script = _example("build_table"), _example("evaluate"), _example("train")
 
     with pytest.raises(ValueError, match=re.escape("EvalArguments.batch_size must be an integer >= 1, got 0")):
         evaluate_script.EvalArguments(student="s", output_dir=str(tmp_path), batch_size=0)
