@@ -20,6 +20,7 @@ from .clip_ops import check_tokenizer, refuse_identical_prompts  # noqa: F401  (
 from .config import FDBPLConfig
 from .prompts import (FDBPLPromptLearner, adapter_tokenizer, hypothesis_template, locate_adapter_config,
                       merged_card, save_adapter)
+from .validation import check_class_names
 
 _SIGNATURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
 
@@ -190,8 +191,8 @@ class FDBPLCLIPModel(nn.Module):
         self.class_names = list(class_names)
 
     def _tokenize(self, class_names: Sequence[str]) -> _ClassPrompts:
-        if isinstance(class_names, str):
-            raise TypeError("class_names must be a list of strings, not a single string")
+        if isinstance(class_names, (str, bytes)):  # the hot path: the full check runs once per class list
+            check_class_names("class_names", class_names)
         key = tuple(class_names)
         cached = self._prompt_cache.get(key)
         if cached is None or cached.input_ids.device != self.device:
@@ -203,16 +204,14 @@ class FDBPLCLIPModel(nn.Module):
         return cached
 
     def _build_prompts(self, class_names: tuple[str, ...]) -> _ClassPrompts:
-        if len(class_names) == 0:
-            raise ValueError("class_names is empty: give at least one class name")
+        # identical names are refused below with the other identical prompts
+        check_class_names("class_names", class_names, unique=False)
         cfg, tok = self.fdbpl_config, self.tokenizer
         n_ctx, slot = cfg.n_ctx, self._placeholder_id
         max_len = self.clip.config.text_config.max_position_embeddings
         period = tok(".", add_special_tokens=False)["input_ids"]
         rows, masks = [], []
         for name in class_names:
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"class names must be non-empty strings, got {name!r}")
             if cfg.class_token_position == "end":
                 body = [slot] * n_ctx + tok(f"{name}.", add_special_tokens=False)["input_ids"]
                 mask = [1] * n_ctx + [0] * (len(body) - n_ctx)
@@ -523,6 +522,9 @@ def get_fdbpl_model(clip_model: CLIPModel, config: Optional[FDBPLConfig] = None,
 
     Mirrors `peft.get_peft_model`: the CLIP model is frozen, only the two contexts train.
     """
+    if config is not None and not isinstance(config, FDBPLConfig):
+        raise TypeError(f"config must be an FDBPLConfig, got {type(config).__name__}"
+                        + (": build it with FDBPLConfig.from_dict(settings)" if isinstance(config, dict) else ""))
     if tokenizer is None:
         tokenizer = _tokenizer_for(clip_model)
     config = copy.deepcopy(config) if config is not None else FDBPLConfig()

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from ..integrity import expand_path, tensor_fingerprint
 from ..modeling import FDBPLCLIPModel, model_name
+from ..validation import check_value, integer, one_of
 from .feature_cache import (  # re-exported: the cache's format lives in feature_cache.py
     CACHE_FORMAT, CACHE_LAYOUT, CACHE_METADATA_FILE, CACHE_REQUIRED_KEYS, check_cache_matches_table,
     check_cache_metadata, content_key, feature_cache_metadata, load_feature_cache, verify_cache,
@@ -135,8 +136,11 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     """
     if not isinstance(data, RILDataset) or data.is_online or data.feature_cache is not None:
         raise TypeError("build_feature_cache needs an offline RILDataset (over an RIL table, without a cache)")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    check_value("build_feature_cache dtype", dtype, one_of("float16", "float32"))
+    check_value("build_feature_cache epochs", epochs, integer(1, optional=True))
+    for name, value, least in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1),
+                               ("num_workers", num_workers, 0)):
+        check_value(f"build_feature_cache {name}", value, integer(least))
     clip = _clip_of(student)
     size = clip.config.vision_config.image_size
     if size != data.spec.output_size:

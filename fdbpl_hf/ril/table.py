@@ -28,13 +28,14 @@ from ..integrity import (
     IMAGE_DIGEST_BYTES, IntegrityError, decode_digests, encode_digests, expand_path, first_differences, json_digest,
     image_digests, metadata_digest, require_keys, verification_enabled, verify_table_digests,
 )
+from ..validation import check_class_names, class_order_difference
 from ..version import __version__
+from .table_config import FILL_RULES  # noqa: F401  (re-exported: its home before 0.7)
 
 logger = logging.getLogger(__name__)
 
 TABLE_FORMAT = "fdbpl-ril/1"
 METADATA_FILE = "ril_metadata.json"
-FILL_RULES = ("mr", "dense")
 ENTROPY_COLUMN = "teacher_entropy"
 # stored log-probabilities are <= 0; fp16 rounding of a value just below 0 stays <= 0, so anything
 # above this is not a log-probability
@@ -400,18 +401,22 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
                     problems.append(f"source images: {', '.join(rows)} of the dataset differ from the images the "
                                     f"table was built on (table built from {src.get('id') or 'another dataset'}, "
                                     f"split {src.get('split')}; shuffled, subset or edited datasets do not match)")
-    if class_names is not None and list(class_names) != list(metadata["class_names"]):
+    if class_names is not None:
+        class_names = check_class_names("class_names", class_names)
+    if class_names is not None and class_names != list(metadata["class_names"]):
         table_names = metadata["class_names"]
         if len(class_names) != len(table_names):
             given, stored = set(class_names), set(table_names)
             missing = [n for n in table_names if n not in given]
             extra = [n for n in class_names if n not in stored]
-            problems.append(f"class count: table {len(table_names)} vs given {len(class_names)}"
+            problems.append(f"class count: table {len(table_names)} vs given {len(class_names)} "
+                            f"({class_order_difference('the table', table_names, 'class_names', class_names)})"
                             + (f"; not given: {_few(missing)}" if missing else "")
                             + (f"; not in the table: {_few(extra)}" if extra else ""))
         else:
-            diffs = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(table_names, class_names)) if a != b]
-            problems.append("class names differ at " + ", ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else ""))
+            count = sum(a != b for a, b in zip(table_names, class_names))
+            first = class_order_difference("the table", table_names, "class_names", class_names)
+            problems.append(f"class order: {first} ({count} of {len(table_names)} positions differ)")
     size = metadata["regions"]["output_size"]
     if image_size is not None and image_size != size:
         problems.append(f"input size: table regions are {size}px (teacher input) vs student {image_size}px")
