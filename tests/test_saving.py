@@ -61,23 +61,24 @@ def test_an_adapter_saved_into_a_model_folder_leaves_the_model(tokenizer, tmp_pa
 def test_a_save_that_would_overwrite_a_models_tokenizer_is_refused_untouched(tokenizer, tmp_path):
     folder = model_folder(tmp_path / "student", tokenizer)
     before = snapshot(folder)
+    model = trained(tokenizer)
     with pytest.raises(ValueError, match=r"tokenizer\.json \(the tokenizer of a model, without FDBPL's context tokens\)"
                                          r".*Nothing was changed"):
-        trained(tokenizer).save_pretrained(folder)
+        model.save_pretrained(folder)
     assert snapshot(folder) == before and not any(n.startswith(STAGING_PREFIX) for n in os.listdir(folder))
     processor = image_processor_for(make_clip("tiny").config)
     processor.save_pretrained(folder)
     before = snapshot(folder)
     with pytest.raises(ValueError, match=r"config\.json \(a model fdbpl_hf did not save\)"):
-        trained(tokenizer).save_merged(folder, processor)
+        model.save_merged(folder, processor)
     assert snapshot(folder) == before
 
 
 def test_a_card_the_user_wrote_is_kept_and_ours_is_refreshed(tokenizer, tmp_path):
     folder = tmp_path / "adapter"
-    trained(tokenizer, seed=0).save_pretrained(folder)
+    model = trained(tokenizer, seed=0)
+    model.save_pretrained(folder)
     ours = (folder / "README.md").read_text()
-    model = trained(tokenizer, seed=1)
     model.fdbpl_config.training = {"steps": 7}  # a later checkpoint: our card is refreshed
     model.save_pretrained(folder)
     refreshed = (folder / "README.md").read_text()
@@ -101,15 +102,18 @@ def test_a_card_the_user_wrote_is_kept_and_ours_is_refreshed(tokenizer, tmp_path
 
 def test_save_merged_replaces_its_own_earlier_save_only(tokenizer, tmp_path):
     folder = tmp_path / "merged"
-    trained(tokenizer, seed=0).save_merged(folder)
+    model = trained(tokenizer, seed=0)
+    model.save_merged(folder)
     first = snapshot(folder)
-    trained(tokenizer, seed=1).save_merged(folder)  # its own earlier save: replaced
+    with torch.no_grad():
+        model.prompts.ctx_pos.add_(1.0)
+    model.save_merged(folder)  # its own earlier save: replaced
     second = snapshot(folder)
     assert set(first) == set(second) and first["model.safetensors"] != second["model.safetensors"]
     # a sharded earlier save of ours: the shards it no longer writes go, with their index
     for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):
         shutil.copy(folder / "model.safetensors", folder / name)
-    trained(tokenizer, seed=2).save_merged(folder)
+    model.save_merged(folder)
     assert set(os.listdir(folder)) == set(first)
 
 
