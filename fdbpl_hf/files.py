@@ -103,5 +103,5 @@ def read_json(path: str | os.PathLike, remedy: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not readable JSON ({type(err).__name__}: {err}): the file is truncated (a full "
+        raise ValueError(f"{path} is not valid JSON ({type(err).__name__}: {err}): the file is truncated (a full "
                          f"disk or a crash while it was written by an older fdbpl_hf) or was edited; {remedy}") from err
