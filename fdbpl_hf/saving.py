@@ -58,6 +58,20 @@ def stamp_card(text: str) -> str:
             "while unchanged; edit it and it is kept -->\n")
 
 
+def strip_card_stamp(text: str) -> str:
+    """A card's text without fdbpl_hf's stamp (the card as it was before `stamp_card`)."""
+    match = _STAMP.search(text)
+    return text[: match.start()] if match else text
+
+
+def save_card_file(path: str | os.PathLike, text: str, headings: Sequence[str]) -> str:
+    """Write an edited card back to `path` (e.g. with evaluation results added): still fdbpl_hf's,
+    stamped again, when the card there was fdbpl_hf's; the user's, as given, otherwise."""
+    path = os.fspath(path)
+    ours = os.path.isfile(path) and card_owner(path, headings) is None
+    return atomic_write(path, stamp_card(strip_card_stamp(text)) if ours else text)
+
+
 def card_owner(path: str, headings: Sequence[str]) -> Optional[str]:
     """None when the card at `path` is fdbpl_hf's and unchanged since (its stamp matches, or a card
     of before 0.7: one of `headings` and the `fdbpl` tag), else why it is the user's."""
