@@ -41,6 +41,19 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a process of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fsync_dir(folder: str) -> None:
     """Flush a folder's entries (a rename into it) to disk, where the OS allows it."""
     try:

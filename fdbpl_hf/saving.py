@@ -22,11 +22,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from typing import Callable, Iterable, Optional, Sequence
 
-from .files import atomic_write, file_mode, fsync_dir, fsync_file
+from .files import atomic_write, file_mode, fsync_dir, fsync_file, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,20 @@ def write_card(folder: str | os.PathLike, text: str, headings: Sequence[str], wh
     return atomic_write(path, stamp_card(text))
 
 
+def remove_dead_staging(folder: str) -> None:
+    """Remove the staging folders that saves killed on this host left in `folder` (named by our
+    prefix, host and pid; their process is gone): a later push would upload them."""
+    host = socket.gethostname()
+    for name in os.listdir(folder):
+        if not name.startswith(f"{STAGING_PREFIX}{host}-"):
+            continue
+        pid = name[len(STAGING_PREFIX) + len(host) + 1:].split("-", 1)[0]
+        path = os.path.join(folder, name)
+        if pid.isdigit() and not pid_alive(int(pid)) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s, left by a save that was killed", path)
+
+
 def save_files(folder: str | os.PathLike, write: Callable[[str], None], owner: Owner, *, what: str,
                stale: Optional[Callable[[str], list[str]]] = None, last: Sequence[str] = ()) -> str:
     """Save `what` into `folder` by the rules of the module docstring; returns the folder.
@@ -157,7 +172,8 @@ def save_files(folder: str | os.PathLike, write: Callable[[str], None], owner: O
     holds a complete save)."""
     folder = resolve_folder(folder)
     os.makedirs(folder, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder)
+    remove_dead_staging(folder)
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=folder)
     try:
         write(staging)
         names = sorted(os.listdir(staging), key=lambda n: (n in last, last.index(n) if n in last else 0, n))

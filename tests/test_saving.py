@@ -74,6 +74,23 @@ def test_a_save_that_would_overwrite_a_models_tokenizer_is_refused_untouched(tok
     assert snapshot(folder) == before
 
 
+def test_a_save_killed_while_staging_is_cleaned_up_by_the_next(tokenizer, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    folder = tmp_path / "adapter"
+    left = folder / f"{STAGING_PREFIX}{socket.gethostname()}-{dead}-x1"  # a save killed with kill -9
+    other = folder / f"{STAGING_PREFIX}otherhost-{dead}-x2"  # another host's: cannot be checked, stays
+    for path in (left, other):
+        path.mkdir(parents=True)
+        (path / "adapter_model.safetensors").write_bytes(b"half")
+    trained(tokenizer).save_pretrained(folder)
+    assert not left.exists() and other.exists()  # a leftover would be uploaded by the next push of the folder
+
+
 def test_a_card_the_user_wrote_is_kept_and_ours_is_refreshed(tokenizer, tmp_path):
     folder = tmp_path / "adapter"
     model = trained(tokenizer, seed=0)
