@@ -197,3 +197,19 @@ def test_training_into_a_models_folder_is_refused_before_it_starts(tiny_checkpoi
         trainer.save_model()
         trainer.create_model_card()
     assert (run / "README.md").read_text() == USER_CARD and (run / "adapter_model.safetensors").is_file()
+
+
+def test_the_demo_clears_only_what_its_runs_wrote(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "demo", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "coop" / "seed1"
+    for folder in ("table", "run", "feature_cache.incomplete"):
+        (out / folder).mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")  # 0.6 deleted the whole run folder
+    demo.clear_earlier_run(str(out))
+    assert os.listdir(out) == ["notes.txt"]
