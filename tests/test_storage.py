@@ -111,6 +111,23 @@ def test_a_feature_cache_of_0_6_keeps_working(digits_small, table, tokenizer, tm
         check_feature_cache(old, other)
 
 
+def test_a_table_of_0_6_still_loads_and_a_rebuild_into_its_folder_says_why_it_differs(digits_small, table, tmp_path):
+    import shutil
+
+    from fdbpl_hf.ril.table import build_key
+
+    old = tmp_path / "old"
+    shutil.copytree(table.cache_files[0]["filename"].rsplit("/data/", 1)[0], old)
+    meta = json.loads((old / "ril_metadata.json").read_text())
+    meta["teacher"]["weights"] = sampled_tensor_fingerprint({"fn": Wide()})  # the key 0.6 made
+    meta["build_key"] = build_key(meta)
+    meta["metadata_digest"] = metadata_digest(meta)
+    (old / "ril_metadata.json").write_text(json.dumps(meta))
+    assert len(replay(digits_small, load_ril_table(str(old)))) == 30  # loads and replays as it is
+    with pytest.raises(ValueError, match="differs in teacher.weights.*sampled weights fingerprint"):
+        build(digits_small, out=old)
+
+
 def test_an_ensemble_of_plain_functions_needs_an_output_dir(digits_small):
     def member(seed):
         weights = torch.randn(3 * 4 * 4, 10, generator=torch.Generator().manual_seed(seed))
