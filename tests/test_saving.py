@@ -30,6 +30,14 @@ def snapshot(folder) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def context_tokenizer(tokenizer):
+    """The base tokenizer plus the context tokens, made once: each save would otherwise copy it (1 s)."""
+    from fdbpl_hf.prompts import adapter_tokenizer
+
+    return adapter_tokenizer(tokenizer, 4)[0]
+
+
 def trained(tokenizer, seed=0):
     model = get_fdbpl_model(make_clip("tiny"), FDBPLConfig(base_model_name_or_path="tiny-clip"), tokenizer)
     g = torch.Generator().manual_seed(seed)
@@ -46,22 +54,22 @@ def model_folder(path, tokenizer, with_tokenizer=True):
     return path
 
 
-def test_an_adapter_saved_into_a_model_folder_leaves_the_model(tokenizer, tmp_path):
+def test_an_adapter_saved_into_a_model_folder_leaves_the_model(context_tokenizer, tokenizer, tmp_path):
     # 0.6 deleted config.json and model.safetensors here (its cleanup of "stale 0.3 files")
     folder = model_folder(tmp_path / "student", tokenizer, with_tokenizer=False)
     before = snapshot(folder)
-    trained(tokenizer).save_pretrained(folder)
+    trained(context_tokenizer).save_pretrained(folder)
     after = snapshot(folder)
     assert {k: before[k] for k in before} == {k: after[k] for k in before}  # every byte of the model kept
     assert {"adapter_config.json", "adapter_model.safetensors", "fdbpl_config.json"} <= set(after)
     loaded = FDBPLCLIPModel.from_pretrained(make_clip("tiny"), folder, check_base_model=False)
-    torch.testing.assert_close(loaded.prompts.ctx_pos, trained(tokenizer).prompts.ctx_pos, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.prompts.ctx_pos, trained(context_tokenizer).prompts.ctx_pos, atol=0, rtol=0)
 
 
-def test_a_save_that_would_overwrite_a_models_tokenizer_is_refused_untouched(tokenizer, tmp_path):
+def test_a_save_that_would_overwrite_a_models_tokenizer_is_refused_untouched(context_tokenizer, tokenizer, tmp_path):
     folder = model_folder(tmp_path / "student", tokenizer)
     before = snapshot(folder)
-    model = trained(tokenizer)
+    model = trained(context_tokenizer)
     with pytest.raises(ValueError, match=r"tokenizer\.json \(the tokenizer of a model, without FDBPL's context tokens\)"
                                          r".*Nothing was changed"):
         model.save_pretrained(folder)
@@ -74,7 +82,7 @@ def test_a_save_that_would_overwrite_a_models_tokenizer_is_refused_untouched(tok
     assert snapshot(folder) == before
 
 
-def test_a_save_killed_while_staging_is_cleaned_up_by_the_next(tokenizer, tmp_path):
+def test_a_save_killed_while_staging_is_cleaned_up_by_the_next(context_tokenizer, tmp_path):
     import socket
     import subprocess
     import sys
@@ -87,13 +95,13 @@ def test_a_save_killed_while_staging_is_cleaned_up_by_the_next(tokenizer, tmp_pa
     for path in (left, other):
         path.mkdir(parents=True)
         (path / "adapter_model.safetensors").write_bytes(b"half")
-    trained(tokenizer).save_pretrained(folder)
+    trained(context_tokenizer).save_pretrained(folder)
     assert not left.exists() and other.exists()  # a leftover would be uploaded by the next push of the folder
 
 
-def test_a_card_the_user_wrote_is_kept_and_ours_is_refreshed(tokenizer, tmp_path):
+def test_a_card_the_user_wrote_is_kept_and_ours_is_refreshed(context_tokenizer, tmp_path):
     folder = tmp_path / "adapter"
-    model = trained(tokenizer, seed=0)
+    model = trained(context_tokenizer, seed=0)
     model.save_pretrained(folder)
     ours = (folder / "README.md").read_text()
     model.fdbpl_config.training = {"steps": 7}  # a later checkpoint: our card is refreshed
@@ -117,9 +125,9 @@ def test_a_card_the_user_wrote_is_kept_and_ours_is_refreshed(tokenizer, tmp_path
     assert (merged / "README.md").read_text() == USER_CARD and (merged / "model.safetensors").is_file()
 
 
-def test_save_merged_replaces_its_own_earlier_save_only(tokenizer, tmp_path):
+def test_save_merged_replaces_its_own_earlier_save_only(context_tokenizer, tmp_path):
     folder = tmp_path / "merged"
-    model = trained(tokenizer, seed=0)
+    model = trained(context_tokenizer, seed=0)
     model.save_merged(folder)
     first = snapshot(folder)
     with torch.no_grad():
@@ -134,30 +142,30 @@ def test_save_merged_replaces_its_own_earlier_save_only(tokenizer, tmp_path):
     assert set(os.listdir(folder)) == set(first)
 
 
-def test_a_0_3_adapter_is_replaced_but_a_model_beside_an_adapter_is_not(tokenizer, tmp_path):
+def test_a_0_3_adapter_is_replaced_but_a_model_beside_an_adapter_is_not(context_tokenizer, tokenizer, tmp_path):
     from safetensors.torch import save_file
 
     folder = tmp_path / "mixed"
     model_folder(folder, tokenizer, with_tokenizer=False)
     # a 0.3 FDBPL config but the model's weights: not a 0.3 adapter, nothing is removed
     config = read_json(folder / "config.json", "")
-    trained(tokenizer).save_pretrained(folder)
+    trained(context_tokenizer).save_pretrained(folder)
     assert read_json(folder / "config.json", "") == config and (folder / "model.safetensors").is_file()
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    write_json(legacy / "config.json", {**trained(tokenizer).fdbpl_config.to_dict(), "fdbpl_version": "0.3.0"})
+    write_json(legacy / "config.json", {**trained(context_tokenizer).fdbpl_config.to_dict(), "fdbpl_version": "0.3.0"})
     save_file({"ctx_pos": torch.zeros(4, 32), "ctx_neg": torch.zeros(4, 32)}, str(legacy / "model.safetensors"))
-    trained(tokenizer).save_pretrained(legacy)
+    trained(context_tokenizer).save_pretrained(legacy)
     assert not (legacy / "config.json").exists() and not (legacy / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
-def test_saved_files_follow_the_umask(tokenizer, tmp_path, umask):
+def test_saved_files_follow_the_umask(context_tokenizer, tmp_path, umask):
     # 0.6 wrote adapter_model.safetensors and merged model.safetensors with mode 0600 (safetensors' own)
     old = os.umask(umask)
     try:
-        trained(tokenizer).save_pretrained(tmp_path / "adapter")
-        trained(tokenizer).save_merged(tmp_path / "merged")
+        trained(context_tokenizer).save_pretrained(tmp_path / "adapter")
+        trained(context_tokenizer).save_merged(tmp_path / "merged")
         atomic_write(tmp_path / "x.json", "{}")
         assert file_mode() == 0o666 & ~umask
     finally:
