@@ -96,7 +96,8 @@ def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict) -> None:
     README.md, and with --push_to_hub the Hub repo's card."""
     from huggingface_hub import ModelCard
 
-    from fdbpl_hf.prompts import record_eval_results
+    from fdbpl_hf.prompts import ADAPTER_CARD_HEADINGS, record_eval_results
+    from fdbpl_hf.saving import save_card_file
 
     local = os.path.isdir(args.adapter)
     repo_id = args.hub_model_id or (None if local else args.adapter)
@@ -111,8 +112,8 @@ def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict) -> None:
             {**common, "metric": "harmonic mean (base, novel)", "metric_type": "hm", "value": b2n["hm"]}]
     name = (repo_id or os.path.basename(os.path.normpath(args.adapter))).split("/")[-1]
     card = record_eval_results(card, rows, model_name=name)
-    if local:
-        card.save(os.path.join(args.adapter, "README.md"))
+    if local:  # fdbpl_hf's card stays fdbpl_hf's (its next save refreshes it); a user's stays the user's
+        save_card_file(os.path.join(args.adapter, "README.md"), str(card), ADAPTER_CARD_HEADINGS)
     if args.push_to_hub:
         card.push_to_hub(repo_id, commit_message=f"Evaluation on {protocol['dataset']} ({protocol['split']})")
         print(f"results recorded on the card of {repo_id}")

@@ -32,8 +32,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .files import atomic_write, read_json
 from .imagenet_variants import IMAGENET_A_CLASS_IDS, IMAGENET_A_WNIDS, IMAGENET_R_CLASS_IDS, IMAGENET_R_WNIDS
 from .progress import quiet_progress
+from .rows import stored_rows, with_format_of
 from .validation import check_class_ids, check_class_names, check_template, check_value, class_name_key, integer
 
 __all__ = [
@@ -195,15 +197,13 @@ class FewShotSplit:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Write the split as a JSON file (relative row ids only, so it is portable across machines)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+        """Write the split as a JSON file (relative row ids only, so it is portable across machines),
+        atomically: a crash never leaves half a split."""
+        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "FewShotSplit":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_json(path, "draw the split again (FewShotSplit.create) or restore the file"))
 
     def apply(self, dataset):
         """`dataset.select(indices)` after checking row count and the selected rows' labels."""
@@ -257,6 +257,8 @@ def subset_classes(dataset, class_ids: Sequence[int], label_column: str = "label
 
     names = _class_names(dataset, label_column)
     class_ids = check_class_ids("class_ids", class_ids)
+    # as stored: under a torch format the labels are tensors, and tensor(3) in {3} is False
+    original, dataset = dataset, stored_rows(dataset, warn=False)
     if len(set(class_ids)) != len(class_ids):
         raise ValueError("class_ids contains duplicates")
     for c in class_ids:
@@ -270,10 +272,10 @@ def subset_classes(dataset, class_ids: Sequence[int], label_column: str = "label
         )
         features = subset.features.copy()
         features[label_column] = datasets.ClassLabel(names=[names[c] for c in class_ids])
-        return subset.map(
+        return with_format_of(subset.map(
             lambda ys: {label_column: [mapping[y] for y in ys]}, input_columns=label_column, batched=True,
             features=features, desc="Relabelling",
-        )
+        ), original)
 
 
 def _resolve_info(info: "DatasetInfo | str | None") -> "DatasetInfo | None":
@@ -626,9 +628,10 @@ def reorder_classes(dataset, order: Sequence[str], label_column: str = "label"):
     new_id = {old: order.index(n) for old, n in enumerate(names)}
     features = dataset.features.copy()
     features[label_column] = datasets.ClassLabel(names=order)
-    with quiet_progress():  # the label column only
-        return dataset.map(lambda ys: {label_column: [new_id[y] if y >= 0 else y for y in ys]},
-                           input_columns=label_column, batched=True, features=features, desc="Reordering classes")
+    with quiet_progress():  # the label column only, as stored (a torch format's tensors are no dict keys)
+        return with_format_of(stored_rows(dataset, warn=False).map(
+            lambda ys: {label_column: [new_id[y] if y >= 0 else y for y in ys]},
+            input_columns=label_column, batched=True, features=features, desc="Reordering classes"), dataset)
 
 
 _CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}

@@ -39,7 +39,9 @@ import torch.nn.functional as F
 
 from .data import DatasetInfo, make_base_novel_test, resolve_dataset
 from .metrics import accuracy, auroc, average_base_novel, fpr_at_tpr, harmonic_mean, per_class_accuracy, summarize_seeds
+from .files import atomic_write, read_json
 from .modeling import FDBPLCLIPModel, check_tokenizer, refuse_identical_prompts
+from .rows import stored_rows
 from .validation import (between, check_class_ids, check_class_names, check_class_order, check_template, check_value,
                          flag, integer, label_names_of, text)
 from .version import __version__
@@ -243,6 +245,7 @@ def encode_images(model: Classifier, dataset, *, image_processor, batch_size: in
     _check_dataset(name, dataset)
     if len(dataset) == 0:
         raise ValueError(f"{name} has no rows")
+    dataset = stored_rows(dataset, name)  # the stored images and labels, not a format's tensors or a transform's
     columns = dataset.column_names
     for column in (image_column, label_column):
         if column is not None and column not in columns:
@@ -715,18 +718,13 @@ def write_results(path: Union[str, os.PathLike], results: Mapping[str, Any], pro
     }
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)  # a crash never leaves a half-written results file
-    return path
+    # a crash or a full disk never leaves a half-written results file
+    return atomic_write(path, json.dumps(record, indent=1, allow_nan=False) + "\n")
 
 
 def load_results(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """Read a file written by `write_results` (checks it has a protocol and results)."""
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+    record = read_json(path, "write the run's results again (rerun its evaluation)")
     if not isinstance(record, dict) or "protocol" not in record or "results" not in record:
         raise ValueError(f"{path} is not a results file (no 'protocol' and 'results')")
     if record.get("format_version", RESULTS_FORMAT_VERSION) > RESULTS_FORMAT_VERSION:

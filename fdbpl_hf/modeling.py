@@ -6,7 +6,6 @@ import itertools
 import os
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -19,7 +18,8 @@ from .acceleration import prepared_text_mask
 from .clip_ops import check_tokenizer, refuse_identical_prompts  # noqa: F401  (evaluation imports them from here)
 from .config import FDBPLConfig
 from .prompts import (FDBPLPromptLearner, adapter_tokenizer, hypothesis_template, locate_adapter_config,
-                      merged_card, save_adapter)
+                      merged_card, merged_file_owner, save_adapter, superseded_merged_weights)
+from .saving import CARD_NAME, save_files, stamp_card
 from .validation import check_class_names
 
 _SIGNATURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
@@ -375,6 +375,8 @@ class FDBPLCLIPModel(nn.Module):
         tokens, `image_processor` when given (the zero-shot pipeline needs one) and a card stating
         the template. `pipeline("zero-shot-image-classification", model=output_dir)` with that
         template predicts what `forward(...).pos_logits` predicts, without fdbpl_hf installed.
+        `output_dir` must be new, empty or an earlier `save_merged` folder: files of a model that
+        fdbpl_hf did not save are refused, untouched, and a README.md the user wrote is kept.
         """
         if getattr(self, "_unloaded", False):
             raise RuntimeError("this FDBPLCLIPModel was unloaded: wrap the CLIP model again first")
@@ -396,12 +398,19 @@ class FDBPLCLIPModel(nn.Module):
         text.config.eos_token_id = tok.eos_token_id
         text.eos_token_id = tok.eos_token_id
         merged.requires_grad_(True)  # a plain model, as from_pretrained gives it
-        output_dir = Path(output_dir)
-        merged.save_pretrained(output_dir)
-        tok.save_pretrained(output_dir)
-        if image_processor is not None:
-            image_processor.save_pretrained(output_dir)
-        merged_card(cfg).save(output_dir / "README.md")
+
+        def write(staging: str) -> None:
+            merged.save_pretrained(staging)
+            tok.save_pretrained(staging)
+            if image_processor is not None:
+                image_processor.save_pretrained(staging)
+            with open(os.path.join(staging, CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(stamp_card(str(merged_card(cfg))))
+
+        # only into a new or empty folder, or over an earlier save_merged: a model or tokenizer that
+        # fdbpl_hf did not write is refused, untouched (fdbpl_hf.saving)
+        save_files(output_dir, write, merged_file_owner, what="the merged CLIP", stale=superseded_merged_weights,
+                   last=("config.json",))
         return hypothesis_template(cfg)
 
     def get_base_model(self) -> CLIPModel:

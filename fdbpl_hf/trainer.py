@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,7 +19,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .acceleration import PixelRenormaliser, TeacherRunner, compile_options, compiled
 from .losses import PCD_REDUCTIONS, WEIGHT_MODES, coop_loss, fdbpl_loss
 from .modeling import FDBPLCLIPModel
-from .prompts import ADAPTER_COMPANION_FILES, FDBPLPromptLearner, adapter_card
+from .files import write_json
+from .prompts import (ADAPTER_CARD_HEADINGS, ADAPTER_COMPANION_FILES, ADAPTER_FILES, FDBPLPromptLearner, adapter_card,
+                      adapter_file_owner)
 from .ril.features import check_feature_cache
 from .ril.device_replay import collate_device_replay, render_batch
 from .ril.replay import RILDataset, dense_teacher_logits
@@ -28,6 +29,7 @@ from .ril.table import ENTROPY_COLUMN
 from .ril.teachers import Teacher
 from .validation import (at_least, between, check_class_order, check_fields, check_value, flag, greater_than,
                          integer, one_of, probability)
+from .saving import refuse_conflicts, save_files, write_card
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +261,18 @@ class FDBPLTrainer(Trainer):
         if not any(p.requires_grad for p in model.prompts.parameters()):
             raise ValueError("the model's prompts are frozen (FDBPLCLIPModel.from_pretrained loads for inference): "
                              "load it with is_trainable=True to train it further")
+        processor = kwargs.get("processing_class")
+        if processor is not None and (hasattr(processor, "convert_tokens_to_ids") or
+                                      getattr(processor, "tokenizer", None) is not None):
+            # the Trainer saves it into output_dir before each push, over the adapter's tokenizer
+            # (the base one plus the context tokens): the pushed adapter would lose its tokens
+            raise ValueError("processing_class holds a tokenizer, which the Trainer would save over the adapter's own "
+                             "(the base tokenizer plus the context tokens): leave processing_class out (the adapter "
+                             "saves its tokenizer itself), or pass only the image processor")
+        # the adapter is saved into output_dir at the end: a folder holding a model's files is refused
+        # now, not after the training (fdbpl_hf.saving)
+        refuse_conflicts(args.output_dir, ADAPTER_FILES, adapter_file_owner,
+                         "the trained adapter (FDBPLTrainer saves it into output_dir)")
         eval_data = kwargs.get("eval_dataset")
         if eval_data is not None:
             self._check_eval_dataset(eval_data, train_dataset)
@@ -482,8 +496,7 @@ class FDBPLTrainer(Trainer):
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if os.path.isdir(folder):
-                with open(os.path.join(folder, CHECKPOINT_COMPLETE), "w", encoding="utf-8") as f:
-                    json.dump({"global_step": self.state.global_step}, f)
+                write_json(os.path.join(folder, CHECKPOINT_COMPLETE), {"global_step": self.state.global_step})
 
     def evaluation_loop(self, *args, **kwargs):
         self._reset_metrics("eval")
@@ -511,10 +524,14 @@ class FDBPLTrainer(Trainer):
         # push; the rest of the adapter (our config, the tokenizer with the context tokens, the
         # card) must go with them, or the pushed repo mixes two saves.
         if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            for name in ADAPTER_COMPANION_FILES:
-                src = os.path.join(checkpoint_folder, name)
-                if os.path.isfile(src):
-                    shutil.copy(src, os.path.join(self.args.output_dir, name))
+            def write(staging: str) -> None:
+                for name in ADAPTER_COMPANION_FILES:
+                    src = os.path.join(checkpoint_folder, name)
+                    if os.path.isfile(src):
+                        shutil.copyfile(src, os.path.join(staging, name))
+
+            # by the saving rules: only fdbpl_hf's files in output_dir are replaced, a user's card is kept
+            save_files(self.args.output_dir, write, adapter_file_owner, what=f"the adapter of {checkpoint_folder}")
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _restore_prompts(self, checkpoint_dir: str, model=None) -> None:
@@ -594,4 +611,5 @@ class FDBPLTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         prompts = self._adapter_prompts()
-        adapter_card(prompts.config, repo_id=self._hub_repo_id()).save(os.path.join(self.args.output_dir, "README.md"))
+        card = adapter_card(prompts.config, repo_id=self._hub_repo_id())
+        write_card(self.args.output_dir, str(card), ADAPTER_CARD_HEADINGS, "the trained adapter")

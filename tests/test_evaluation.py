@@ -17,6 +17,8 @@ from fdbpl_hf.evaluation import (ZeroShotCLIP, encode_images, evaluate_base_to_n
                                  evaluate_ood, format_summary_markdown, load_classifier, load_results, ood_metrics,
                                  ood_scores, predict_logits, summarize_runs, write_results)
 from fdbpl_hf.metrics import accuracy, average_base_novel, harmonic_mean, per_class_accuracy
+from fdbpl_hf.prompts import ADAPTER_CARD_HEADINGS
+from fdbpl_hf.saving import card_owner
 from fdbpl_hf.testing.worlds import DIGIT_NAMES, image_processor_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +227,8 @@ def test_evaluate_script(fake_hub, tiny_checkpoints, tokenizer, tmp_path):
         assert results["harmonic mean (base, novel)"].metric_value == round(b2n["hm"], 2)
         assert results["novel accuracy"].dataset_name == "digits" and results["base accuracy"].dataset_split == "test"
         assert card.data.library_name == "peft" and "model-index" in card.content
+    # still fdbpl_hf's own card (stamped again): the adapter's next save refreshes it, nothing is kept by mistake
+    assert card_owner(str(adapter_dir / "README.md"), ADAPTER_CARD_HEADINGS) is None
 
 
 # ---- bad input ------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..clip_ops import channel_stats, normalize_pixels
-from ..integrity import expand_path
+from ..integrity import build_output_dir, is_sampled_fingerprint
+from ..rows import stored_rows
 from ..losses import shannon_entropy
 from ..validation import check_class_names, check_class_order
 from .device_replay import DeviceChunkRenderer
@@ -259,6 +260,7 @@ def build_ril_table(
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
     if region_spec is not None and not isinstance(region_spec, RegionSpec):
         raise TypeError(f"region_spec must be a RegionSpec, got {type(region_spec).__name__}")
+    dataset = stored_rows(dataset, "the dataset of build_ril_table")  # not a format's tensors or a transform's output
     for column in (image_column, label_column):
         if column is not None and column not in dataset.column_names:
             raise ValueError(f"column {column!r} is not in the dataset (columns: {dataset.column_names})")
@@ -311,13 +313,14 @@ def build_ril_table(
     }
     key = build_key(metadata)
     metadata.update(build_key=key, library_version=library_version())
-    if output_dir is None and metadata["teacher"].get("weights") is None and not teacher.revision:
+    if output_dir is None and not identified(metadata["teacher"]):
         # the default folder is named by the build key: without the teacher's content in it, two
         # different callables of one name would share (and return) one table
-        raise ValueError(f"the teacher {teacher.name!r} is a callable whose weights fdbpl_hf cannot fingerprint, so "
+        raise ValueError(f"the teacher {teacher.name!r} is (or holds) a callable whose weights fdbpl_hf cannot "
+                         "fingerprint, so "
                          "the default cache folder could hand back another teacher's table: pass output_dir=, or "
                          "teacher_revision= (a string that identifies its weights), or give a torch.nn.Module")
-    output_dir = expand_path(output_dir) if output_dir else default_build_dir(key)
+    output_dir = build_output_dir(output_dir if output_dir else default_build_dir(key))
 
     done = _existing_table(output_dir, metadata)
     if done is not None:
@@ -344,6 +347,25 @@ def build_ril_table(
     return load_ril_table(output_dir)
 
 
+def identified(teacher: dict) -> bool:
+    """Whether a teacher's description pins what it computes: a revision, or the digest of its
+    weights (for an ensemble: every member's; its own "weights" are the mixing weights)."""
+    if teacher.get("revision"):
+        return True
+    if "members" in teacher:
+        return all(identified(m) for m in teacher["members"])
+    return teacher.get("weights") is not None
+
+
+def _sampled_teacher_key(teacher) -> bool:
+    """Whether a stored teacher description holds a weights fingerprint of 0.4-0.6 (sampled)."""
+    if not isinstance(teacher, dict):
+        return False
+    if "members" in teacher:
+        return any(_sampled_teacher_key(m) for m in teacher["members"])
+    return is_sampled_fingerprint(teacher.get("weights"))
+
+
 def _existing_table(output_dir: str, metadata: dict) -> Optional[datasets.Dataset]:
     meta_path = os.path.join(output_dir, METADATA_FILE)
     if absent_or_empty(output_dir):
@@ -355,9 +377,13 @@ def _existing_table(output_dir: str, metadata: dict) -> Optional[datasets.Datase
         raise ValueError(f"output_dir {output_dir} holds a {METADATA_FILE} that is not an RIL table's; choose another "
                          "folder")
     if existing.get("build_key") != metadata["build_key"]:
+        differences = content_differences(existing, metadata)
+        sampled = (f". Its teacher was identified by fdbpl_hf {existing.get('library_version')}'s sampled weights "
+                   "fingerprint, this version digests all the weights: the same teacher gets another key. "
+                   "load_ril_table(output_dir) still loads and replays it as it is"
+                   if _sampled_teacher_key(existing.get("teacher")) else "")
         raise ValueError(f"output_dir {output_dir} already holds an RIL table built with other settings (built by "
                          f"fdbpl_hf {existing.get('library_version')}; differs in "
-                         f"{', '.join(content_differences(existing, metadata)) or 'its build key'}); delete it or "
-                         "pick another folder")
+                         f"{', '.join(differences) or 'its build key'}){sampled}; delete it or pick another folder")
     return load_ril_table(output_dir)
 

@@ -14,8 +14,9 @@ from ..validation import (check_class_names, check_class_order, check_image_stat
                           label_names_of, text)
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .feature_cache import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
+from ..rows import stored_rows
 from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_columns, check_table_matches,
-                    decode_image, is_verified, ril_metadata, validate_table_rows, verify_rows)
+                    decode_image, is_verified, refuse_foreign_metadata, ril_metadata, validate_table_rows, verify_rows)
 
 MR_FILL_GAP = 10.0
 
@@ -107,10 +108,15 @@ class RILDataset(torch.utils.data.Dataset):
                                label_column=label_column, metadata=metadata, verify=verify)
         self.metadata = metadata if metadata is not None else ril_metadata(table)
         verify = verification_enabled(verify)
+        # the stored rows: under a torch format every label is a tensor (tensor(3) matches no digest),
+        # and a transform hands out its own output instead of the images
+        dataset = stored_rows(dataset, "the dataset of the RILDataset")
         if table is not None:
             check_metadata(self.metadata, "the RIL table's metadata")
+            if metadata is not None:
+                refuse_foreign_metadata(table, metadata, "the RIL table")
             check_table_columns(table, self.metadata, "the RIL table")
-            if verify and not is_verified(table):
+            if verify and not is_verified(table, self.metadata):
                 # a table that did not come from load_ril_table/build_ril_table as is (e.g. shuffled,
                 # selected or rebuilt in memory): its rows must still be the ones that were built
                 verify_rows(table, self.metadata, "the RIL table", TABLE_LAYOUT)
@@ -165,7 +171,7 @@ class RILDataset(torch.utils.data.Dataset):
             if len(feature_cache) != expected:
                 raise ValueError(f"the student-feature cache has {len(feature_cache)} rows, its table needs "
                                  f"{expected} ({len(dataset)} images x {self.cache_metadata['epochs']} epochs)")
-            if verify and not is_verified(feature_cache):
+            if verify and not is_verified(feature_cache, self.cache_metadata):
                 verify_cache(feature_cache, self.cache_metadata, "the student-feature cache")
             self.feature_cache = feature_cache.with_format("numpy")
             self._labels = self.label_array()

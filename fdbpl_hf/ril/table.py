@@ -29,6 +29,8 @@ from ..integrity import (
     image_digests, metadata_digest, require_keys, verification_enabled, verify_table_digests,
 )
 from ..validation import check_class_names, class_order_difference
+from ..files import read_json
+from ..rows import stored_rows
 from ..version import __version__
 from .table_config import FILL_RULES  # noqa: F401  (re-exported: its home before 0.7)
 
@@ -73,7 +75,7 @@ def source_fingerprint(dataset: datasets.Dataset, image_column: str, label_colum
     h.update(str(len(dataset)).encode())
     h.update(json.dumps(dataset.features.to_dict(), sort_keys=True).encode())
     if len(dataset):
-        raw = dataset.select_columns([c for c in (image_column, label_column) if c]).cast_column(
+        raw = stored_rows(dataset, warn=False).select_columns([c for c in (image_column, label_column) if c]).cast_column(
             image_column, datasets.Image(decode=False))
         for row in sorted(set(np.linspace(0, len(dataset) - 1, num_samples).astype(int).tolist())):
             item = raw[row]
@@ -157,17 +159,51 @@ def check_metadata(metadata: dict, where: str) -> None:
                              "images. Rebuild or re-download the table.")
 
 
-# Tables and caches whose rows were checked against their metadata in this process, by datasets
-# fingerprint (any transform, e.g. shuffle or select, makes a new one).
+# Tables and caches whose rows were checked against a metadata in this process: (datasets
+# fingerprint, which any transform such as shuffle or select changes, the metadata's build key and
+# digest). Rows verified against one table's metadata are not verified against another's.
 _VERIFIED: set = set()
 
 
-def mark_verified(dataset: datasets.Dataset) -> None:
-    _VERIFIED.add(dataset._fingerprint)
+def _metadata_identity(metadata: Optional[dict]) -> tuple:
+    metadata = metadata or {}
+    return metadata.get("build_key"), metadata.get("metadata_digest")
 
 
-def is_verified(dataset: datasets.Dataset) -> bool:
-    return dataset._fingerprint in _VERIFIED
+def mark_verified(dataset: datasets.Dataset, metadata: Optional[dict] = None) -> None:
+    _VERIFIED.add((dataset._fingerprint, _metadata_identity(metadata)))
+
+
+def is_verified(dataset: datasets.Dataset, metadata: Optional[dict] = None) -> bool:
+    """Whether `dataset`'s rows were checked against `metadata` (default: the metadata it carries)."""
+    if metadata is None:
+        try:
+            metadata = json.loads(dataset.info.description or "")
+        except json.JSONDecodeError:
+            metadata = None
+    return (dataset._fingerprint, _metadata_identity(metadata if isinstance(metadata, dict) else None)) in _VERIFIED
+
+
+def own_metadata(dataset: datasets.Dataset) -> Optional[dict]:
+    """The metadata a table or cache carries (`load_ril_table`, `build_*` attach it), or None."""
+    try:
+        meta = json.loads(dataset.info.description or "")
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) and "format" in meta else None
+
+
+def refuse_foreign_metadata(dataset: datasets.Dataset, metadata: dict, what: str) -> None:
+    """Refuse `metadata` given for a table (or cache) that carries another table's metadata, naming
+    what differs: rows replayed under another table's classes, regions or layout are wrong."""
+    own = own_metadata(dataset)
+    if own is None or _metadata_identity(own) == _metadata_identity(metadata):
+        return
+    differences = content_differences(own, metadata) if own.get("format") == TABLE_FORMAT else []
+    detail = ", ".join(differences) or f"build key {own.get('build_key')} vs {metadata.get('build_key')}"
+    raise ValueError(f"the metadata= given with {what} belongs to another table ({detail}): rows and metadata must "
+                     "come from one table. Leave metadata= out (the table carries its own), or pass "
+                     "ril_metadata(table).")
 
 
 def verify_rows(dataset: datasets.Dataset, metadata: dict, what: str, layout: str) -> None:
@@ -178,7 +214,7 @@ def verify_rows(dataset: datasets.Dataset, metadata: dict, what: str, layout: st
                        what)
         return
     verify_table_digests(dataset, record, what, layout)
-    mark_verified(dataset)
+    mark_verified(dataset, metadata)
 
 
 TABLE_COLUMNS = ("box", "flip", "topk_indices", "topk_logits")  # and ENTROPY_COLUMN, from 0.4 on
@@ -261,12 +297,7 @@ def attach_metadata(table: datasets.Dataset, metadata: dict) -> datasets.Dataset
 
 def read_metadata_file(path: str) -> dict:
     """A metadata JSON file, with errors that name it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the file is corrupt or was edited; rebuild or "
-                         "re-download it") from err
+    return read_json(path, "rebuild or re-download the table or cache (delete its folder first)")
 
 
 def load_from_disk_named(folder: str) -> datasets.Dataset:

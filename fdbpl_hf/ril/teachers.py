@@ -58,17 +58,21 @@ class Teacher:
         return self
 
     def weights_fingerprint(self) -> Optional[str]:
-        """A content hash of what the teacher computes with (its weights), or None when it cannot
-        be known (a plain function). Tables key on it: two teachers of the same name and shapes
-        never share a table."""
+        """A content hash of what the teacher computes with (all its weights:
+        `fdbpl_hf.integrity.tensor_fingerprint`), or None when it cannot be known (a plain
+        function). Tables key on it: two teachers of the same name and shapes never share a table."""
         return None
 
-    def describe(self) -> dict:
-        """What the table's metadata records about this teacher."""
+    def basic_description(self) -> dict:
+        """The facts every teacher records: type, name, revision, input size, normalisation, classes."""
         return {"type": type(self).__name__, "name": self.name, "revision": self.revision,
                 "input_size": self.input_size, "image_mean": list(self.image_mean),
-                "image_std": list(self.image_std), "num_classes": self.num_classes,
-                "weights": self.weights_fingerprint()}
+                "image_std": list(self.image_std), "num_classes": self.num_classes}
+
+    def describe(self) -> dict:
+        """What the table's metadata records about this teacher (its weights' digest is computed here,
+        once per call: describe once per build)."""
+        return {**self.basic_description(), "weights": self.weights_fingerprint()}
 
 
 class CLIPTeacher(Teacher):
@@ -292,7 +296,9 @@ class EnsembleTeacher(Teacher):
         return torch.where(total > 0, raw / total.clamp_min(1e-12), fixed.expand_as(raw))
 
     def describe(self) -> dict:
-        return {**super().describe(), "members": [m.describe() for m in self.members],
+        # "weights" holds the mixing weights here (as before 0.7); the members' descriptions carry
+        # their weights' digests, each computed once
+        return {**self.basic_description(), "members": [m.describe() for m in self.members],
                 "weights": self.weights.tolist(), "weighting": self.weighting}
 
 
