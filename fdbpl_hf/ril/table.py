@@ -165,6 +165,46 @@ def mark_verified(dataset: datasets.Dataset) -> None:
     _VERIFIED.add(dataset._fingerprint)
 
 
+def take_rows(dataset: datasets.Dataset, positions: Sequence[int], columns: Optional[Sequence[str]] = None) -> dict:
+    """Rows `positions` of `dataset` as numpy arrays, one per column: the values and dtypes of
+    `dataset.with_format("numpy")[positions]` (integers as int64, floats as float32, as datasets'
+    formatter widens them), read straight from Arrow. datasets' formatter converts list columns
+    row by row in Python (about 2 ms per batch of 256 table rows); here a fixed-length list column
+    is one 2-D array. Datasets with an index mapping (`select`, `shuffle`), null cells or other
+    column types take datasets' own path."""
+    import pyarrow as pa
+
+    names = list(columns) if columns is not None else list(dataset.column_names)
+    generic = getattr(dataset, "_indices", None) is not None
+    table = dataset.data.table if not generic else None
+    out = {}
+    if table is not None:
+        taken = table.select(names).take(pa.array(np.asarray(positions, dtype=np.int64)))
+        for name in names:
+            column = taken.column(name).combine_chunks()
+            kind = column.type
+            if column.null_count:
+                break
+            if pa.types.is_fixed_size_list(kind) and not pa.types.is_nested(kind.value_type):
+                flat = column.flatten()
+                if flat.null_count or len(flat) != len(column) * kind.list_size:
+                    break
+                out[name] = flat.to_numpy(zero_copy_only=False).reshape(len(column), kind.list_size)
+            elif pa.types.is_primitive(kind) and not pa.types.is_temporal(kind):
+                out[name] = column.to_numpy(zero_copy_only=False)
+            else:
+                break
+        else:
+            for name, values in out.items():
+                if np.issubdtype(values.dtype, np.integer):
+                    out[name] = values.astype(np.int64, copy=False)
+                elif np.issubdtype(values.dtype, np.floating):
+                    out[name] = values.astype(np.float32, copy=False)
+            return out
+    formatted = dataset.with_format("numpy", columns=names)[list(positions)]
+    return {name: formatted[name] for name in names}
+
+
 def is_verified(dataset: datasets.Dataset) -> bool:
     return dataset._fingerprint in _VERIFIED
 

@@ -4,7 +4,7 @@
 command line with `transformers.HfArgumentParser`, and the finished table stores it whole under
 its metadata's `build_config` key (`RILTableConfig.from_metadata(ril_metadata(table))`). Which of
 these settings change the table's content is decided by the build key, not by this class: the
-batch sizes, `shard_size`, `num_proc` and `device` change how fast a table is built, not its rows.
+batch sizes, `shard_size`, `host_threads`, `num_proc` and `device` change how fast a table is built, not its rows.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class RILTableConfig:
     images_per_batch: int = field(default=4, metadata={"help": "Images per datasets.map batch."})
     teacher_batch_size: int = field(default=256, metadata={"help": "Regions per teacher forward."})
     shard_size: int = field(default=1000, metadata={"help": "Images per resumable shard."})
+    host_threads: Optional[int] = field(default=None, metadata={
+        "help": "Host threads that decode and crop ahead of the teacher (default: 1 when the teacher runs on the "
+                "CPU, else every usable CPU, at most 32)."})
     num_proc: Optional[int] = field(default=None, metadata={
         "help": "datasets.map worker processes (worker r uses GPU r)."})
     device: Optional[str] = field(default=None, metadata={
