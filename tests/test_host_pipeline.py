@@ -178,6 +178,42 @@ def test_region_for_keeps_permutations_without_changing_the_schedule(digits_smal
     assert pickle.loads(pickle.dumps(kept))._permutations is None  # DataLoader workers draw their own
 
 
+def test_online_regions_are_kept_without_changing_them(digits_small, monkeypatch):
+    """The online dataset draws an image's M regions as the builder does; kept once drawn (store
+    and pixel items alike), they are the builder's boxes and flips."""
+    from fdbpl_hf import DeviceImageStore
+
+    spec = RegionSpec(output_size=16)
+
+    def online():
+        return RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=OPENAI_CLIP_MEAN,
+                                 image_std=OPENAI_CLIP_STD, region_spec=spec, num_regions=4, seed=3)
+
+    kept, stored = online(), online()
+    stored.use_image_store(DeviceImageStore.from_dataset(stored))
+    kept.__getitems__([1]), stored.__getitems__([1])  # their memos are made at the first draw
+    monkeypatch.setattr(replay_module, "DRAWN_MEMO_REGIONS", 0)
+    drawn = online()
+    for epoch in (0, 1, 5):
+        for data in (kept, stored, drawn):
+            data.set_epoch(epoch)
+        indices = [4, 0, 29, 4]
+        items = kept.__getitems__(indices)
+        again, fresh, store_items = kept.__getitems__(indices), drawn.__getitems__(indices), stored.__getitems__(indices)
+        for n, index in enumerate(indices):
+            assert torch.equal(items[n]["pixel_values"], again[n]["pixel_values"])
+            assert torch.equal(items[n]["pixel_values"], fresh[n]["pixel_values"])
+            image = image_to_tensor(build_module.decode_image(digits_small.cast_column(
+                "image", datasets.Image(decode=False))[index]["image"], index))
+            boxes, flips = sample_regions(image.shape[1], image.shape[2], 4, spec, region_rng(3, index))
+            region = kept.region_for(index)
+            assert bool(store_items[n]["region_flip"]) == bool(flips[region])
+            expected = device_replay.pixel_boxes(boxes[region:region + 1], np.array([image.shape[1]]),
+                                                 np.array([image.shape[2]]))[0]
+            assert store_items[n]["region_crop"].tolist() == expected.tolist()
+    assert kept._drawn is not None and stored._drawn is not None and drawn._drawn is None
+
+
 def test_store_and_cache_batches_are_views_of_batch_tensors(digits_small, tmp_path):
     """The training process builds one tensor per field and batch (items are views): the values
     are the per-item ones (labels, regions, soft labels)."""

@@ -26,7 +26,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .host_pipeline import pinned_empty, to_device
+from .host_pipeline import (
+    HostPool, check_host_threads, default_host_threads, ordered, pinned_empty, source_cells, to_device,
+)
 from .regions import BOX_SCALE, RegionSpec, image_to_tensor
 from .table import decode_image
 
@@ -62,9 +64,11 @@ class DeviceImageStore:
         self._device_meta = to_device(np.stack([self.offsets, self.widths]), pixels.device)
 
     @classmethod
-    def from_dataset(cls, data, device="cpu", image_column: Optional[str] = None) -> "DeviceImageStore":
+    def from_dataset(cls, data, device="cpu", image_column: Optional[str] = None,
+                     host_threads: Optional[int] = None) -> "DeviceImageStore":
         """Decode every image of `data` (an `RILDataset`, or a `datasets.Dataset` with `image_column`)
-        once, and move the pixels to `device`."""
+        once, in `host_threads` threads (default: every usable CPU up to 32 for an accelerator, one
+        for the CPU), and move the pixels to `device`."""
         import datasets
 
         if hasattr(data, "source"):  # an RILDataset: its source already reads undecoded cells
@@ -72,12 +76,20 @@ class DeviceImageStore:
         else:
             column, upright = image_column or "image", True  # as datasets.Image decodes
             source = data.select_columns([column]).cast_column(column, datasets.Image(decode=False))
-        chunks, heights, widths = [], [], []
-        for row, cell in enumerate(source[column] if len(source) <= 4096 else _iter_column(source, column)):
+        threads = check_host_threads(host_threads) or default_host_threads(torch.device(device))
+
+        def decode(item):
+            row, cell = item
             image = image_to_tensor(decode_image(cell, row, upright), f"row {row} of the source dataset")  # [3, H, W]
-            heights.append(image.shape[1])
-            widths.append(image.shape[2])
-            chunks.append(image.permute(1, 2, 0).reshape(-1, 3))
+            return image.permute(1, 2, 0).reshape(-1, 3), image.shape[1], image.shape[2]
+
+        chunks, heights, widths = [], [], []
+        with HostPool(threads, single_thread_ops=False) as pool:
+            for pixels, height, width in ordered(pool, decode, source_cells(source, column, range(len(source)), 1024),
+                                                 ahead=2 * threads):
+                heights.append(height)
+                widths.append(width)
+                chunks.append(pixels)
         if not chunks:
             raise ValueError("the dataset is empty (0 rows): there is nothing to store")
         pixels = torch.cat(chunks).to(device)
@@ -99,11 +111,6 @@ class DeviceImageStore:
         if torch.device(device) == self.device:
             return self
         return DeviceImageStore(self.pixels.to(device), self.heights, self.widths, self.exif_transpose)
-
-
-def _iter_column(source, column: str):
-    for start in range(0, len(source), 1024):
-        yield from source[start : start + 1024][column]
 
 
 def pixel_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -220,21 +227,6 @@ def device_channel_stats(mean: Sequence[float], std: Sequence[float], device) ->
         stats = tuple(to_device(torch.tensor(v, dtype=torch.float32).view(3, 1, 1), device) for v in key[:2])
         _DEVICE_STATS[key] = stats
     return stats
-
-
-def drawn_regions(store: DeviceImageStore, indices: Sequence[int], regions: Sequence[int], num_regions: int,
-                  spec: RegionSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes `[B, 4]` (uint16) and flips `[B]` of region `regions[n]` of image `indices[n]`, drawn as
-    the online dataset and the table builder draw them (`sample_regions` on the image's size)."""
-    from .regions import region_rng, sample_regions
-
-    boxes, flips = [], []
-    for index, region in zip(indices, regions):
-        b, f = sample_regions(int(store.heights[index]), int(store.widths[index]), num_regions, spec,
-                              region_rng(seed, int(index)))
-        boxes.append(b[region])
-        flips.append(f[region])
-    return np.stack(boxes), np.array(flips, dtype=bool)
 
 
 def collate_device_replay(items: list[dict]) -> dict:

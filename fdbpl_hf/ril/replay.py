@@ -18,6 +18,8 @@ from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, ch
 MR_FILL_GAP = 10.0
 # region_for keeps every image's permutation once drawn up to this many entries (int16: 2 bytes each)
 PERMUTATION_MEMO_ENTRIES = 1 << 24
+# the online dataset keeps every image's drawn regions up to this many (9 bytes each)
+DRAWN_MEMO_REGIONS = 1 << 22
 
 
 def dense_teacher_logits(topk_indices: torch.Tensor, topk_logits: torch.Tensor, num_classes: int,
@@ -125,7 +127,7 @@ class RILDataset(torch.utils.data.Dataset):
         self.epoch = epoch
         self.image_store = None  # use_image_store(): device-resident replay
         self.feature_cache, self.cache_metadata, self._labels = None, None, None
-        self._permutations = None  # region_for's memo (_permutation)
+        self._permutations, self._drawn = None, None  # memos of region_for and of the online regions
         if feature_cache is not None:
             if table is None:
                 raise ValueError("a feature cache replays an RIL table's regions: the online dataset has none")
@@ -235,10 +237,29 @@ class RILDataset(torch.utils.data.Dataset):
             known[index] = True
         return table[index]
 
+    def _drawn_regions(self, index: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """All `num_regions` boxes `[M, 4]` and flips `[M]` of image `index` (`height` x `width`), drawn
+        as `build_ril_table` draws them (the online dataset has no table to read them from). Kept
+        once drawn while `len(dataset) * num_regions` <= DRAWN_MEMO_REGIONS: the online store
+        draws them in the training process, about 40 us per item."""
+        memo = self._drawn
+        if memo is None:
+            if len(self.source) * self.num_regions > DRAWN_MEMO_REGIONS:
+                return sample_regions(height, width, self.num_regions, self.spec, region_rng(self.seed, index))
+            memo = self._drawn = (np.empty((len(self.source), self.num_regions, 4), dtype=np.uint16),
+                                  np.empty((len(self.source), self.num_regions), dtype=bool),
+                                  np.zeros(len(self.source), dtype=bool))
+        boxes, flips, known = memo
+        if not known[index]:
+            boxes[index], flips[index] = sample_regions(height, width, self.num_regions, self.spec,
+                                                        region_rng(self.seed, index))
+            known[index] = True
+        return boxes[index], flips[index]
+
     def __getstate__(self) -> dict:
-        # DataLoader workers (spawned, or each epoch) draw what they need: the memo does not travel
+        # DataLoader workers (spawned, or each epoch) draw what they need: the memos do not travel
         state = dict(self.__dict__)
-        state["_permutations"] = None
+        state["_permutations"], state["_drawn"] = None, None
         return state
 
     def __len__(self) -> int:
@@ -265,8 +286,7 @@ class RILDataset(torch.utils.data.Dataset):
                 image = image_to_tensor(decode_image(sources[self.image_column][n], index, self.spec.exif_transpose),
                                         f"row {index} of the source dataset")
                 if self.table is None:
-                    boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
-                                                  region_rng(self.seed, index))
+                    boxes, flips = self._drawn_regions(index, image.shape[1], image.shape[2])
                     box, flip = boxes[region], flips[region]
                 else:
                     box, flip = rows["box"][n], rows["flip"][n]
@@ -340,14 +360,16 @@ class RILDataset(torch.utils.data.Dataset):
         return item
 
     def _store_items(self, indices: list[int], regions: list[int]) -> list[dict]:
-        from .device_replay import drawn_regions, pixel_boxes
+        from .device_replay import pixel_boxes
 
         store, rows = self.image_store, None
         if self.table is not None:
             rows = self._table_rows(indices, regions)
             boxes, flips = np.asarray(rows["box"]), np.asarray(rows["flip"], dtype=bool)
         else:
-            boxes, flips = drawn_regions(store, indices, regions, self.num_regions, self.spec, self.seed)
+            drawn = [self._drawn_regions(i, int(store.heights[i]), int(store.widths[i])) for i in indices]
+            boxes = np.stack([b[r] for (b, _), r in zip(drawn, regions)])
+            flips = np.array([f[r] for (_, f), r in zip(drawn, regions)], dtype=bool)
         # integer pixel boxes on the host: the device kernel then needs no host sync for its shapes
         crops = torch.from_numpy(pixel_boxes(boxes, store.heights[indices], store.widths[indices]))
         # batch tensors, items take views: no tensor per item and field (the collation stacks them)
