@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import platform
 import shutil
@@ -185,6 +186,12 @@ def compiled(fn, mode, backend=None):
     return torch.compile(fn, mode=None if mode == "default" else mode, backend=backend or "inductor")
 
 
+def release_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def timed(fn, device, reps: int) -> float:
     """Median device-synced seconds of `fn()` after min(3, reps) untimed calls."""
     for _ in range(min(3, reps)):
@@ -321,6 +328,7 @@ def run_config(args, batch: int, num_classes: int, models: Models, device, workd
                 traceback.print_exc()
                 res.setdefault("errors", {})[name] = repr(err)
             shutil.rmtree(run_dir, ignore_errors=True)
+            release_memory(device)  # the run's fresh models and Trainer (reference cycles) go now, not later
             res.setdefault("run_s", {}).setdefault(name, []).append(now() - t0)
             # figures after every mode run: a run stopped by a time limit keeps what it measured
             res["step_ms"] = {k: median(v) * 1e3 for k, v in samples.items() if v}

@@ -157,6 +157,25 @@ def test_take_rows_reads_what_datasets_numpy_format_reads(digits_small, tmp_path
             assert fast[column].dtype == slow[column].dtype and np.array_equal(fast[column], slow[column]), column
 
 
+def test_columns_become_the_dataset_from_dict_makes():
+    """Shards are written from Arrow arrays directly (datasets' from_dict encodes list columns row by
+    row): the same schema, features and rows, for a table's and a cache's columns."""
+    from fdbpl_hf.ril.table import columns_to_dataset, table_features
+
+    rng = np.random.default_rng(0)
+    n = 37
+    table = {"box": rng.integers(0, 65535, (n, 4)).astype(np.uint16), "flip": rng.random(n) < 0.5,
+             "topk_indices": rng.integers(0, 50, (n, 5)).astype(np.int16),
+             "topk_logits": -rng.random((n, 5)).astype(np.float16), "teacher_entropy": rng.random(n).astype(np.float16)}
+    cache = {"region": rng.integers(0, 9, n).astype(np.int32), "image_features": rng.random((n, 8)).astype(np.float32)}
+    cache_features = datasets.Features({"region": datasets.Value("int32"),
+                                        "image_features": datasets.List(datasets.Value("float32"), length=8)})
+    for columns, features in ((table, table_features(5, 50)), (cache, cache_features)):
+        fast, slow = columns_to_dataset(columns, features), datasets.Dataset.from_dict(columns, features=features)
+        assert fast.features == slow.features and fast.data.schema.equals(slow.data.schema)
+        assert fast.data.equals(slow.data)
+
+
 def test_region_for_keeps_permutations_without_changing_the_schedule(digits_small, tmp_path, monkeypatch):
     table = build_ril_table(digits_small, linear_teacher, teacher_input_size=16, num_regions=5, top_k=3,
                             output_dir=str(tmp_path / "t"))

@@ -23,8 +23,9 @@ from .host_pipeline import (
 from .regions import RegionSpec, image_to_tensor, region_rng, render_jobs, sample_regions
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
 from .table import (
-    ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, build_key, content_differences, decode_image,
-    describe_source, library_version, load_ril_table, read_metadata_file, table_features,
+    ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, build_key, columns_to_arrow, columns_to_dataset,
+    content_differences, decode_image, describe_source, library_version, load_ril_table, read_metadata_file,
+    table_features,
 )
 from .table_config import (  # DEFAULT_NUM_REGIONS: re-exported, its home before 0.5
     BUILD_CONFIG_KEY, DEFAULT_NUM_REGIONS, DEFAULT_TEMPLATE, DEFAULT_TOP_K, RILTableConfig,
@@ -101,7 +102,12 @@ class _RegionLabeler:
             # thread per worker (num_proc workers already use the cores).
             torch.set_num_threads(1)
         rows = [index + self.offset for index in indices]
-        return self._label([list(zip(rows, batch[self.image_column]))], self._device_for(rank))
+        columns = self._label([list(zip(rows, batch[self.image_column]))], self._device_for(rank))
+        if not len(columns["box"]):
+            return columns
+        # an Arrow table: datasets.map would encode the list columns row by row
+        table = columns_to_arrow(columns, table_features(self.top_k, self.teacher.num_classes))
+        return columns if table is None else table
 
     def label_rows(self, source: datasets.Dataset, rows: range) -> dict:
         """The columns of source rows `rows` (positions in `source`; table rows `offset + row`), in
@@ -361,7 +367,7 @@ def build_ril_table(
         if config.num_proc is None:
             # one pipeline over the whole shard: the teacher never waits for datasets.map between batches
             columns = labeler.label_rows(source.select(range(start, stop)), range(stop - start))
-            return datasets.Dataset.from_dict(columns, features=features)
+            return columns_to_dataset(columns, features)
         return source.select(range(start, stop)).map(
             labeler, batched=True, batch_size=config.images_per_batch, with_indices=True,
             with_rank=config.num_proc is not None, remove_columns=[image_column], features=features,

@@ -40,7 +40,7 @@ from .host_pipeline import (
 from .regions import image_to_tensor, render_jobs
 from .replay import RILDataset
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
-from .table import decode_image, library_version
+from .table import columns_to_dataset, decode_image, library_version, take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +223,7 @@ def _build_cache(build: ShardedBuild, data, clip, epochs: int, dim: int, dtype: 
             for feats, region in _pipelined_features(data, clip, range(start, stop), epochs, images_per_batch,
                                                      model_device, on_device, threads):
                 first = write(out, regions, first, feats, region)
-        return datasets.Dataset.from_dict(
-            {"region": regions.reshape(-1), "image_features": out.reshape(-1, dim)}, features=features)
+        return columns_to_dataset({"region": regions.reshape(-1), "image_features": out.reshape(-1, dim)}, features)
 
     def restore() -> None:
         bar.close()
@@ -262,7 +261,8 @@ def _pipelined_features(data, clip, indices: range, epochs: int, images_per_batc
             for start in range(indices.start, indices.stop, images_per_batch):
                 group = range(start, min(start + images_per_batch, indices.stop))
                 region = np.array([[data.region_for(i, e) for e in range(epochs)] for i in group], dtype=np.int32)
-                rows = data.table[[i * data.num_regions + int(r) for i, rs in zip(group, region) for r in rs]]
+                rows = take_rows(data.table, [i * data.num_regions + int(r) for i, rs in zip(group, region)
+                                              for r in rs], ["box", "flip"])
                 jobs = []
                 for n, index in enumerate(group):
                     image = next(images)

@@ -205,6 +205,37 @@ def take_rows(dataset: datasets.Dataset, positions: Sequence[int], columns: Opti
     return {name: formatted[name] for name in names}
 
 
+def columns_to_arrow(columns: dict, features: datasets.Features):
+    """numpy `columns` as a `pyarrow.Table` of `features`' schema, built from Arrow arrays directly
+    (datasets encodes list columns row by row in Python: about 50 us per table row, 25 s per shard
+    of 1,000 images at M = 500, with the device idle); None when a column is not a fixed-length list
+    or a primitive (then `from_dict` must encode it)."""
+    import pyarrow as pa
+
+    schema = features.arrow_schema
+    arrays = []
+    for name, kind in zip(schema.names, schema.types):
+        values = np.asarray(columns[name])
+        if pa.types.is_fixed_size_list(kind) and not pa.types.is_nested(kind.value_type) and values.ndim == 2 \
+                and values.shape[1] == kind.list_size:
+            flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=kind.value_type)
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, kind.list_size))
+        elif pa.types.is_primitive(kind) and not pa.types.is_temporal(kind) and values.ndim == 1:
+            arrays.append(pa.array(values, type=kind))
+        else:
+            return None
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def columns_to_dataset(columns: dict, features: datasets.Features) -> datasets.Dataset:
+    """`datasets.Dataset.from_dict(columns, features=features)`, without its per-row encoding where
+    `columns_to_arrow` can build the table: the same schema and rows."""
+    table = columns_to_arrow(columns, features)
+    if table is None:
+        return datasets.Dataset.from_dict(columns, features=features)
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features))
+
+
 def is_verified(dataset: datasets.Dataset) -> bool:
     return dataset._fingerprint in _VERIFIED
 
