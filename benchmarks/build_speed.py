@@ -40,8 +40,8 @@ sys.path.insert(0, HERE)
 
 # first: sets the offline environment and puts the checkout's fdbpl_hf on the path
 from common import (  # noqa: E402
-    class_names, cpu_now, git_commit, load_average, md_table, median, now, save_json, synthetic_images, time_calls,
-    usable_cpus,
+    class_names, cpu_now, git_commit, load_average, md_table, median, now, random_clip, save_json, synthetic_images,
+    time_calls, usable_cpus,
 )
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.images, args.regions, args.teacher_ms, args.student_ms, args.epochs, args.reps = 32, 2, [1.0], [1.0], 2, 2
+        args.images, args.regions, args.teacher_ms, args.student_ms, args.epochs, args.reps = 8, 2, [1.0], [1.0], 2, 1
     torch.set_num_threads(1)  # the simulated models use no CPU; the build's own threads are what is measured
     names = class_names(50)
     report = {"commit": git_commit(), "fdbpl_hf": fdbpl_hf.__version__,
@@ -188,9 +188,6 @@ def main(argv=None) -> int:
         print(md_table(["teacher ms/region", "bare regions/s", "build regions/s", "build / bare"], rows), flush=True)
 
         print("\n## 3. Feature-cache build / bare student\n")
-        from fdbpl_hf import FDBPLConfig, get_fdbpl_model  # noqa: F401
-        from common import random_clip
-
         student = random_clip("tiny", patch=32, image_size=224)
         data = RILDataset(ds, table, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, image_size=224,
                           class_names=names)

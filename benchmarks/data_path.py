@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.batches, args.images, args.reps = [8], 32, 1
+        args.batches, args.images, args.reps = [4], 8, 1
     torch.set_num_threads(1)
     names = class_names(50)
     report = {"commit": git_commit(), "fdbpl_hf": fdbpl_hf.__version__,

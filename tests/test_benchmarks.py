@@ -81,6 +81,22 @@ def test_speed_goals_compare_best_against_best_and_flag_an_untreated_baseline():
                                "vs online [compiled] 50.0 ms)")
 
 
+def test_build_speed_and_data_path_smoke(tmp_path):
+    """The CPU benchmarks of issue 20 run end to end (figures printed and saved, never asserted)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:  # in this process: a subprocess would pay the imports again
+        load_benchmark("build_speed").main(["--quick", "--json", str(tmp_path / "b.json")])
+        load_benchmark("data_path").main(["--quick", "--json", str(tmp_path / "d.json")])
+    finally:
+        torch.set_num_threads(threads)
+    builds = json.loads((tmp_path / "b.json").read_text())
+    assert builds["table"][0]["ratio"] > 0 and builds["cache"][0]["ratio"] > 0 and builds["free_teacher"]["regions"] == 16
+    paths = json.loads((tmp_path / "d.json").read_text())
+    assert {r["path"] for r in paths["rows"]} >= {"feature cache", "offline store", "online store"}
+
+
 def load_benchmark(name: str):
     """A benchmark script as a module, in this process (the scripts set HF_HUB_OFFLINE & co. at import:
     the environment is restored after the test by the `restore_environment` fixture)."""

@@ -260,12 +260,16 @@ def test_device_rendering_makes_no_host_tensors_per_batch(monkeypatch):
     spec = RegionSpec(output_size=16)
     args = (torch.tensor([0, 0]), torch.tensor([[0, 0, 40, 30], [5, 3, 20, 17]]), torch.tensor([False, True]), spec,
             (64, 32), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    first = device_replay.render_regions(store, *args)
+    device_replay._DEVICE_STATS.clear()
+    with torch.inference_mode():  # as a build makes them first
+        first = device_replay.render_regions(store, *args)
     made = []
     real = torch.tensor
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
     assert torch.equal(device_replay.render_regions(store, *args), first)
     assert made == []
+    for constant in device_replay.device_channel_stats(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "cpu"):
+        assert not constant.is_inference()  # made in a build's inference mode, they still serve training
 
 
 def test_prepared_chunks_render_what_the_cpu_renders(digits_small):

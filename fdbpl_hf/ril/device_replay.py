@@ -224,7 +224,9 @@ def device_channel_stats(mean: Sequence[float], std: Sequence[float], device) ->
     key = (tuple(float(v) for v in mean), tuple(float(v) for v in std), str(torch.device(device)))
     stats = _DEVICE_STATS.get(key)
     if stats is None:
-        stats = tuple(to_device(torch.tensor(v, dtype=torch.float32).view(3, 1, 1), device) for v in key[:2])
+        # ordinary tensors even when a build (inference mode) makes them first: training reuses them
+        with torch.inference_mode(False):
+            stats = tuple(to_device(torch.tensor(v, dtype=torch.float32).view(3, 1, 1), device) for v in key[:2])
         _DEVICE_STATS[key] = stats
     return stats
 
