@@ -119,9 +119,11 @@ def compile_mode_of(train_args: dict):
 
 
 def trainer_steps(args, model, data, teacher, workdir: str, workers: int, compile_mode=None,
-                  train_args: dict | None = None) -> list[float]:
+                  train_args: dict | None = None, info: dict | None = None) -> list[float]:
     """Seconds per `FDBPLTrainer` step (after `args.warmup` steps); `train_args` override the
-    benchmark's training arguments (`compile_mode` is the older shortcut for torch_compile)."""
+    benchmark's training arguments (`compile_mode` is the older shortcut for torch_compile);
+    `info` receives whether the Trainer's student was compiled."""
+    from accelerate.utils import is_compiled_module
     from transformers.trainer_callback import PrinterCallback
 
     steps = args.warmup + args.steps
@@ -142,6 +144,8 @@ def trainer_steps(args, model, data, teacher, workdir: str, workers: int, compil
                            callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
+    if info is not None:
+        info["student_compiled"] = is_compiled_module(trainer.model_wrapped)
     ends = timer.end[args.warmup:]
     return [b - a for a, b in zip(ends, ends[1:])]
 
@@ -299,8 +303,14 @@ def run_config(args, batch: int, num_classes: int, models: Models, device, workd
     mode = compile_mode_of(train_args)
 
     def trained(data, with_teacher: bool, workers: int):
-        return lambda d: trainer_steps(cfg, models.student(), data, models.teacher(names) if with_teacher else None,
-                                       d, workers, train_args=train_args)
+        def run(run_dir):
+            info = {}
+            times = trainer_steps(cfg, models.student(), data, models.teacher(names) if with_teacher else None,
+                                  run_dir, workers, train_args=train_args, info=info)
+            # the check that 0.6 lacked: a reused student was never compiled by a second Trainer
+            res.setdefault("student_compiled", {}).setdefault(run.mode, []).append(info["student_compiled"])
+            return times
+        return run
 
     runs = {
         "online": trained(online, True, args.workers),
@@ -314,6 +324,8 @@ def run_config(args, batch: int, num_classes: int, models: Models, device, workd
         "pure text step": lambda d: pure_steps(cfg, models.student(names), cached_batches, num_classes, device, True,
                                                mode),
     }
+    for name, run in runs.items():
+        run.mode = name
     order = [m for m in args.modes if m in runs]
     samples = {k: [] for k in order}
     for r in range(args.rounds):

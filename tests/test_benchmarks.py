@@ -28,7 +28,7 @@ def test_gpu_measurement_smoke(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, OUT_DIR=str(out), PYTHON=sys.executable,
                FDBPL_COMMIT="abc123", EAGER_CONFIGS="8x50", TUNED_CONFIGS="8x50", COMPILE="none",
-               TUNED_ARGS="--train_arg lambda_pcd=0.5 --modes offline cached",
+               TUNED_ARGS="--train_arg lambda_pcd=0.5 --modes cached",
                EXTRA_ARGS="--device cpu --size small --quick")
     log = run_ok(["bash", "benchmarks/gpu_measurement.sh"], env=env, timeout=400, cwd=REPO).stdout
     eager = json.loads((out / "speed_gpu_eager.json").read_text())
@@ -39,10 +39,11 @@ def test_gpu_measurement_smoke(tmp_path):
                                        "offline store", "pure student step", "pure text step"}
     assert set(figures["pieces_ms"]) == {"teacher_logits", "student_image_fwd", "text_fwd_bwd_2C"}
     assert figures["image_store"]["images"] > 0 and figures["ratios_vs_online"]["offline"] > 0
+    assert not any(any(runs) for runs in figures["student_compiled"].values())  # eager: nothing compiled
     assert eager["builds"]["table"]["vs_bare_teacher"] > 0 and eager["builds"]["feature_cache"]["vs_bare_student"] > 0
     tuned = json.loads((out / "speed_gpu_tuned.json").read_text())
     assert tuned["variant"] == "tuned" and tuned["train_args"] == {"lambda_pcd": 0.5}  # typed as the field is
-    assert set(tuned["configs"]["b8 C=50"]["step_ms"]) == {"offline", "cached"}
+    assert set(tuned["configs"]["b8 C=50"]["step_ms"]) == {"cached"}
     goals = (out / "speed_gpu_goals.md").read_text()
     assert "| b8 C=50 | offline |" in goals and "GOAL NOT MEASURED  offline / online at batch 32, C = 50" in goals
     assert re.search(r"GOAL (PASS|MISS)  table build / bare teacher >= 0.9: \d", goals)
@@ -57,6 +58,27 @@ def test_speed_real_refuses_unknown_training_arguments_and_types_known_ones():
         with pytest.raises(SystemExit, match="--train_arg"):
             speed_real.parse_train_args(bad)
     assert speed_real.parse_configs(["32x50", "256X500"]) == [(32, 50), (256, 500)]
+
+
+def test_speed_real_gives_every_mode_run_a_fresh_student_and_teacher(tokenizer):
+    """0.6 reused one student across modes, and accelerate returns a model it prepared once unchanged,
+    so the compiled modes never compiled it: every run now wraps a copy of the pristine CLIPs."""
+    import torch
+    from conftest import make_clip
+
+    speed_real = load_benchmark("speed_real")
+    models = speed_real.Models(make_clip("tiny", seed=1), make_clip("tiny", seed=2), tokenizer)
+    pristine = {k: v.clone() for k, v in models.student_clip.state_dict().items()}
+    first, second = models.student(["cat", "dog"]), models.student()
+    assert first is not second and first.clip is not models.student_clip and second.clip is not first.clip
+    with torch.no_grad():
+        for p in first.clip.parameters():
+            p.add_(1.0)  # whatever a run does to its student
+    assert all(torch.equal(v, pristine[k]) for k, v in models.student_clip.state_dict().items())
+    assert all(torch.equal(v, pristine[k]) for k, v in second.clip.state_dict().items())
+    assert first.class_names == ["cat", "dog"]
+    a, b = models.teacher(["cat", "dog"]), models.teacher(["cat", "dog"])
+    assert a is not b and a.model is not b.model and a.model is not models.teacher_clip
 
 
 def test_speed_goals_compare_best_against_best_and_flag_an_untreated_baseline():
