@@ -109,9 +109,13 @@ class _RegionLabeler:
         table = columns_to_arrow(columns, table_features(self.top_k, self.teacher.num_classes))
         return columns if table is None else table
 
-    def label_rows(self, source: datasets.Dataset, rows: range) -> dict:
+    def label_rows(self, source: datasets.Dataset, rows: range, desc: Optional[str] = None) -> dict:
         """The columns of source rows `rows` (positions in `source`; table rows `offset + row`), in
-        groups of `images_per_batch` as `datasets.map` would batch them, pipelined across groups."""
+        groups of `images_per_batch` as `datasets.map` would batch them, pipelined across groups;
+        with `desc`, a progress bar of the regions labelled (when datasets' bars are on, as the
+        bar `datasets.map` draws)."""
+        from tqdm.auto import tqdm
+
         cells = source_cells(source, self.image_column, rows)
 
         def groups():
@@ -121,9 +125,11 @@ class _RegionLabeler:
                     return
                 yield group
 
-        return self._label(groups(), self._device_for(None))
+        with tqdm(total=len(rows) * self.num_regions, desc=desc, unit=" regions",
+                  disable=desc is None or not datasets.is_progress_bar_enabled()) as bar:
+            return self._label(groups(), self._device_for(None), bar.update)
 
-    def _label(self, groups: Iterable[list], device: torch.device) -> dict:
+    def _label(self, groups: Iterable[list], device: torch.device, done=None) -> dict:
         if self.teacher.device != device:
             self.teacher.to(device)
         spec = self.spec
@@ -178,6 +184,8 @@ class _RegionLabeler:
                 columns["topk_indices"].append(results["topk_indices"].astype(self.index_dtype))
                 columns["topk_logits"].append(results["topk_logits"].astype(np.float16))
                 columns["teacher_entropy"].append(results["teacher_entropy"].astype(np.float16))
+                if done is not None:
+                    done(len(chunk))
         if not columns["box"]:
             return {key: [] for key in columns}
         return {key: np.concatenate(values) for key, values in columns.items()}
@@ -366,7 +374,8 @@ def build_ril_table(
                                  config.host_threads)
         if config.num_proc is None:
             # one pipeline over the whole shard: the teacher never waits for datasets.map between batches
-            columns = labeler.label_rows(source.select(range(start, stop)), range(stop - start))
+            columns = labeler.label_rows(source.select(range(start, stop)), range(stop - start),
+                                         desc=f"RIL shard {shard + 1}/{build.num_shards}")
             return columns_to_dataset(columns, features)
         return source.select(range(start, stop)).map(
             labeler, batched=True, batch_size=config.images_per_batch, with_indices=True,
