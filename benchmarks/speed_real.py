@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed claim on real-size models and one accelerator: ViT-L/14 teacher, ViT-B/32 student.
 
-    python benchmarks/speed_real.py                        # eager, batch 32 and 256 (a few minutes on an H200)
+    python benchmarks/speed_real.py                        # eager, b32 C=50 and C=500 (about 2 minutes on an H200)
     python benchmarks/speed_real.py --variant compiled --train_arg torch_compile=true \\
         --train_arg torch_compile_mode=reduce-overhead --configs 32x50
     python benchmarks/speed_real.py --quick --device cpu --size small   # smoke run of the script itself
