@@ -216,19 +216,23 @@ def class_names(count: int) -> list[str]:
     return names[:count]
 
 
-def synthetic_images(count: int, names: list[str], seed: int = 0) -> datasets.Dataset:
-    """Smooth random 500 x 375 JPEGs (quality 90): photo-like size, file size and decode cost."""
+def synthetic_images(count: int, names: list[str], seed: int = 0, distinct: Optional[int] = None) -> datasets.Dataset:
+    """Smooth random 500 x 375 JPEGs (quality 90): photo-like size, file size and decode cost.
+    `distinct`: make at most that many different images and repeat them (each row still decodes
+    and crops on its own; making a JPEG costs about 4 ms of host time)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, made = [], []
     for i in range(count):
-        small = Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8))
-        big = np.asarray(small.resize((500, 375), Image.BICUBIC), dtype=np.int16)
-        big = np.clip(big + rng.integers(-12, 13, size=big.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(big).save(buf, format="JPEG", quality=90)
-        rows.append({"image": {"bytes": buf.getvalue(), "path": None}, "label": i % len(names)})
+        if distinct is None or len(made) < distinct:
+            small = Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8))
+            big = np.asarray(small.resize((500, 375), Image.BICUBIC), dtype=np.int16)
+            big = np.clip(big + rng.integers(-12, 13, size=big.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(big).save(buf, format="JPEG", quality=90)
+            made.append(buf.getvalue())
+        rows.append({"image": {"bytes": made[i % len(made)], "path": None}, "label": i % len(names)})
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     return datasets.Dataset.from_list(rows, features=features)
 

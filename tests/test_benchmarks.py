@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import sys
 
+import pytest
 from conftest import run_ok
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,21 +27,122 @@ def test_weights_digest_smoke():
     assert "full sha256, 2 thread(s)" in out and "0.6's sampled fingerprint" in out
 
 
-def test_speed_real_smoke(tmp_path):
-    report = tmp_path / "speed_real.json"
-    # batch 8: the smoke run checks that every mode runs, not timings (the store modes render in float64 on CPU)
-    out = run_script("benchmarks/speed_real.py", "--quick", "--device", "cpu", "--size", "small", "--batch", "8",
-                     "--json", str(report))
-    result = json.loads(report.read_text())
-    figures = result["configs"]["C=50"]
-    assert "errors" not in figures, figures.get("errors")
-    # device-resident replay (image store) modes added for issue 16
-    assert set(figures["step_ms"]) == {"online", "offline", "cached", "online store", "offline store",
-                                       "pure student step", "pure text step"}
-    assert figures["image_store"]["images"] > 0 and figures["image_store"]["bytes"] > 0
-    assert set(figures["figures"]["variant"]) >= {"speedup_offline", "speedup_offline_store_vs_online_store"}
-    assert result["commit"] and result["command"].startswith("python benchmarks/speed_real.py --quick")
-    assert "speed-up, offline FDBPL vs online" in out and "offline store vs online store" in out
+def test_gpu_measurement_smoke(tmp_path):
+    """The one-call GPU measurement end to end on CPU with tiny models: the eager stage (builds, bare
+    pieces, every mode), a tuned stage whose --train_arg reaches the Trainer, and the goal lines."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, OUT_DIR=str(out), PYTHON=sys.executable,
+               FDBPL_COMMIT="abc123", EAGER_CONFIGS="8x50", TUNED_CONFIGS="8x50", COMPILE="none",
+               TUNED_ARGS="--train_arg lambda_pcd=0.5 --modes cached",
+               EXTRA_ARGS="--device cpu --size small --quick")
+    log = run_ok(["bash", "benchmarks/gpu_measurement.sh"], env=env, timeout=400, cwd=REPO).stdout
+    eager = json.loads((out / "speed_gpu_eager.json").read_text())
+    assert eager["commit"] == "abc123" and eager["command"].startswith("python benchmarks/speed_real.py --variant eager")
+    figures = eager["configs"]["b8 C=50"]
+    assert "errors" not in figures and "errors" not in eager, (figures.get("errors"), eager.get("errors"))
+    assert set(figures["step_ms"]) == {"online", "offline", "cached", "cached workers", "online store",
+                                       "offline store", "pure student step", "pure text step"}
+    assert set(figures["pieces_ms"]) == {"teacher_logits", "student_image_fwd", "text_fwd_bwd_2C"}
+    assert figures["image_store"]["images"] > 0 and figures["ratios_vs_online"]["offline"] > 0
+    assert not any(any(runs) for runs in figures["student_compiled"].values())  # eager: nothing compiled
+    assert eager["builds"]["table"]["vs_bare_teacher"] > 0 and eager["builds"]["feature_cache"]["vs_bare_student"] > 0
+    tuned = json.loads((out / "speed_gpu_tuned.json").read_text())
+    assert tuned["variant"] == "tuned" and tuned["train_args"] == {"lambda_pcd": 0.5}  # typed as the field is
+    assert set(tuned["configs"]["b8 C=50"]["step_ms"]) == {"cached"}
+    goals = (out / "speed_gpu_goals.md").read_text()
+    assert "| b8 C=50 | offline |" in goals and "GOAL NOT MEASURED  offline / online at batch 32, C = 50" in goals
+    assert re.search(r"GOAL (PASS|MISS)  table build / bare teacher >= 0.9: \d", goals)
+    assert "stage eager: exit 0" in log and "stage tuned: exit 0" in log
+
+
+def test_speed_real_refuses_unknown_training_arguments_and_types_known_ones():
+    speed_real = load_benchmark("speed_real")
+    assert speed_real.parse_train_args(["torch_compile=true", "lambda_pcd=0.25", "torch_compile_mode=max-autotune"]) \
+        == {"torch_compile": True, "lambda_pcd": 0.25, "torch_compile_mode": "max-autotune"}
+    for bad in (["no_such_field=1"], ["lambda_pcd"], ["lambda_pcd=high"]):
+        with pytest.raises(SystemExit, match="--train_arg"):
+            speed_real.parse_train_args(bad)
+    assert speed_real.parse_configs(["32x50", "256X500"]) == [(32, 50), (256, 500)]
+
+
+def test_speed_real_gives_every_mode_run_a_fresh_student_and_teacher(tokenizer):
+    """0.6 reused one student across modes, and accelerate returns a model it prepared once unchanged,
+    so the compiled modes never compiled it: every run now wraps a copy of the pristine CLIPs."""
+    import torch
+    from conftest import make_clip
+
+    speed_real = load_benchmark("speed_real")
+    models = speed_real.Models(make_clip("tiny", seed=1), make_clip("tiny", seed=2), tokenizer)
+    pristine = {k: v.clone() for k, v in models.student_clip.state_dict().items()}
+    first, second = models.student(["cat", "dog"]), models.student()
+    assert first is not second and first.clip is not models.student_clip and second.clip is not first.clip
+    with torch.no_grad():
+        for p in first.clip.parameters():
+            p.add_(1.0)  # whatever a run does to its student
+    assert all(torch.equal(v, pristine[k]) for k, v in models.student_clip.state_dict().items())
+    assert all(torch.equal(v, pristine[k]) for k, v in second.clip.state_dict().items())
+    assert first.class_names == ["cat", "dog"]
+    a, b = models.teacher(["cat", "dog"]), models.teacher(["cat", "dog"])
+    assert a is not b and a.model is not b.model and a.model is not models.teacher_clip
+
+
+def test_speed_goals_compare_best_against_best_and_flag_an_untreated_baseline():
+    goals = load_benchmark("speed_goals")
+
+    def report(variant, steps, builds=None):
+        return {"variant": variant, "configs": {"b32 C=50": {"step_ms": steps}}, **({"builds": builds} if builds else {})}
+
+    eager = report("eager", {"online": 60.0, "offline": 20.0, "cached": 12.0, "cached workers": 9.0},
+                   {"table": {"vs_bare_teacher": 0.95}, "feature_cache": {"vs_bare_student": 0.5}})
+    lines = goals.goal_lines([eager])
+    assert lines[0].startswith("MISS  offline / online at batch 32, C = 50 >= 4x: 3.00x")
+    assert lines[1].startswith("PASS  feature cache / online at batch 32, C = 50 >= 6x: 6.67x (cached workers [eager]")
+    assert lines[2].startswith("NOT MEASURED") and lines[3].startswith("NOT MEASURED")
+    assert lines[-2] == "PASS  table build / bare teacher >= 0.9: 0.95"
+    assert lines[-1] == "MISS  feature-cache build / bare student >= 0.9: 0.50"
+    # a compiled offline step against an online baseline that was never compiled: not a fair ratio
+    lines = goals.goal_lines([eager, report("compiled", {"offline": 10.0})])
+    assert lines[0].startswith("INCOMPLETE (PASS if the online baseline in variant 'compiled' were no faster)  ")
+    lines = goals.goal_lines([eager, report("compiled", {"offline": 10.0, "online": 50.0})])
+    assert lines[0].startswith("PASS  offline / online at batch 32, C = 50 >= 4x: 5.00x (offline [compiled] 10.0 ms "
+                               "vs online [compiled] 50.0 ms)")
+
+
+def test_build_speed_and_data_path_smoke(tmp_path):
+    """The CPU benchmarks of issue 20 run end to end (figures printed and saved, never asserted)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:  # in this process: a subprocess would pay the imports again
+        load_benchmark("build_speed").main(["--quick", "--json", str(tmp_path / "b.json")])
+        load_benchmark("data_path").main(["--quick", "--json", str(tmp_path / "d.json")])
+    finally:
+        torch.set_num_threads(threads)
+    builds = json.loads((tmp_path / "b.json").read_text())
+    assert builds["table"][0]["ratio"] > 0 and builds["cache"][0]["ratio"] > 0 and builds["free_teacher"]["regions"] == 16
+    paths = json.loads((tmp_path / "d.json").read_text())
+    assert {r["path"] for r in paths["rows"]} >= {"feature cache", "offline store", "online store"}
+
+
+def load_benchmark(name: str):
+    """A benchmark script as a module, in this process (the scripts set HF_HUB_OFFLINE & co. at import:
+    the environment is restored after the test by the `restore_environment` fixture)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    saved = dict(os.environ)
+    path = list(sys.path)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    sys.path[:] = path
 
 
 def test_speed_cost_scaled_smoke():

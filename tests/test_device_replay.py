@@ -141,9 +141,9 @@ def test_table_build_with_the_device_kernel_equals_the_cpu_build(digits_small, t
     from fdbpl_hf.ril import device_replay
 
     submitted = []
-    submit = device_replay.DeviceChunkRenderer.submit
-    monkeypatch.setattr(device_replay.DeviceChunkRenderer, "submit",
-                        lambda self, chunk: submitted.append(len(chunk)) or submit(self, chunk))
+    render = device_replay.DeviceChunkRenderer.render
+    monkeypatch.setattr(device_replay.DeviceChunkRenderer, "render",
+                        lambda self, prepared: submitted.append(len(prepared.index)) or render(self, prepared))
     tables = {}
     for name, flag in (("cpu", False), ("kernel", True)):
         monkeypatch.setattr(build_module, "DEVICE_RENDER", flag)

@@ -287,9 +287,9 @@ def test_cache_built_with_the_device_kernel_equals_the_cpu_build(digits_small, t
     from fdbpl_hf.ril import features as features_module
 
     submitted = []
-    submit = device_replay.DeviceChunkRenderer.submit
-    monkeypatch.setattr(device_replay.DeviceChunkRenderer, "submit",
-                        lambda self, chunk: submitted.append(len(chunk)) or submit(self, chunk))
+    render = device_replay.DeviceChunkRenderer.render
+    monkeypatch.setattr(device_replay.DeviceChunkRenderer, "render",
+                        lambda self, prepared: submitted.append(len(prepared.index)) or render(self, prepared))
     model, data = student(tokenizer), data_for(digits_small, table)
     caches = {}
     for name, flag in (("cpu", False), ("kernel", True)):

@@ -219,12 +219,12 @@ def _crash_script(out_dir: str, kill_at_row: int, calls_file: str) -> str:
             return pixels.mean(dim=(2, 3)) @ torch.arange(30.0).view(3, 10)
         kill_at = {kill_at_row}
         import fdbpl_hf.ril.build as b
-        original = b._RegionLabeler.__call__
-        def guarded(self, batch, indices, rank=None):
-            if kill_at >= 0 and self.offset + indices[0] >= kill_at:
+        original = b.decode_image
+        def guarded(cell, row, *args):  # the build decodes each image once, on a host thread
+            if kill_at >= 0 and row >= kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # as a crash or an OOM-killer would
-            return original(self, batch, indices, rank)
-        b._RegionLabeler.__call__ = guarded
+            return original(cell, row, *args)
+        b.decode_image = guarded
         build_ril_table(ds, teacher, teacher_input_size=16, num_regions=4, top_k=3,
                         output_dir={out_dir!r}, shard_size=8, images_per_batch=4)
         print("DONE")

@@ -5,24 +5,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional, Sequence
+from itertools import islice
+from typing import Any, Iterable, Optional, Sequence
 
 import datasets
 import numpy as np
 import torch
 
-from ..clip_ops import channel_stats, normalize_pixels
+from ..clip_ops import channel_stats
 from ..integrity import build_output_dir, is_sampled_fingerprint
 from ..rows import stored_rows
 from ..losses import shannon_entropy
 from ..validation import check_class_names, check_class_order
 from .device_replay import DeviceChunkRenderer
-from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
+from .host_pipeline import (
+    DeviceResults, HostPool, check_host_threads, default_host_threads, lagged, ordered, source_cells, to_device,
+)
+from .regions import RegionSpec, image_to_tensor, region_rng, render_jobs, sample_regions
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
 from .table import (
-    ENTROPY_COLUMN, METADATA_FILE, TABLE_FORMAT, build_key, content_differences, decode_image,
-    describe_source, library_version, load_ril_table, read_metadata_file, table_features,
+    ENTROPY_COLUMN, METADATA_FILE, TABLE_FORMAT, build_key, columns_to_arrow, columns_to_dataset, content_differences,
+    decode_image, describe_source, library_version, load_ril_table, read_metadata_file, table_features,
 )
 from .table_config import (  # DEFAULT_NUM_REGIONS: re-exported, its home before 0.5
     BUILD_CONFIG_KEY, DEFAULT_NUM_REGIONS, DEFAULT_TEMPLATE, DEFAULT_TOP_K, RILTableConfig,
@@ -71,14 +74,24 @@ DEVICE_RENDER: Optional[bool] = None
 
 
 class _RegionLabeler:
-    """The `datasets.map` function: images in, `num_regions` labelled regions per image out."""
+    """Images in, `num_regions` labelled regions per image out: the `datasets.map` function of a
+    build with `num_proc`, and the whole-shard pipeline (`label_rows`) of a build without.
+
+    The host work runs in a pool of threads ahead of the teacher (fdbpl_hf.ril.host_pipeline):
+    images are decoded and their boxes drawn there, chunks of regions are rendered there (or
+    prepared there and rendered on the teacher's device in one batched kernel), and each chunk's
+    top-K comes back to the host while the teacher runs the next. Regions are grouped into teacher
+    batches exactly as `datasets.map` batches the images (`images_per_batch` images per group,
+    `teacher_batch_size` regions per call within a group), so the teacher sees the same batches
+    whichever path runs."""
 
     def __init__(self, teacher: Teacher, spec: RegionSpec, num_regions: int, top_k: int, seed: int,
                  image_column: str, offset: int, teacher_batch_size: int, device: Optional[str],
-                 index_dtype: np.dtype):
+                 index_dtype: np.dtype, images_per_batch: int = 4, host_threads: Optional[int] = None):
         self.teacher, self.spec, self.num_regions, self.top_k = teacher, spec, num_regions, top_k
         self.seed, self.image_column, self.offset = seed, image_column, offset
         self.teacher_batch_size, self.device, self.index_dtype = teacher_batch_size, device, index_dtype
+        self.images_per_batch, self.host_threads = images_per_batch, host_threads
 
     def _device_for(self, rank: Optional[int]) -> torch.device:
         if self.device is not None:
@@ -92,101 +105,118 @@ class _RegionLabeler:
             # A forked CPU worker inherits the parent's OpenMP pool, which can deadlock: one
             # thread per worker (num_proc workers already use the cores).
             torch.set_num_threads(1)
-        device = self._device_for(rank)
+        rows = [index + self.offset for index in indices]
+        columns = self._label([list(zip(rows, batch[self.image_column]))], self._device_for(rank))
+        if not len(columns["box"]):
+            return columns
+        # an Arrow table: datasets.map would encode the list columns row by row
+        table = columns_to_arrow(columns, table_features(self.top_k, self.teacher.num_classes))
+        return columns if table is None else table
+
+    def label_rows(self, source: datasets.Dataset, rows: range, desc: Optional[str] = None) -> dict:
+        """The columns of source rows `rows` (positions in `source`; table rows `offset + row`), in
+        groups of `images_per_batch` as `datasets.map` would batch them, pipelined across groups;
+        with `desc`, a progress bar of the regions labelled (when datasets' bars are on, as the
+        bar `datasets.map` draws)."""
+        from tqdm.auto import tqdm
+
+        cells = source_cells(source, self.image_column, rows)
+
+        def groups():
+            while True:
+                group = [(row + self.offset, cell) for row, cell in islice(cells, self.images_per_batch)]
+                if not group:
+                    return
+                yield group
+
+        with tqdm(total=len(rows) * self.num_regions, desc=desc, unit=" regions",
+                  disable=desc is None or not datasets.is_progress_bar_enabled()) as bar:
+            return self._label(groups(), self._device_for(None), bar.update)
+
+    def _label(self, groups: Iterable[list], device: torch.device, done=None) -> dict:
         if self.teacher.device != device:
             self.teacher.to(device)
-        jobs, boxes, flips = [], [], []
-        # the uint8 renderer crops on the CPU; the float one where the teacher runs
-        render_device = torch.device("cpu") if self.spec.renderer == "uint8" else device
-        for item, index in zip(batch[self.image_column], indices):
-            row = index + self.offset
-            image = image_to_tensor(decode_image(item, row, self.spec.exif_transpose),
+        spec = self.spec
+        # the uint8 renderer crops on the CPU (or in the batched kernel on the device); the float one where
+        # the teacher runs
+        render_device = torch.device("cpu") if spec.renderer == "uint8" else device
+        on_device = spec.renderer == "uint8" and (device.type != "cpu" if DEVICE_RENDER is None else DEVICE_RENDER)
+        device_renderer = (DeviceChunkRenderer(spec, self.teacher.image_mean, self.teacher.image_std, device)
+                           if on_device else None)
+        mean_std = channel_stats(self.teacher.image_mean, self.teacher.image_std)
+        threads = self.host_threads or default_host_threads(device)
+        columns = {"box": [], "flip": [], "topk_indices": [], "topk_logits": [], "teacher_entropy": []}
+
+        def decode(item):
+            row, cell = item
+            image = image_to_tensor(decode_image(cell, row, spec.exif_transpose),
                                     f"row {row} of the source dataset").to(render_device)
-            b, f = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
-                                  region_rng(self.seed, row))
-            boxes.append(b)
-            flips.append(f)
-            jobs.extend((image, b[r], bool(f[r]), row) for r in range(self.num_regions))
-        if not jobs:
-            return {"box": [], "flip": [], "topk_indices": [], "topk_logits": [], "teacher_entropy": []}
-        top_idx, top_val, entropies = [], [], []
-        chunks = [jobs[start : start + self.teacher_batch_size]
-                  for start in range(0, len(jobs), self.teacher_batch_size)]
-        # Crops of chunk k + 1 are rendered in a background thread while the teacher scores chunk k
-        # (torch ops release the GIL), so cropping costs no teacher time; with the teacher on an
-        # accelerator, uint8 crops are rendered there in one batched kernel (same pixels, bit for bit).
-        if self.spec.renderer == "uint8" and (device.type != "cpu" if DEVICE_RENDER is None else DEVICE_RENDER):
-            renderer_cm = DeviceChunkRenderer(self.spec, self.teacher.image_mean, self.teacher.image_std, device)
-        else:
-            renderer_cm = _ChunkRenderer(self.spec, self.teacher.image_mean, self.teacher.image_std,
-                                         single_thread=device.type == "cpu")
-        with renderer_cm as renderer:
-            pending = renderer.submit(chunks[0])
-            for k, chunk in enumerate(chunks):
-                pixels = pending.result().to(device, non_blocking=True)
-                pending = renderer.submit(chunks[k + 1]) if k + 1 < len(chunks) else None
-                with torch.inference_mode():
-                    logits = self.teacher(pixels)
-                    del pixels
-                    if logits.ndim != 2 or logits.shape != (len(chunk), self.teacher.num_classes):
-                        raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}, expected "
-                                         f"({len(chunk)}, {self.teacher.num_classes})")
-                    finite = torch.isfinite(logits).all(-1)
-                    if not bool(finite.all()):
-                        bad = chunk[int((~finite).nonzero()[0])][3]
-                        raise ValueError(f"the teacher produced NaN or inf logits on a region of source row {bad}")
-                    log_p = torch.log_softmax(logits.float(), dim=-1)
-                    values, idx = log_p.topk(self.top_k, dim=-1)
-                    top_idx.append(idx.cpu().numpy().astype(self.index_dtype))
-                    # a log-probability below float16's range (a teacher with a logit range over 65504)
-                    # would be stored as -inf, which replay refuses: clamped, it still means p = 0
-                    top_val.append(values.clamp_min(FLOAT16_MIN).cpu().numpy().astype(np.float16))
-                    # of the FULL distribution: a top-K rebuild caps it at log K (spec §3)
-                    entropies.append(shannon_entropy(log_p).cpu().numpy().astype(np.float16))
-        return {
-            "box": np.concatenate(boxes),
-            "flip": np.concatenate(flips),
-            "topk_indices": np.concatenate(top_idx),
-            "topk_logits": np.concatenate(top_val),
-            "teacher_entropy": np.concatenate(entropies),
-        }
+            boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, spec,
+                                          region_rng(self.seed, row))
+            return row, image, boxes, flips
 
+        def prepare(chunk):  # on a host thread
+            return device_renderer.prepare(chunk) if on_device else render_jobs(chunk, spec, *mean_std)
 
-def _render_chunk(chunk: list, spec: RegionSpec, mean_std: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Normalised pixels `[len(chunk), 3, S, S]` of `(image, box, flip, row)` jobs."""
-    with torch.inference_mode():
-        pixels = torch.stack([render_region(image, box, flip, spec) for image, box, flip, _ in chunk])
-        return normalize_pixels(pixels, *mean_std, inplace=True)  # no chunk-sized copies
+        def flagged():  # every image, and whether it ends its group
+            for group in groups:
+                for n, item in enumerate(group):
+                    yield item, n == len(group) - 1
 
+        with HostPool(threads, single_thread_ops=device.type == "cpu") as pool:
+            decoded = ordered(pool, lambda item: (decode(item[0]), item[1]), flagged(),
+                              ahead=max(2 * self.images_per_batch, 2 * threads))
 
-class _ChunkRenderer:
-    """One background thread that renders the next chunk of regions while the teacher runs.
+            def chunks():  # teacher batches within each group, as datasets.map batches the images
+                jobs = []
+                for (row, image, boxes, flips), last in decoded:
+                    columns["box"].append(boxes)
+                    columns["flip"].append(flips)
+                    jobs.extend((image, boxes[r], bool(flips[r]), row) for r in range(self.num_regions))
+                    if last:
+                        for start in range(0, len(jobs), self.teacher_batch_size):
+                            yield jobs[start: start + self.teacher_batch_size]
+                        jobs = []
 
-    On CPU the thread renders with one intra-op thread: the crops are small ops whose OpenMP
-    barriers stall badly when the cores are busy (the teacher, other processes); one thread beside
-    the teacher's pool costs the teacher little. The caller's thread count is restored on exit
-    (`torch.set_num_threads` in a thread sets the default of threads started later).
-    """
+            rendered = ordered(pool, lambda chunk: (chunk, prepare(chunk)), chunks(), ahead=2)
+            scored = (self._score(chunk, prepared, device_renderer, device) for chunk, prepared in rendered)
+            for chunk, results in lagged(scored, lambda item: (item[0], item[1].numpy())):
+                finite = results["finite"]
+                if not finite.all():
+                    bad = chunk[int(np.flatnonzero(~finite)[0])][3]
+                    raise ValueError(f"the teacher produced NaN or inf logits on a region of source row {bad}")
+                columns["topk_indices"].append(results["topk_indices"].astype(self.index_dtype))
+                columns["topk_logits"].append(results["topk_logits"].astype(np.float16))
+                columns["teacher_entropy"].append(results["teacher_entropy"].astype(np.float16))
+                if done is not None:
+                    done(len(chunk))
+        if not columns["box"]:
+            return {key: [] for key in columns}
+        return {key: np.concatenate(values) for key, values in columns.items()}
 
-    def __init__(self, spec: RegionSpec, mean, std, single_thread: bool):
-        self.spec, self.single_thread = spec, single_thread
-        self.mean_std = channel_stats(mean, std)
-        self.executor: Optional[ThreadPoolExecutor] = None
-
-    def __enter__(self) -> "_ChunkRenderer":
-        self.threads = torch.get_num_threads()
-        self.restore = self.single_thread and self.threads > 1
-        init = (lambda: torch.set_num_threads(1)) if self.restore else None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ril-render", initializer=init)
-        return self
-
-    def submit(self, chunk: list) -> Future:
-        return self.executor.submit(_render_chunk, chunk, self.spec, self.mean_std)
-
-    def __exit__(self, *exc) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        if self.restore:
-            torch.set_num_threads(self.threads)
+    def _score(self, chunk: list, prepared, device_renderer, device: torch.device) -> tuple[list, DeviceResults]:
+        """Queue the teacher and the top-K of one chunk; its results come back without a wait."""
+        with torch.inference_mode():
+            if device_renderer is not None:
+                pixels = device_renderer.render(prepared)
+            else:
+                pixels = to_device(prepared, device) if prepared.device != device else prepared
+            logits = self.teacher(pixels)
+            del pixels
+            if logits.ndim != 2 or logits.shape != (len(chunk), self.teacher.num_classes):
+                raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}, expected "
+                                 f"({len(chunk)}, {self.teacher.num_classes})")
+            log_p = torch.log_softmax(logits.float(), dim=-1)
+            values, idx = log_p.topk(self.top_k, dim=-1)
+            # a log-probability below float16's range (a teacher with a logit range over 65504) would be
+            # stored as -inf, which replay refuses: clamped, it still means p = 0
+            return chunk, DeviceResults({
+                "topk_indices": idx, "topk_logits": values.clamp_min(FLOAT16_MIN),
+                # of the FULL distribution: a top-K rebuild caps it at log K (spec §3)
+                "teacher_entropy": shannon_entropy(log_p),
+                # checked on the host when the results arrive, not by a sync per chunk
+                "finite": torch.isfinite(logits).all(-1),
+            })
 
 
 # the old name: it places feature caches too (kind="feature_caches")
@@ -238,9 +268,13 @@ def build_ril_table(
             (then pass `class_names`).
         output_dir: where the finished table goes; default a cache folder named by the settings,
             so calling again with the same inputs returns the cached table.
-        images_per_batch: images per `map` batch; `teacher_batch_size`: regions per teacher call.
+        images_per_batch: images per group (a `map` batch under `num_proc`); `teacher_batch_size`:
+            regions per teacher call within a group.
+        host_threads: threads that decode images and crop regions ahead of the teacher (default: 1
+            with the teacher on the CPU, else every usable CPU up to 32).
         shard_size: images per resumable shard.
-        num_proc: `map` worker processes (`with_rank=True`: worker r uses GPU r); under
+        num_proc: `datasets.map` worker processes (`with_rank=True`: worker r uses GPU r); without
+            it, one process runs each shard as one pipeline (no `map`); under
             `accelerate launch`/torchrun each process builds every world_size-th shard instead.
         device: where the teacher runs (default: where it is; under `num_proc`, GPU `rank`).
         fill: how training rebuilds dense logits: "mr" (marginal re-norm: the K stored classes keep
@@ -268,7 +302,9 @@ def build_ril_table(
         raise ValueError(f"column {image_column!r} is {dataset.features[image_column]!r}, not a datasets.Image")
     # the settings' types and ranges were checked by RILTableConfig; numpy integers (e.g. from np.ceil(...).astype(int)) as plain ints: they go into the JSON metadata
     config = dataclasses.replace(config, num_regions=int(num_regions), seed=int(seed),
-                                 teacher_batch_size=int(config.teacher_batch_size))
+                                 teacher_batch_size=int(config.teacher_batch_size),
+                                 images_per_batch=int(config.images_per_batch),
+                                 host_threads=check_host_threads(config.host_threads))
     num_regions, seed = config.num_regions, config.seed
     names = resolve_class_names(dataset, label_column, class_names)
     if top_k is None:
@@ -335,7 +371,13 @@ def build_ril_table(
 
     def build_shard(shard: int, start: int, stop: int) -> datasets.Dataset:
         labeler = _RegionLabeler(teacher, spec, num_regions, top_k, seed, image_column, start,
-                                 config.teacher_batch_size, config.device, index_dtype)
+                                 config.teacher_batch_size, config.device, index_dtype, config.images_per_batch,
+                                 config.host_threads)
+        if config.num_proc is None:
+            # one pipeline over the whole shard: the teacher never waits for datasets.map between batches
+            columns = labeler.label_rows(source.select(range(start, stop)), range(stop - start),
+                                         desc=f"RIL shard {shard + 1}/{build.num_shards}")
+            return columns_to_dataset(columns, features)
         return source.select(range(start, stop)).map(
             labeler, batched=True, batch_size=config.images_per_batch, with_indices=True,
             with_rank=config.num_proc is not None, remove_columns=[image_column], features=features,

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 
 from ..rows import stored_rows
+from .host_pipeline import (
+    HostPool, check_host_threads, default_host_threads, ordered, pinned_empty, source_cells, to_device,
+)
 from .regions import BOX_SCALE, RegionSpec, image_to_tensor
 from .table import decode_image
 
@@ -58,26 +61,36 @@ class DeviceImageStore:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.pixels = pixels
         self.exif_transpose = bool(exif_transpose)
-        self._device_meta = torch.from_numpy(np.stack([self.offsets, self.widths])).to(pixels.device)
+        # pinned and non-blocking on CUDA: a plain copy would wait for all the device's queued work
+        self._device_meta = to_device(np.stack([self.offsets, self.widths]), pixels.device)
 
     @classmethod
-    def from_dataset(cls, data, device="cpu", image_column: Optional[str] = None) -> "DeviceImageStore":
+    def from_dataset(cls, data, device="cpu", image_column: Optional[str] = None,
+                     host_threads: Optional[int] = None) -> "DeviceImageStore":
         """Decode every image of `data` (an `RILDataset`, or a `datasets.Dataset` with `image_column`)
-        once, and move the pixels to `device`."""
+        once, in `host_threads` threads (default: every usable CPU up to 32 for an accelerator, one
+        for the CPU), and move the pixels to `device`."""
         import datasets
 
         if hasattr(data, "source"):  # an RILDataset: its source already reads undecoded cells
             source, column, upright = data.source, data.image_column, data.spec.exif_transpose
         else:
             column, upright = image_column or "image", True  # as datasets.Image decodes
-            source = stored_rows(data, "the dataset of the image store").select_columns([column]).cast_column(
-                column, datasets.Image(decode=False))
-        chunks, heights, widths = [], [], []
-        for row, cell in enumerate(source[column] if len(source) <= 4096 else _iter_column(source, column)):
+            source = stored_rows(data, "the dataset of the image store").select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        threads = check_host_threads(host_threads) or default_host_threads(torch.device(device))
+
+        def decode(item):
+            row, cell = item
             image = image_to_tensor(decode_image(cell, row, upright), f"row {row} of the source dataset")  # [3, H, W]
-            heights.append(image.shape[1])
-            widths.append(image.shape[2])
-            chunks.append(image.permute(1, 2, 0).reshape(-1, 3))
+            return image.permute(1, 2, 0).reshape(-1, 3), image.shape[1], image.shape[2]
+
+        chunks, heights, widths = [], [], []
+        with HostPool(threads, single_thread_ops=False) as pool:
+            for pixels, height, width in ordered(pool, decode, source_cells(source, column, range(len(source)), 1024),
+                                                 ahead=2 * threads):
+                heights.append(height)
+                widths.append(width)
+                chunks.append(pixels)
         if not chunks:
             raise ValueError("the dataset is empty (0 rows): there is nothing to store")
         pixels = torch.cat(chunks).to(device)
@@ -99,11 +112,6 @@ class DeviceImageStore:
         if torch.device(device) == self.device:
             return self
         return DeviceImageStore(self.pixels.to(device), self.heights, self.widths, self.exif_transpose)
-
-
-def _iter_column(source, column: str):
-    for start in range(0, len(source), 1024):
-        yield from source[start : start + 1024][column]
 
 
 def pixel_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -203,25 +211,25 @@ def render_regions(store: DeviceImageStore, image_indices: torch.Tensor, crops: 
     out = out.to(torch.float32).div_(255)
     out = torch.where(flips.to(device, torch.bool).view(-1, 1, 1, 1), out.flip(-1), out)
     if mean is not None:
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
+        mean_t, std_t = device_channel_stats(mean, std, device)
         out = out.sub_(mean_t).div_(std_t)
     return out
 
 
-def drawn_regions(store: DeviceImageStore, indices: Sequence[int], regions: Sequence[int], num_regions: int,
-                  spec: RegionSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes `[B, 4]` (uint16) and flips `[B]` of region `regions[n]` of image `indices[n]`, drawn as
-    the online dataset and the table builder draw them (`sample_regions` on the image's size)."""
-    from .regions import region_rng, sample_regions
+_DEVICE_STATS: dict = {}
 
-    boxes, flips = [], []
-    for index, region in zip(indices, regions):
-        b, f = sample_regions(int(store.heights[index]), int(store.widths[index]), num_regions, spec,
-                              region_rng(seed, int(index)))
-        boxes.append(b[region])
-        flips.append(f[region])
-    return np.stack(boxes), np.array(flips, dtype=bool)
+
+def device_channel_stats(mean: Sequence[float], std: Sequence[float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean`/`std` as float32 `[3, 1, 1]` tensors on `device`, made once per (values, device): a
+    `torch.tensor(..., device="cuda")` per batch is a host-to-device copy that waits for the device."""
+    key = (tuple(float(v) for v in mean), tuple(float(v) for v in std), str(torch.device(device)))
+    stats = _DEVICE_STATS.get(key)
+    if stats is None:
+        # ordinary tensors even when a build (inference mode) makes them first: training reuses them
+        with torch.inference_mode(False):
+            stats = tuple(to_device(torch.tensor(v, dtype=torch.float32).view(3, 1, 1), device) for v in key[:2])
+        _DEVICE_STATS[key] = stats
+    return stats
 
 
 def collate_device_replay(items: list[dict]) -> dict:
@@ -253,11 +261,38 @@ class _Done:
         return self.value
 
 
+class PreparedChunk:
+    """The host half of rendering a chunk: its distinct images' pixels in one flat uint8 `[P, 3]`
+    buffer (pinned when the device is CUDA) and every job's image slot, pixel box and flip."""
+
+    def __init__(self, chunk: list, device: torch.device):
+        slots: dict[int, int] = {}
+        images = []
+        for image, _, _, _ in chunk:
+            if id(image) not in slots:
+                slots[id(image)] = len(images)
+                images.append(image)
+        self.heights = np.array([im.shape[1] for im in images], dtype=np.int64)
+        self.widths = np.array([im.shape[2] for im in images], dtype=np.int64)
+        self.pixels = pinned_empty((int((self.heights * self.widths).sum()), 3), torch.uint8, device)
+        # CHW views of HWC decodes: permuted back they are contiguous, so this is the only copy
+        torch.cat([im.permute(1, 2, 0).reshape(-1, 3) for im in images], out=self.pixels)
+        self.index = np.array([slots[id(job[0])] for job in chunk], dtype=np.int64)
+        self.crops = pixel_boxes(np.stack([np.asarray(job[1]) for job in chunk]), self.heights[self.index],
+                                 self.widths[self.index])
+        self.flips = np.array([bool(job[2]) for job in chunk], dtype=bool)
+        self.pad = (padded_size(self.crops[:, 2]), padded_size(self.crops[:, 3]))
+
+
 class DeviceChunkRenderer:
     """The table/cache builders' region renderer on the teacher's device: each chunk of
     `(image, box, flip, row)` jobs (uint8 CPU images) is uploaded once per distinct image and
     rendered by `render_regions` in one batched computation, equal bit for bit to the CPU
-    renderer it replaces. The builder uses it when the teacher runs on an accelerator."""
+    renderer it replaces. The builder uses it when the teacher runs on an accelerator.
+
+    `prepare(chunk)` is the host half (thread-safe: builders run it in their host pool, ahead of
+    the device), `render(prepared)` queues the uploads (non-blocking from pinned memory on CUDA)
+    and the kernel; `submit(chunk)` does both."""
 
     def __init__(self, spec: RegionSpec, mean, std, device):
         self.spec, self.mean, self.std, self.device = spec, tuple(mean), tuple(std), torch.device(device)
@@ -268,20 +303,16 @@ class DeviceChunkRenderer:
     def __exit__(self, *exc) -> None:
         return None
 
-    def submit(self, chunk: list) -> _Done:
-        slots: dict[int, int] = {}
-        images = []
-        for image, _, _, _ in chunk:
-            if id(image) not in slots:
-                slots[id(image)] = len(images)
-                images.append(image)
-        store = DeviceImageStore(
-            torch.cat([im.permute(1, 2, 0).reshape(-1, 3) for im in images]).to(self.device, non_blocking=True),
-            np.array([im.shape[1] for im in images]), np.array([im.shape[2] for im in images]))
-        index = np.array([slots[id(job[0])] for job in chunk], dtype=np.int64)
-        crops = pixel_boxes(np.stack([np.asarray(job[1]) for job in chunk]), store.heights[index], store.widths[index])
-        flips = torch.tensor([bool(job[2]) for job in chunk])
-        pad = (padded_size(crops[:, 2]), padded_size(crops[:, 3]))
+    def prepare(self, chunk: list) -> PreparedChunk:
+        return PreparedChunk(chunk, self.device)
+
+    def render(self, prepared: PreparedChunk) -> torch.Tensor:
+        """Normalised float32 `[len(chunk), 3, S, S]` on the device (queued, not waited for)."""
+        store = DeviceImageStore(to_device(prepared.pixels, self.device), prepared.heights, prepared.widths)
         with torch.inference_mode():
-            return _Done(render_regions(store, torch.from_numpy(index), torch.from_numpy(crops), flips, self.spec,
-                                        pad, self.mean, self.std))
+            return render_regions(store, to_device(prepared.index, self.device),
+                                  to_device(prepared.crops, self.device), to_device(prepared.flips, self.device),
+                                  self.spec, prepared.pad, self.mean, self.std)
+
+    def submit(self, chunk: list) -> _Done:
+        return _Done(self.render(self.prepare(chunk)))

@@ -19,14 +19,14 @@ from __future__ import annotations
 import copy
 import os
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from ..clip_ops import channel_stats
 from ..integrity import build_output_dir, is_sampled_fingerprint, sampled_tensor_fingerprint, tensor_fingerprint
 from ..modeling import FDBPLCLIPModel, model_name
 from ..validation import check_value, integer, one_of
@@ -35,10 +35,13 @@ from .feature_cache import (  # re-exported: the cache's format lives in feature
     check_cache_metadata, content_key, feature_cache_metadata, load_feature_cache, verify_cache,
 )
 from .device_replay import DeviceChunkRenderer
-from .regions import image_to_tensor
+from .host_pipeline import (
+    DeviceResults, HostPool, check_host_threads, default_host_threads, lagged, ordered, source_cells, to_device,
+)
+from .regions import image_to_tensor, render_jobs
 from .replay import RILDataset
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
-from .table import decode_image, library_version
+from .table import columns_to_dataset, decode_image, library_version, take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -101,23 +104,6 @@ class _AllEpochs(torch.utils.data.Dataset):
         return self.data.render_epochs(index, self.epochs)
 
 
-def _epoch_jobs(data, indices: range, epochs: int) -> tuple[list, np.ndarray]:
-    """The `(image, box, flip, row)` render jobs of images `indices` for epochs 0 .. `epochs` - 1
-    (image-major, as `RILDataset.render_epochs` orders them), each image decoded once, and the
-    replayed regions `[len(indices), epochs]`."""
-    indices = list(indices)
-    region = np.array([[data.region_for(i, e) for e in range(epochs)] for i in indices], dtype=np.int32)
-    rows = data.table[[i * data.num_regions + int(r) for i, rs in zip(indices, region) for r in rs]]
-    cells = data.source[indices][data.image_column]
-    jobs = []
-    for n, (index, cell) in enumerate(zip(indices, cells)):
-        image = image_to_tensor(decode_image(cell, index, data.spec.exif_transpose),
-                                f"row {index} of the source dataset")
-        jobs.extend((image, rows["box"][n * epochs + e], bool(rows["flip"][n * epochs + e]), index)
-                    for e in range(epochs))
-    return jobs, region
-
-
 def _image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return clip.get_image_features(pixel_values=pixel_values).pooler_output.float()
@@ -125,7 +111,7 @@ def _image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_dir: Optional[str] = None,
                         batch_size: int = 256, shard_size: int = 1000, dtype: str = "float16",
-                        device: Optional[str] = None, num_workers: int = 0,
+                        device: Optional[str] = None, num_workers: int = 0, host_threads: Optional[int] = None,
                         progress: bool = True) -> datasets.Dataset:
     """Compute the student's image features of every region the replay schedule visits.
 
@@ -142,6 +128,10 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
             the student); built shard by shard in `<output_dir>.incomplete`, so an interrupted
             build resumes, and only a complete cache is ever loaded.
         dtype: "float16" (default, half the size) or "float32" (bit-faithful to the student).
+        host_threads: threads that decode images and crop regions ahead of the student (default: 1
+            with the student on the CPU, else every usable CPU up to 32).
+        num_workers: with the student on the CPU, > 0 renders in that many DataLoader worker
+            processes instead of the host threads.
 
     Returns:
         the cache as a `datasets.Dataset`, its metadata under `feature_cache_metadata(cache)`.
@@ -153,6 +143,7 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     for name, value, least in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1),
                                ("num_workers", num_workers, 0)):
         check_value(f"build_feature_cache {name}", value, integer(least))
+    host_threads = check_host_threads(host_threads)
     clip = _clip_of(student)
     size = clip.config.vision_config.image_size
     if size != data.spec.output_size:
@@ -188,7 +179,7 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
 
     build = ShardedBuild(output_dir, metadata, kind="student-feature cache", num_items=len(data),
                          shard_size=shard_size, metadata_file=CACHE_METADATA_FILE)
-    _build_cache(build, data, clip, epochs, dim, dtype, batch_size, device, num_workers, progress)
+    _build_cache(build, data, clip, epochs, dim, dtype, batch_size, device, num_workers, host_threads, progress)
     return load_feature_cache(output_dir)
 
 
@@ -207,7 +198,7 @@ def _existing_cache(output_dir: str, key: str) -> Optional[datasets.Dataset]:
 
 
 def _build_cache(build: ShardedBuild, data, clip, epochs: int, dim: int, dtype: str, batch_size: int,
-                 device: Optional[str], num_workers: int, progress: bool) -> None:
+                 device: Optional[str], num_workers: int, host_threads: Optional[int], progress: bool) -> None:
     if device is not None:
         clip.to(device)
     model_device = next(clip.parameters()).device
@@ -221,12 +212,12 @@ def _build_cache(build: ShardedBuild, data, clip, epochs: int, dim: int, dtype: 
     on_device = data.spec.renderer == "uint8" and (model_device.type != "cpu" if DEVICE_RENDER is None
                                                    else DEVICE_RENDER)
     # each image is decoded once and rendered for all its cached epochs; about batch_size regions
-    # per forward (the same image groups on both paths, so the forwards see the same batches)
+    # per forward (the same image groups on every path, so the forwards see the same batches)
     images_per_batch = max(1, batch_size // epochs)
 
-    def write(out, regions, first: int, feats: torch.Tensor, region: np.ndarray) -> int:
+    def write(out, regions, first: int, feats: np.ndarray, region: np.ndarray) -> int:
         n = region.shape[0]
-        out[first: first + n] = feats.view(n, epochs, dim).cpu().numpy()
+        out[first: first + n] = feats.reshape(n, epochs, dim)
         regions[first: first + n] = region
         bar.update(n * epochs)
         return first + n
@@ -235,28 +226,20 @@ def _build_cache(build: ShardedBuild, data, clip, epochs: int, dim: int, dtype: 
         out = np.empty((stop - start, epochs, dim), dtype=dtype)
         regions = np.empty((stop - start, epochs), dtype=np.int32)
         first = 0
-        if on_device and stop > start:
-            groups = [range(i, min(i + images_per_batch, stop)) for i in range(start, stop, images_per_batch)]
-            renderer = DeviceChunkRenderer(data.spec, data.image_mean, data.image_std, model_device)
-            # the next group is decoded on the host while this one renders and runs on the device
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(_epoch_jobs, data, groups[0], epochs)
-                for k in range(len(groups)):
-                    jobs, region = pending.result()
-                    if k + 1 < len(groups):
-                        pending = pool.submit(_epoch_jobs, data, groups[k + 1], epochs)
-                    pixels = renderer.submit(jobs).result()  # [images * epochs, 3, S, S], image-major
-                    first = write(out, regions, first, _image_features(clip, pixels), region)
-        else:
+        if num_workers > 0 and not on_device:  # worker processes render on the CPU
             loader = DataLoader(_AllEpochs(data, epochs), batch_size=images_per_batch,
                                 sampler=range(start, stop), num_workers=num_workers, collate_fn=default_collate,
                                 pin_memory=model_device.type == "cuda")
             for batch in loader:
                 pixels = batch["pixel_values"]  # [images, epochs, 3, S, S]
                 feats = _image_features(clip, pixels.flatten(0, 1).to(model_device, non_blocking=True))
-                first = write(out, regions, first, feats, batch["region"].numpy())
-        return datasets.Dataset.from_dict(
-            {"region": regions.reshape(-1), "image_features": out.reshape(-1, dim)}, features=features)
+                first = write(out, regions, first, feats.cpu().numpy(), batch["region"].numpy())
+        else:
+            threads = host_threads or default_host_threads(model_device)
+            for feats, region in _pipelined_features(data, clip, range(start, stop), epochs, images_per_batch,
+                                                     model_device, on_device, threads):
+                first = write(out, regions, first, feats, region)
+        return columns_to_dataset({"region": regions.reshape(-1), "image_features": out.reshape(-1, dim)}, features)
 
     def restore() -> None:
         bar.close()
@@ -264,6 +247,48 @@ def _build_cache(build: ShardedBuild, data, clip, epochs: int, dim: int, dtype: 
 
     build.run(build_shard, on_skip=lambda shard, start, stop: bar.update((stop - start) * epochs),
               after_shards=restore)
+
+
+def _pipelined_features(data, clip, indices: range, epochs: int, images_per_batch: int, device: torch.device,
+                        on_device: bool, threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`(features [n * epochs, dim], regions [n, epochs])` per group of `images_per_batch` images:
+    images decoded by a pool of host threads ahead of the student, each group's regions rendered
+    there (or prepared there and rendered on the device), features read back one group later."""
+    renderer = DeviceChunkRenderer(data.spec, data.image_mean, data.image_std, device) if on_device else None
+    mean_std = channel_stats(data.image_mean, data.image_std)
+
+    def decode(item):
+        index, cell = item
+        return image_to_tensor(decode_image(cell, index, data.spec.exif_transpose), f"row {index} of the source dataset")
+
+    def prepare(jobs):
+        return renderer.prepare(jobs) if on_device else render_jobs(jobs, data.spec, *mean_std)
+
+    def forward(prepared) -> DeviceResults:
+        with torch.inference_mode():
+            pixels = renderer.render(prepared) if on_device else to_device(prepared, device)
+            return DeviceResults({"features": _image_features(clip, pixels)})
+
+    with HostPool(threads, single_thread_ops=device.type == "cpu") as pool:
+        images = ordered(pool, decode, source_cells(data.source, data.image_column, indices),
+                         ahead=max(2 * images_per_batch, 2 * threads))
+
+        def groups():  # the render jobs of each group, image-major (as RILDataset.render_epochs orders them)
+            for start in range(indices.start, indices.stop, images_per_batch):
+                group = range(start, min(start + images_per_batch, indices.stop))
+                region = np.array([[data.region_for(i, e) for e in range(epochs)] for i in group], dtype=np.int32)
+                rows = take_rows(data.table, [i * data.num_regions + int(r) for i, rs in zip(group, region)
+                                              for r in rs], ["box", "flip"])
+                jobs = []
+                for n, index in enumerate(group):
+                    image = next(images)
+                    jobs.extend((image, rows["box"][n * epochs + e], bool(rows["flip"][n * epochs + e]), index)
+                                for e in range(epochs))
+                yield jobs, region
+
+        rendered = ordered(pool, lambda item: (item[1], prepare(item[0])), groups(), ahead=2)
+        queued = ((region, forward(prepared)) for region, prepared in rendered)
+        yield from lagged(queued, lambda item: (item[1].numpy()["features"], item[0]))
 
 
 def _progress(enabled: bool, total: int):

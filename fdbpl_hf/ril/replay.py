@@ -16,9 +16,14 @@ from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sam
 from .feature_cache import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
 from ..rows import stored_rows
 from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_columns, check_table_matches,
-                    decode_image, is_verified, refuse_foreign_metadata, ril_metadata, validate_table_rows, verify_rows)
+                    decode_image, is_verified, refuse_foreign_metadata, ril_metadata, take_rows, validate_table_rows,
+                    verify_rows)
 
 MR_FILL_GAP = 10.0
+# region_for keeps every image's permutation once drawn up to this many entries (int16: 2 bytes each)
+PERMUTATION_MEMO_ENTRIES = 1 << 24
+# the online dataset keeps every image's drawn regions up to this many (9 bytes each)
+DRAWN_MEMO_REGIONS = 1 << 22
 
 
 def dense_teacher_logits(topk_indices: torch.Tensor, topk_logits: torch.Tensor, num_classes: int,
@@ -161,6 +166,7 @@ class RILDataset(torch.utils.data.Dataset):
         self.epoch = epoch
         self.image_store = None  # use_image_store(): device-resident replay
         self.feature_cache, self.cache_metadata, self._labels = None, None, None
+        self._permutations, self._drawn = None, None  # memos of region_for and of the online regions
         if feature_cache is not None:
             if table is None:
                 raise ValueError("a feature cache replays an RIL table's regions: the online dataset has none")
@@ -174,7 +180,7 @@ class RILDataset(torch.utils.data.Dataset):
             if verify and not is_verified(feature_cache, self.cache_metadata):
                 verify_cache(feature_cache, self.cache_metadata, "the student-feature cache")
             self.feature_cache = feature_cache.with_format("numpy")
-            self._labels = self.label_array()
+            self._labels = self._label_array()
 
     def label_array(self) -> Optional[np.ndarray]:
         """The source labels as int64 `[N]`, -1 where a row has none (None), read without touching
@@ -276,9 +282,51 @@ class RILDataset(torch.utils.data.Dataset):
         """Which of image `index`'s stored regions an epoch replays (default: the current one):
         `perm_index[epoch mod num_regions]`, a seeded permutation per image."""
         e = self.epoch if epoch is None else epoch
-        # Each image has its own seeded permutation, so every epoch shows it a new region.
-        perm = np.random.default_rng([self.seed, index, 1]).permutation(self.num_regions)
-        return int(perm[e % self.num_regions])
+        return int(self._permutation(index)[e % self.num_regions])
+
+    def _permutation(self, index: int) -> np.ndarray:
+        """Image `index`'s seeded permutation of its regions (each epoch shows it a new one). Drawing
+        it costs about 13 us (a seeded generator per image), which a batch of 256 pays 256 times in
+        the training process when nothing runs in DataLoader workers (feature cache, image store):
+        permutations are kept once drawn while `len(dataset) * num_regions` <= PERMUTATION_MEMO_ENTRIES
+        (16-shot ImageNet at M = 500: 8 M entries, 32 MB)."""
+        memo = self._permutations
+        if memo is None:
+            if len(self.source) * self.num_regions > PERMUTATION_MEMO_ENTRIES:
+                return np.random.default_rng([self.seed, index, 1]).permutation(self.num_regions)
+            dtype = np.int16 if self.num_regions <= np.iinfo(np.int16).max else np.int32
+            memo = self._permutations = (np.empty((len(self.source), self.num_regions), dtype=dtype),
+                                         np.zeros(len(self.source), dtype=bool))
+        table, known = memo
+        if not known[index]:
+            table[index] = np.random.default_rng([self.seed, index, 1]).permutation(self.num_regions)
+            known[index] = True
+        return table[index]
+
+    def _drawn_regions(self, index: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """All `num_regions` boxes `[M, 4]` and flips `[M]` of image `index` (`height` x `width`), drawn
+        as `build_ril_table` draws them (the online dataset has no table to read them from). Kept
+        once drawn while `len(dataset) * num_regions` <= DRAWN_MEMO_REGIONS: the online store
+        draws them in the training process, about 40 us per item."""
+        memo = self._drawn
+        if memo is None:
+            if len(self.source) * self.num_regions > DRAWN_MEMO_REGIONS:
+                return sample_regions(height, width, self.num_regions, self.spec, region_rng(self.seed, index))
+            memo = self._drawn = (np.empty((len(self.source), self.num_regions, 4), dtype=np.uint16),
+                                  np.empty((len(self.source), self.num_regions), dtype=bool),
+                                  np.zeros(len(self.source), dtype=bool))
+        boxes, flips, known = memo
+        if not known[index]:
+            boxes[index], flips[index] = sample_regions(height, width, self.num_regions, self.spec,
+                                                        region_rng(self.seed, index))
+            known[index] = True
+        return boxes[index], flips[index]
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers (spawned, or each epoch) draw what they need: the memos do not travel
+        state = dict(self.__dict__)
+        state["_permutations"], state["_drawn"] = None, None
+        return state
 
     def __len__(self) -> int:
         return len(self.source)
@@ -304,8 +352,7 @@ class RILDataset(torch.utils.data.Dataset):
                 image = image_to_tensor(decode_image(sources[self.image_column][n], index, self.spec.exif_transpose),
                                         f"row {index} of the source dataset")
                 if self.table is None:
-                    boxes, flips = sample_regions(image.shape[1], image.shape[2], self.num_regions, self.spec,
-                                                  region_rng(self.seed, index))
+                    boxes, flips = self._drawn_regions(index, image.shape[1], image.shape[2])
                     box, flip = boxes[region], flips[region]
                 else:
                     box, flip = rows["box"][n], rows["flip"][n]
@@ -351,7 +398,7 @@ class RILDataset(torch.utils.data.Dataset):
         """The batch's table rows, top-K columns as torch tensors (one conversion per batch; items
         take views)."""
         positions = [i * self.num_regions + r for i, r in zip(indices, regions)]
-        rows = self.table[positions]
+        rows = take_rows(self.table, positions)
         # Checked here, on the CPU, so the training step needs no device sync for it.
         validate_table_rows(rows, self.num_classes, lambda n: f"row {positions[n]}: image {indices[n]}, region "
                                                               f"{regions[n]}")
@@ -379,38 +426,38 @@ class RILDataset(torch.utils.data.Dataset):
         return item
 
     def _store_items(self, indices: list[int], regions: list[int]) -> list[dict]:
-        from .device_replay import drawn_regions, pixel_boxes
+        from .device_replay import pixel_boxes
 
         store, rows = self.image_store, None
         if self.table is not None:
             rows = self._table_rows(indices, regions)
             boxes, flips = np.asarray(rows["box"]), np.asarray(rows["flip"], dtype=bool)
         else:
-            boxes, flips = drawn_regions(store, indices, regions, self.num_regions, self.spec, self.seed)
+            drawn = [self._drawn_regions(i, int(store.heights[i]), int(store.widths[i])) for i in indices]
+            boxes = np.stack([b[r] for (b, _), r in zip(drawn, regions)])
+            flips = np.array([f[r] for (_, f), r in zip(drawn, regions)], dtype=bool)
         # integer pixel boxes on the host: the device kernel then needs no host sync for its shapes
         crops = torch.from_numpy(pixel_boxes(boxes, store.heights[indices], store.widths[indices]))
+        # batch tensors, items take views: no tensor per item and field (the collation stacks them)
         flips = torch.from_numpy(flips)
-        labels = self._store_labels(indices)
+        index_t = torch.tensor(indices)
+        labels, region_t = torch.from_numpy(self._label_array()[indices]), torch.tensor(regions)
         items = []
-        for n, (index, region) in enumerate(zip(indices, regions)):
-            item = {"image_index": torch.tensor(index), "region_crop": crops[n], "region_flip": flips[n],
-                    "labels": torch.tensor(labels[n]), "region": torch.tensor(region)}
+        for n in range(len(indices)):
+            item = {"image_index": index_t[n], "region_crop": crops[n], "region_flip": flips[n],
+                    "labels": labels[n], "region": region_t[n]}
             if rows is not None:
                 item.update(self._soft_label(rows, n))
             items.append(item)
         return items
 
-    def _store_labels(self, indices: list[int]) -> list[int]:
-        if not self.label_column:
-            return [-1] * len(indices)
-        labels = self.source.select_columns([self.label_column])[indices][self.label_column]
-        out = []
-        for index, label in zip(indices, labels):
-            if label is not None and not -1 <= int(label) < self.num_classes:
-                raise ValueError(f"row {index} of the dataset has label {label}, outside the {self.num_classes} "
-                                 f"classes (0-{self.num_classes - 1})")
-            out.append(-1 if label is None else int(label))
-        return out
+    def _label_array(self) -> np.ndarray:
+        """`label_array()` read once and kept (-1 everywhere without a label column): the item paths
+        index it per batch."""
+        if self._labels is None:
+            labels = self.label_array()
+            self._labels = labels if labels is not None else np.full(len(self.source), -1, dtype=np.int64)
+        return self._labels
 
     def _cached_items(self, indices: list[int], regions: list[int]) -> list[dict]:
         epochs = int(self.cache_metadata["epochs"])
@@ -419,24 +466,19 @@ class RILDataset(torch.utils.data.Dataset):
             raise ValueError(f"the student-feature cache covers the first {epochs} epochs of the replay schedule, "
                              f"epoch {self.epoch} needs more: rebuild it with epochs >= {slot + 1} (or train fewer "
                              "epochs)")
-        cached = self.feature_cache[[i * epochs + slot for i in indices]]
-        if [int(r) for r in cached["region"]] != regions:
+        cached = take_rows(self.feature_cache, [i * epochs + slot for i in indices], ["region", "image_features"])
+        if not np.array_equal(cached["region"], regions):
             raise ValueError("the student-feature cache's regions differ from the replay schedule: it was not "
                              "built for this table and seed")
         rows = self._table_rows(indices, regions)
-        features = torch.from_numpy(np.asarray(cached["image_features"], dtype=np.float32))
-        finite = torch.isfinite(features).all(-1)
-        if not bool(finite.all()):
-            n = int((~finite).nonzero()[0])
+        features = np.asarray(cached["image_features"], dtype=np.float32)
+        finite = np.isfinite(features).all(-1)
+        if not finite.all():
+            n = int(np.flatnonzero(~finite)[0])
             raise ValueError(f"non-finite stored features in the student-feature cache (image {indices[n]}, epoch "
                              f"{slot}): the cache is corrupt; rebuild it")
-        items = []
-        for n, (index, region) in enumerate(zip(indices, regions)):
-            label = int(self._labels[index]) if self._labels is not None else -1
-            items.append({
-                "image_features": features[n],
-                "labels": torch.tensor(label),
-                "region": torch.tensor(region),
-                **self._soft_label(rows, n),
-            })
-        return items
+        # batch tensors, items take views: no tensor per item and field (the collation stacks them)
+        features = torch.from_numpy(features)
+        labels, region_t = torch.from_numpy(self._label_array()[indices]), torch.tensor(regions)
+        return [{"image_features": features[n], "labels": labels[n], "region": region_t[n], **self._soft_label(rows, n)}
+                for n in range(len(indices))]

@@ -4,7 +4,7 @@
 command line with `transformers.HfArgumentParser`, and the finished table stores it whole under
 its metadata's `build_config` key (`RILTableConfig.from_metadata(ril_metadata(table))`). Which of
 these settings change the table's content is decided by the build key, not by this class: the
-batch sizes, `shard_size`, `num_proc` and `device` change how fast a table is built, not its rows.
+batch sizes, `shard_size`, `host_threads`, `num_proc` and `device` change how fast a table is built, not its rows.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class RILTableConfig:
     teacher_batch_size: Annotated[int, integer(1)] = field(default=256, metadata={
         "help": "Regions per teacher forward."})
     shard_size: Annotated[int, integer(1)] = field(default=1000, metadata={"help": "Images per resumable shard."})
+    host_threads: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
+        "help": "Host threads that decode and crop ahead of the teacher (default: 1 when the teacher runs on the "
+                "CPU, else every usable CPU, at most 32)."})
     num_proc: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
         "help": "datasets.map worker processes (worker r uses GPU r)."})
     device: Optional[str] = field(default=None, metadata={
