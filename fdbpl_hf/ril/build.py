@@ -16,6 +16,7 @@ import torch
 from ..clip_ops import channel_stats, normalize_pixels
 from ..integrity import expand_path
 from ..losses import shannon_entropy
+from .compose import REGION_KEY, region_key
 from .device_replay import DeviceChunkRenderer
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
@@ -310,7 +311,8 @@ def build_ril_table(
                                               teacher_image_std=list(teacher_image_std)).to_dict(),
     }
     key = build_key(metadata)
-    metadata.update(build_key=key, library_version=library_version())
+    # which tables compose with this one (fdbpl_hf.ril.compose): recomputed for tables without it
+    metadata.update(build_key=key, library_version=library_version(), **{REGION_KEY: region_key(metadata)})
     if output_dir is None and metadata["teacher"].get("weights") is None and not teacher.revision:
         # the default folder is named by the build key: without the teacher's content in it, two
         # different callables of one name would share (and return) one table
