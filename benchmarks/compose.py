@@ -17,7 +17,9 @@
     it), by KL(reference || rebuilt), top-1 agreement, and the error of the information weight
     1 - H/log C for three entropies of the composed mixture: the weighted stored entropies alone
     (a lower bound), plus the mixture's divergence term from the rebuilds (what fdbpl_hf uses), and
-    the entropy of the rebuilt mixture itself (what a top-K rebuild gives).
+    the entropy of the rebuilt mixture itself (what a top-K rebuild gives). For comparison, the
+    mixture of another rebuild that fdbpl_hf does not use ("mass-kept": each table's stored top-K
+    probabilities as they are, the rest of its mass spread evenly over the other classes).
 (b) cost: one batch of 32 items (`RILDataset.__getitems__` + default collation, as the DataLoader
     calls it) from one table, two and three composed tables, with pixels (500 x 375 JPEGs decoded
     and cropped) and with a student-feature cache (no image read), at C = 50 and C = 1000, K = 20;
@@ -64,6 +66,16 @@ def _columns(table, k: int) -> dict[str, torch.Tensor]:
 
 def _rebuild(cols: dict, num_classes: int) -> torch.Tensor:
     return torch.log_softmax(dense_teacher_logits(cols["idx"], cols["val"], num_classes), dim=-1)
+
+
+def _mass_kept(cols: dict, num_classes: int) -> torch.Tensor:
+    """A rebuild that keeps the stored top-K probabilities as they are and spreads the rest of the mass
+    evenly over the other classes (not what fdbpl_hf does: measured for comparison)."""
+    kept = cols["val"].exp()
+    k = kept.shape[1]
+    rest = (1 - kept.sum(-1, keepdim=True)).clamp_min(0) / max(num_classes - k, 1)
+    p = rest.expand(-1, num_classes).clone().scatter_(1, cols["idx"], kept)
+    return (p / p.sum(-1, keepdim=True)).clamp_min(1e-30).log()
 
 
 def _kl(ref: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -121,11 +133,18 @@ def approximation(args, out: dict) -> None:
             h_lower = (w * stored).sum(0)
             h_rebuilt = _entropy(log_mix)
             joint_k = _rebuild(_columns(joints[weighting], k), num_classes)
+            kept_mix, _, _ = mix_soft_labels(torch.stack([_mass_kept(c, num_classes) for c in cols]), fixed,
+                                             weighting, top, stored)
             record = {
                 "weighting": weighting, "k": k, "regions": regions,
                 "kl_composed": float(_kl(ref, log_mix).mean()), "kl_joint_k": float(_kl(ref, joint_k).mean()),
                 "top1_composed": float((log_mix.argmax(-1) == ref.argmax(-1)).float().mean() * 100),
                 "top1_joint_k": float((joint_k.argmax(-1) == ref.argmax(-1)).float().mean() * 100),
+                "kl_composed_mass_kept": float(_kl(ref, kept_mix).mean()),
+                # from what training on the joint table at K reads (its top-K rebuild), not the exact mixture
+                "kl_joint_k_to_composed": float(_kl(joint_k, log_mix).mean()),
+                "kl_joint_k_to_mass_kept": float(_kl(joint_k, kept_mix).mean()),
+                "top1_composed_mass_kept": float((kept_mix.argmax(-1) == ref.argmax(-1)).float().mean() * 100),
                 "weight_error_used": float(((h_used - ref_h).abs() / log_c).mean()),
                 "weight_error_lower_bound": float(((h_lower - ref_h).abs() / log_c).mean()),
                 "weight_error_rebuilt": float(((h_rebuilt - ref_h).abs() / log_c).mean()),
@@ -135,13 +154,17 @@ def approximation(args, out: dict) -> None:
             records.append(record)
             rows.append([weighting, k, f"{record['kl_composed']:.4f}", f"{record['kl_joint_k']:.4f}",
                          f"{record['top1_composed']:.1f}", f"{record['top1_joint_k']:.1f}",
+                         f"{record['kl_composed_mass_kept']:.4f}", f"{record['top1_composed_mass_kept']:.1f}",
+                         f"{record['kl_joint_k_to_composed']:.4f}", f"{record['kl_joint_k_to_mass_kept']:.4f}",
                          f"{record['weight_error_used']:.4f}", f"{record['weight_error_lower_bound']:.4f}",
                          f"{record['weight_error_rebuilt']:.4f}", f"{record['mean_weight_reference']:.3f}"])
     print(f"{regions} regions ({len(data['dataset'])} images x M = {args.num_regions}), C = {num_classes}; "
           "reference: the joint EnsembleTeacher table at K = C. KL in nats, mean over regions; weight error = "
           "mean |w - w_ref|, w = 1 - H / log C.\n")
     print(md_table(["weighting", "K", "KL composed", "KL joint at K", "top-1 agree composed %",
-                    "top-1 agree joint at K %", "weight error (used: stored + divergence)",
+                    "top-1 agree joint at K %", "KL composed, mass-kept rebuild", "top-1 agree mass-kept %",
+                    "KL(joint at K, composed)", "KL(joint at K, mass-kept)",
+                    "weight error (used: stored + divergence)",
                     "weight error (stored only)", "weight error (rebuilt mixture)", "mean w_ref"], rows))
     out["approximation"] = {"records": records, "teacher": paths["teacher"], "student": paths["student"],
                             "shots": args.shots, "seed": args.seed, "num_regions": args.num_regions,
@@ -165,7 +188,7 @@ def cost(args, out: dict) -> None:
     from fdbpl_hf.testing.worlds import clip_tokenizer
 
     section("(b) replay cost of one batch: one table vs composed tables")
-    size, batch = 224, 32
+    size, batch = args.cost_size, 32
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
     # a small student at ViT-B/32's input size and feature width: a cache row's size is what matters here
@@ -214,8 +237,7 @@ def cost(args, out: dict) -> None:
         records.append({"classes": num_classes, "path": "mixing alone (2 tables)", "tables": 2, "ms_per_batch": mix_ms})
         rows.append([num_classes, "mixing alone (2 tables, rebuilds + mix_soft_labels)", 2, f"{mix_ms:.3f}", "-"])
     print(f"batch {batch}, K = 20 (K = C below 20), M = {args.cost_regions}, {args.cost_images} synthetic 500 x 375 "
-          "JPEGs; one thread; median of "
-          f"{args.reps} batches.\n")
+          f"JPEGs, regions rendered at {size} px; one thread; median of {args.reps} batches.\n")
     print(md_table(["C", "path", "tables", "ms per batch", "vs one table"], rows))
     out["cost"] = {"records": records, "batch": batch, "images": args.cost_images, "regions": args.cost_regions}
 
@@ -232,6 +254,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--cost_classes", nargs="+", type=int, default=[50, 1000])
     parser.add_argument("--cost_images", type=int, default=64)
     parser.add_argument("--cost_regions", type=int, default=4)
+    parser.add_argument("--cost_size", type=int, default=224, help="region (student input) size of the cost part")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

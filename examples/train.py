@@ -36,7 +36,8 @@ class ScriptArguments:
         "action": "extend", "help": "RIL table folder or Hub dataset id; repeat it (--table a --table b) to train from "
                                     "several teachers' tables of the same regions, mixed per region."})
     table_config: Optional[list[str]] = field(default=None, metadata={
-        "action": "extend", "help": "Hub config of the table (repeated: one per --table)."})
+        "action": "extend", "help": "Hub config of the table (repeated: one per --table; '-' for a folder or a repo "
+                                    "with one config)."})
     teacher_weighting: str = field(default="fixed", metadata={
         "help": "How several tables mix per region: fixed (--teacher_weights), max_prob, entropy, or confidence "
                 "(= max_prob), as EnsembleTeacher mixes its members."})
@@ -89,7 +90,7 @@ def main(script: ScriptArguments | Sequence[str] | None = None,
     size = clip.config.vision_config.image_size
     teacher = None
     if tables:
-        loaded = [load_ril_table(t, c) for t, c in zip(tables, configs or [None] * len(tables))]
+        loaded = [load_ril_table(t, None if c == "-" else c) for t, c in zip(tables, configs or [None] * len(tables))]
         # one table as is; several composed (RILDataset refuses a weighting for a single table)
         train_data = RILDataset(data["dataset"], loaded if len(loaded) > 1 else loaded[0],
                                 image_mean=processor.image_mean, image_std=processor.image_std, image_size=size,

@@ -105,6 +105,21 @@ def test_tables_of_other_k_and_fill_compose(digits_small, teachers, dense_tables
     assert bool(((entropy >= 0) & (entropy <= math.log(10))).all())
 
 
+def test_device_replay_of_composed_tables(digits_small, dense_tables):
+    """An image store renders the regions in the step; the mixed soft labels come with the items as on the
+    CPU path."""
+    from fdbpl_hf.ril import DeviceImageStore
+
+    data = replay(digits_small, dense_tables, teacher_weighting="max_prob")
+    stored = replay(digits_small, dense_tables, teacher_weighting="max_prob").use_image_store(
+        DeviceImageStore.from_dataset(digits_small))
+    cpu, store = data.__getitems__([2, 9]), stored.__getitems__([2, 9])
+    assert "region_crop" in store[0] and "pixel_values" not in store[0]
+    for a, b in zip(cpu, store):
+        assert torch.equal(a["teacher_log_probs"], b["teacher_log_probs"])
+        assert torch.equal(a["teacher_entropy"], b["teacher_entropy"])
+
+
 def _images(count, seed=0, size=(20, 24)):
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(count)]
@@ -212,6 +227,13 @@ def test_the_mixture_entropy_is_exact_for_full_distributions():
     log_mix, entropy, weights = mix_soft_labels(log_p, ensemble.weights.double(), "entropy", log_p.max(-1).values,
                                                 entropies)
     torch.testing.assert_close(weights, ensemble.region_weights(log_p.exp()), rtol=0, atol=1e-12)
+    # the rule itself, written out: fixed weight times confidence (information weight 1 - H / log C, or top
+    # probability), renormalised; float64 throughout, so 1e-12
+    fixed = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    for weighting, confidence in (("entropy", 1 - entropies / math.log(12)), ("max_prob", log_p.exp().max(-1).values)):
+        _, _, found = mix_soft_labels(log_p, fixed / 6, weighting, log_p.max(-1).values, entropies)
+        raw = fixed.view(3, 1) * confidence
+        torch.testing.assert_close(found, raw / raw.sum(0), rtol=0, atol=1e-12)
     mix = (weights.unsqueeze(-1) * log_p.exp()).sum(0)
     torch.testing.assert_close(log_mix, mix.log(), rtol=0, atol=1e-12)
     torch.testing.assert_close(entropy, -(mix * mix.log()).sum(-1), rtol=0, atol=1e-12)
@@ -241,7 +263,8 @@ def test_training_records_every_table_and_reads_the_feature_cache(digits_small, 
     assert record["teacher weighting"] == "entropy, weights [0.5, 0.5]"
     assert [(t["teacher"], t["top_k"], t["num_regions"], t["seed"]) for t in record["tables"]] == [
         ("t1", 10, M, 0), ("t2", 10, M, 0)]
-    assert [t["path"] for t in record["tables"]] == [table_origin(t)["path"] for t in dense_tables]
+    # absolute folders by their name: a pushed card names no local directory
+    assert [t["path"] for t in record["tables"]] == [os.path.basename(table_origin(t)["path"]) for t in dense_tables]
     assert record["region weights"].startswith("entropy of the tables' mixture")
 
 
@@ -275,21 +298,23 @@ def test_two_tables_built_separately_train_from_folders_and_from_the_hub(fake_hu
     flags = [*protocol, "--student", tiny_checkpoints["student"], "--max_steps", "2", "--per_device_train_batch_size",
              "4", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
              "--teacher_weighting", "confidence"]
-    for where, tables in (("local", [folders["strong"], folders["weak"]]),
-                          ("hub", ["tester/digits-strong", "tester/digits-weak"])):
+    for where, tables, configs in (("local", [folders["strong"], folders["weak"]], []),
+                                   ("hub", ["tester/digits-strong", "tester/digits-weak"],
+                                    ["--table_config", "strong_k3_m2", "--table_config", "-"])):  # -: its only one
         out = str(tmp_path / f"run_{where}")
-        trainer = train.main([*flags, "--table", tables[0], "--table", tables[1], "--output_dir", out])
+        trainer = train.main([*flags, "--table", tables[0], "--table", tables[1], *configs, "--output_dir", out])
         assert trainer.state.global_step == 2 and trainer.train_dataset.is_composed
         record = FDBPLConfig.from_pretrained(out).training
         assert record["teacher weighting"] == "max_prob, weights [0.5, 0.5]"
         assert [t["top_k"] for t in record["tables"]] == [3, 5]
         if where == "local":
-            assert [t["path"] for t in record["tables"]] == tables
+            assert [t["path"] for t in record["tables"]] == ["strong", "weak"]  # absolute folders by their name
         else:
             assert [(t["hub_id"], t["config"]) for t in record["tables"]] == [
                 ("tester/digits-strong", "strong_k3_m2"), ("tester/digits-weak", "weak_k5_m2")]
         card = open(os.path.join(out, "README.md")).read()
-        assert f"{'hub_id ' if where == 'hub' else 'path '}{tables[0]}" in card and "top_k 5" in card
+        assert ("hub_id tester/digits-strong" if where == "hub" else "path strong") in card and "top_k 5" in card
+        assert str(tmp_path) not in card
     from huggingface_hub import DatasetCard
 
     # the Hub cards carry the region key each config composes by

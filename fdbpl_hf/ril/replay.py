@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import datasets
@@ -242,11 +243,15 @@ class RILDataset(torch.utils.data.Dataset):
         return None if self.table is None else region_key(self.metadata)
 
     def table_records(self) -> list[dict]:
-        """What a training record says of each table: where it was loaded from (`path`, or `hub_id`
-        and `config`; none for a table not loaded as is), its teacher, K, M, seed and build key."""
+        """What a training record says of each table: where it was loaded from (`path` as given, an
+        absolute one by its last component so that a pushed card names no local folders; or `hub_id`
+        and `config`; none for a table not loaded as is), its teacher, K, M, seed and build key (which
+        identifies its content)."""
         records = []
         for meta, origin in zip(self.table_metadata if self.table is not None else [], self.table_origins):
             record = dict(origin or {})
+            if os.path.isabs(record.get("path") or ""):
+                record["path"] = os.path.basename(os.path.normpath(record["path"]))
             record.update(teacher=meta.get("teacher", {}).get("name"), top_k=meta["top_k"],
                           num_regions=meta["num_regions"], seed=meta["seed"], build_key=meta["build_key"])
             records.append(record)
