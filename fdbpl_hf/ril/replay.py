@@ -227,10 +227,6 @@ class RILDataset(torch.utils.data.Dataset):
         return bool(self.other_tables)
 
     @property
-    def num_tables(self) -> int:
-        return 0 if self.table is None else 1 + len(self.other_tables)
-
-    @property
     def has_full_entropy(self) -> bool:
         """Whether items carry the entropy of the teacher's full distribution (every table has the
         column; tables of 0.3 do not): the information weights then use it."""
@@ -412,12 +408,15 @@ class RILDataset(torch.utils.data.Dataset):
                                  f"{np.asarray(rows['box'])[n].tolist()}): the tables were not built over the same "
                                  "regions although their metadata says so; rebuild or re-download them")
             parts.append(part)
-        dense = torch.stack([torch.log_softmax(dense_teacher_logits(p["topk_indices"], p["topk_logits"],
-                                                                    self.num_classes, fill=m["fill"]), dim=-1)
-                             for p, m in zip(parts, self.table_metadata)])
-        top = torch.stack([p["topk_logits"].max(dim=-1).values for p in parts])
-        entropies = torch.stack([p[ENTROPY_COLUMN] for p in parts]) if self.has_full_entropy else None
-        log_mix, entropy, _ = mix_soft_labels(dense, self.teacher_weights, self.teacher_weighting, top, entropies)
+        # a few small ops per batch: one thread in the training process, as for rendering
+        with _one_thread_in_main_process():
+            dense = torch.stack([torch.log_softmax(dense_teacher_logits(p["topk_indices"], p["topk_logits"],
+                                                                        self.num_classes, fill=m["fill"]), dim=-1)
+                                 for p, m in zip(parts, self.table_metadata)])
+            top = torch.stack([p["topk_logits"].max(dim=-1).values for p in parts])
+            entropies = torch.stack([p[ENTROPY_COLUMN] for p in parts]) if self.has_full_entropy else None
+            log_mix, entropy, _ = mix_soft_labels(dense, self.teacher_weights, self.teacher_weighting, top,
+                                                  entropies)
         mixed = {"box": rows["box"], "flip": rows["flip"], TEACHER_LOG_PROBS: log_mix}
         if entropy is not None:
             mixed[ENTROPY_COLUMN] = entropy
