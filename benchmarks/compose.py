@@ -20,7 +20,7 @@
     the entropy of the rebuilt mixture itself (what a top-K rebuild gives). For comparison, the
     mixture of another rebuild that fdbpl_hf does not use ("mass-kept": each table's stored top-K
     probabilities as they are, the rest of its mass spread evenly over the other classes).
-(b) cost: one batch of 32 items (`RILDataset.__getitems__` + default collation, as the DataLoader
+(b) cost: CPU time of one batch of 32 items (`RILDataset.__getitems__` + default collation, as the DataLoader
     calls it) from one table, two and three composed tables, with pixels (500 x 375 JPEGs decoded
     and cropped) and with a student-feature cache (no image read), at C = 50 and C = 1000, K = 20;
     and the mixing alone (rebuilds + `mix_soft_labels`).
@@ -41,8 +41,8 @@ from typing import Any, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # first: sets the offline environment and puts the checkout's fdbpl_hf on the path
-from common import (class_names, git_commit, machine_facts, md_table, median_ms, save_json,  # noqa: E402
-                    scaled_clip_config, section, synthetic_images, torch_threads)
+from common import (class_names, cpu_now, git_commit, machine_facts, md_table, median, save_json,  # noqa: E402
+                    scaled_clip_config, section, synthetic_images, time_calls, torch_threads)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
@@ -183,6 +183,11 @@ def _linear_teacher(num_classes: int, seed: int, size: int) -> CallableTeacher:
     return CallableTeacher(module, num_classes, size, name=f"linear{seed}")
 
 
+def cpu_ms(fn, reps: int) -> float:
+    """Median CPU milliseconds per call (one thread: the work itself, not the waits a loaded machine adds)."""
+    return median(time_calls(fn, reps, warmup=3, clock=cpu_now)) * 1e3
+
+
 def cost(args, out: dict) -> None:
     from transformers import CLIPModel
     from fdbpl_hf.testing.worlds import clip_tokenizer
@@ -215,9 +220,9 @@ def cost(args, out: dict) -> None:
                 if path == "feature cache":
                     dataset = dataset.with_feature_cache(cache)
                 with torch_threads(1):
-                    ms = median_ms(lambda: default_collate(dataset.__getitems__(indices)), reps=args.reps)
+                    ms = cpu_ms(lambda: default_collate(dataset.__getitems__(indices)), args.reps)
                 base = ms if count == 1 else base
-                records.append({"classes": num_classes, "path": path, "tables": count, "ms_per_batch": ms})
+                records.append({"classes": num_classes, "path": path, "tables": count, "cpu_ms_per_batch": ms})
                 rows.append([num_classes, path, count, f"{ms:.2f}",
                              "-" if count == 1 else f"{ms - base:+.2f} ms ({100 * (ms / base - 1):+.0f} %)"])
         # the mixing alone, on the batch's columns (what composing adds beyond reading the other tables' rows)
@@ -233,12 +238,13 @@ def cost(args, out: dict) -> None:
             return mix_soft_labels(log_probs, fixed, "entropy", torch.stack([v[:, 0] for v in val]), ent)
 
         with torch_threads(1):
-            mix_ms = median_ms(mix, reps=args.reps * 4)
-        records.append({"classes": num_classes, "path": "mixing alone (2 tables)", "tables": 2, "ms_per_batch": mix_ms})
+            mix_ms = cpu_ms(mix, args.reps * 4)
+        records.append({"classes": num_classes, "path": "mixing alone (2 tables)", "tables": 2, "cpu_ms_per_batch": mix_ms})
         rows.append([num_classes, "mixing alone (2 tables, rebuilds + mix_soft_labels)", 2, f"{mix_ms:.3f}", "-"])
     print(f"batch {batch}, K = 20 (K = C below 20), M = {args.cost_regions}, {args.cost_images} synthetic 500 x 375 "
-          f"JPEGs, regions rendered at {size} px; one thread; median of {args.reps} batches.\n")
-    print(md_table(["C", "path", "tables", "ms per batch", "vs one table"], rows))
+          f"JPEGs, regions rendered at {size} px; one thread; median CPU time of {args.reps} batches (CPU "
+          "time, not wall: the machine's other jobs add waits, not work).\n")
+    print(md_table(["C", "path", "tables", "CPU ms per batch", "vs one table"], rows))
     out["cost"] = {"records": records, "batch": batch, "images": args.cost_images, "regions": args.cost_regions}
 
 
