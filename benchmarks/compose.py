@@ -239,7 +239,8 @@ def cost(args, out: dict) -> None:
 
         with torch_threads(1):
             mix_ms = cpu_ms(mix, args.reps * 4)
-        records.append({"classes": num_classes, "path": "mixing alone (2 tables)", "tables": 2, "cpu_ms_per_batch": mix_ms})
+        records.append({"classes": num_classes, "path": "mixing alone (2 tables)", "tables": 2,
+                        "cpu_ms_per_batch": mix_ms})
         rows.append([num_classes, "mixing alone (2 tables, rebuilds + mix_soft_labels)", 2, f"{mix_ms:.3f}", "-"])
     print(f"batch {batch}, K = 20 (K = C below 20), M = {args.cost_regions}, {args.cost_images} synthetic 500 x 375 "
           f"JPEGs, regions rendered at {size} px; one thread; median CPU time of {args.reps} batches (CPU "

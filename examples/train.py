@@ -3,7 +3,8 @@
     python examples/train.py --student openai/clip-vit-base-patch32 --table tables/eurosat_s1 \
         --dataset eurosat --num_shots 16 --split_seed 1 --output_dir runs/eurosat_s1
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml --num_processes 4 examples/train.py ...
-    # several teachers' tables over the same regions, mixed per region: --table a --table b --teacher_weighting confidence
+    # several teachers' tables of the same regions, mixed per region:
+    #   --table a --table b --teacher_weighting confidence
     # the online-teacher baseline: --teacher openai/clip-vit-large-patch14 instead of --table
     # the CoOp baseline: --loss_type coop (labels, no teacher)
     # no images at train time: --feature_cache caches/eurosat_s1 (built on first use, next to --table)

@@ -96,8 +96,8 @@ def test_compose_benchmark_smoke(tiny_checkpoints, tmp_path):
     try:
         spec.loader.exec_module(compose)
         out = compose.main(["--quick", "--teacher", tiny_checkpoints["teacher"], "--student",
-                            tiny_checkpoints["student"], "--cost_classes", "5", "--cost_images", "8", "--cost_size", "32",
-                            "--out", str(tmp_path / "compose.json")])
+                            tiny_checkpoints["student"], "--cost_classes", "5", "--cost_images", "8",
+                            "--cost_size", "32", "--out", str(tmp_path / "compose.json")])
     finally:
         torch.set_num_threads(threads)
         os.environ.clear()
