@@ -135,9 +135,13 @@ def region_settings(metadata: dict) -> dict:
     library version. The region spec is read as replay reads it (fields older tables lack take the
     values they were built with)."""
     source = metadata["source"]
+    try:
+        regions = RegionSpec.from_dict(metadata["regions"]).to_dict()
+    except (ValueError, TypeError):  # settings replay refuses (it says so); as stored, to compare them
+        regions = dict(metadata["regions"])
     return {
         "source": {"num_rows": int(source["num_rows"]), "images": source_identity(source)},
-        "regions": RegionSpec.from_dict(metadata["regions"]).to_dict(),
+        "regions": regions,
         "seed": int(metadata["seed"]),
         "class_names": list(metadata["class_names"]),
         "num_regions": int(metadata["num_regions"]),

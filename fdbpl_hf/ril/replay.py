@@ -255,12 +255,15 @@ class RILDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _table_name(table, index: int, count: int) -> str:
+        """How errors name a table: "the RIL table" alone (as before 0.7), "RIL table #2 <where>" composed."""
+        if count == 1:
+            return "the RIL table"
         origin = table_origin(table) if isinstance(table, datasets.Dataset) else None
         where = ""
         if origin is not None:
             where = f" {origin.get('path') or origin.get('hub_id')}" + (
                 f" (config {origin['config']})" if origin.get("config") else "")
-        return f"the RIL table{where}" if count == 1 else f"RIL table #{index + 1}{where}"
+        return f"RIL table #{index + 1}{where}"
 
     @classmethod
     def from_processor(cls, dataset, table, image_processor, **kwargs) -> "RILDataset":
