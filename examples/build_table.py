@@ -14,12 +14,13 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, HfArgumentParser
 
 from fdbpl_hf import RILTableConfig, build_ril_table, push_ril_table, ril_metadata
 from fdbpl_hf.data import training_set
+from fdbpl_hf.validation import check_fields, integer, one_of
 
 
 @dataclass
@@ -31,13 +32,19 @@ class BuildArguments:
     dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id, local folder (class folders or "
                                                              "save_to_disk) or DatasetInfo .json/.yaml file."})
     split: Optional[str] = field(default=None, metadata={"help": "Training split (default: the registry's)."})
-    num_shots: Optional[int] = field(default=16, metadata={"help": "Shots per class; 0 = every image."})
-    split_seed: int = field(default=1, metadata={"help": "Seed of the few-shot draw (protocol seeds 1/2/3)."})
-    classes: str = field(default="base", metadata={"help": "base (base-to-novel) or all (cross-dataset)."})
+    num_shots: Annotated[Optional[int], integer(0, optional=True)] = field(default=16, metadata={
+        "help": "Shots per class; 0 = every image."})
+    split_seed: Annotated[int, integer(0)] = field(default=1, metadata={
+        "help": "Seed of the few-shot draw (protocol seeds 1/2/3)."})
+    classes: Annotated[str, one_of("base", "all")] = field(default="base", metadata={
+        "help": "base (base-to-novel) or all (cross-dataset)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Publish the table to --hub_dataset_id (as "
                                                                "--push_to_hub --hub_model_id in train.py)."})
     hub_dataset_id: Optional[str] = field(default=None, metadata={"help": "Dataset repo the table is published to."})
     config_name: Optional[str] = field(default=None, metadata={"help": "Hub config (default <teacher>_k<K>_m<M>)."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # the rules in the annotations: errors name the flag, the value and the range
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BuildArguments, RILTableConfig]:

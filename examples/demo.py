@@ -24,12 +24,29 @@ import torch
 import transformers
 
 from fdbpl_hf.evaluation import write_results
+from fdbpl_hf.files import atomic_write
 from fdbpl_hf.protocol import run_base_to_novel
 from fdbpl_hf.testing.zoo import build_zoo, read_zoo_marker
 
 METHODS = ("zero-shot", "coop", "fdbpl-online", "fdbpl-offline", "fdbpl-cached")
 LABELS = {"zero-shot": "zero-shot student", "coop": "CoOp", "fdbpl-online": "FDBPL, online teacher",
           "fdbpl-offline": "FDBPL, offline RIL table", "fdbpl-cached": "FDBPL, table + feature cache"}
+
+
+# what one run of the demo writes into its folder (run_base_to_novel, then write_results)
+RUN_ENTRIES = tuple(f"{name}{suffix}" for name in ("table", "feature_cache") for suffix in ("", ".incomplete", ".lock")) \
+    + ("run", "results.json")
+
+
+def clear_earlier_run(out: str) -> None:
+    """Remove what an earlier run of the demo wrote into `out`, and nothing else: a folder the user
+    passed as --output_dir may hold other files (they stay)."""
+    for name in RUN_ENTRIES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
 
 
 def fmt(values: list[float]) -> str:
@@ -69,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict]]:
     for method in METHODS:
         for seed in (args.seeds[:1] if method == "zero-shot" else args.seeds):
             out = os.path.join(args.output_dir, method, f"seed{seed}")
-            shutil.rmtree(out, ignore_errors=True)  # fresh runs: a table left by an older zoo would be refused
+            clear_earlier_run(out)  # fresh runs: a table left by an older zoo would be refused
             result = run_base_to_novel(method, student=zoo["student"], teacher=zoo["teacher"], seed=seed,
                                        num_shots=16, output_dir=out, num_train_epochs=args.epochs,
                                        learning_rate=args.learning_rate, region_scale=tuple(args.region_scale),
@@ -97,11 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict]]:
                      f"| {fmt([r['hm'] for r in rs])} | {fmt([r['train_seconds'] for r in rs])} | {table} |")
     summary = "\n".join(lines)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
-        f.write(summary + "\n")
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump({m: [{k: r[k] for k in ("base_acc", "novel_acc", "hm", "train_seconds", "seed")} for r in rows[m]]
-                   for m in METHODS}, f, indent=1)
+    atomic_write(os.path.join(args.output_dir, "summary.md"), summary + "\n")
+    atomic_write(os.path.join(args.output_dir, "summary.json"), json.dumps(
+        {m: [{k: r[k] for k in ("base_acc", "novel_acc", "hm", "train_seconds", "seed")} for r in rows[m]]
+         for m in METHODS}, indent=1))
     print(f"\ndigits, base 0-4 / novel 5-9, 16 shots, seeds {args.seeds}, {args.epochs:g} epochs, "
           f"lr {args.learning_rate:g}, regions of area {args.region_scale[0]:g}-{args.region_scale[1]:g} "
           f"(accuracy %, mean ± std over seeds):\n")

@@ -20,14 +20,22 @@ does it all on its device and the other processes exit at once (no collective is
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 from transformers import HfArgumentParser
 
 from fdbpl_hf.data import kept_class_ids, resolve_dataset, subset_classes
 from fdbpl_hf.evaluation import (evaluate_base_to_novel, evaluate_cross_dataset, format_summary_markdown,
-                                 load_classifier, summarize_runs, warn_if_classes_differ, write_results)
+                                 load_classifier, summarize_runs, write_results)
+from fdbpl_hf.validation import Custom, check_fields, check_template, integer
 
+
+def _template_or_none(where: str, value) -> None:
+    if value is not None:
+        check_template(where, value)
+
+
+TEMPLATE = Custom(_template_or_none, "a template with one '{}' or None")
 
 @dataclass
 class EvalArguments:
@@ -42,14 +50,16 @@ class EvalArguments:
                                                                               "own classes (cross-dataset)."})
     train_log: Optional[str] = field(default=None, metadata={"help": "trainer_state.json of the run (or a JSON list "
                                                                      "of log entries), for the loss plot."})
-    num_shots: Optional[int] = field(default=None, metadata={"help": "Shots the adapter was trained with, recorded "
-                                                                     "(default 16 with an adapter, 0 zero-shot)."})
-    split_seed: int = field(default=1, metadata={"help": "Seed of the training run's few-shot draw (recorded)."})
+    num_shots: Annotated[Optional[int], integer(0, optional=True)] = field(default=None, metadata={
+        "help": "Shots the adapter was trained with, recorded (default 16 with an adapter, 0 zero-shot)."})
+    split_seed: Annotated[int, integer(0)] = field(default=1, metadata={
+        "help": "Seed of the training run's few-shot draw (recorded)."})
     method: Optional[str] = field(default=None, metadata={"help": "Method label (default: FDBPL or CLIP zero-shot)."})
-    template: Optional[str] = field(default=None, metadata={"help": "Zero-shot prompt (default: the dataset's)."})
-    batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Score a seeded random subset of this "
-                                                                            "many test rows (quick checks)."})
+    template: Annotated[Optional[str], TEMPLATE] = field(default=None, metadata={
+        "help": "Zero-shot prompt (default: the dataset's)."})
+    batch_size: Annotated[int, integer(1)] = field(default=64, metadata={"help": "Images per forward pass."})
+    max_eval_samples: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
+        "help": "Score a seeded random subset of this many test rows (quick checks)."})
     no_ood: bool = field(default=False, metadata={"help": "Skip the OOD detection (base vs novel images)."})
     check_base_model_name: bool = field(default=True, metadata={"help": "Refuse an adapter whose recorded base "
                                                                         "model name differs from --student."})
@@ -59,13 +69,17 @@ class EvalArguments:
                                                                "updated in any case."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Adapter repo whose card gets the results "
                                                                         "(default: --adapter when it is a Hub id)."})
+    check_trained_classes: bool = field(default=True, metadata={
+        "help": "Refuse an adapter trained on other classes than the base classes it is scored on "
+                "(--no_check_trained_classes scores it anyway)."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # the rules in the annotations: errors name the flag, the value and the range
 
 
 def _limit(dataset, n: Optional[int]):
     if n is None or n >= len(dataset):
         return dataset
-    if n < 1:
-        raise SystemExit(f"--max_eval_samples must be >= 1, got {n}")
     # Shuffled so a prefix does not hold only the first classes of a sorted split.
     return dataset.shuffle(seed=0).select(range(n))
 
@@ -82,7 +96,8 @@ def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict) -> None:
     README.md, and with --push_to_hub the Hub repo's card."""
     from huggingface_hub import ModelCard
 
-    from fdbpl_hf.prompts import record_eval_results
+    from fdbpl_hf.prompts import ADAPTER_CARD_HEADINGS, record_eval_results
+    from fdbpl_hf.saving import save_card_file
 
     local = os.path.isdir(args.adapter)
     repo_id = args.hub_model_id or (None if local else args.adapter)
@@ -97,8 +112,8 @@ def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict) -> None:
             {**common, "metric": "harmonic mean (base, novel)", "metric_type": "hm", "value": b2n["hm"]}]
     name = (repo_id or os.path.basename(os.path.normpath(args.adapter))).split("/")[-1]
     card = record_eval_results(card, rows, model_name=name)
-    if local:
-        card.save(os.path.join(args.adapter, "README.md"))
+    if local:  # fdbpl_hf's card stays fdbpl_hf's (its next save refreshes it); a user's stays the user's
+        save_card_file(os.path.join(args.adapter, "README.md"), str(card), ADAPTER_CARD_HEADINGS)
     if args.push_to_hub:
         card.push_to_hub(repo_id, commit_message=f"Evaluation on {protocol['dataset']} ({protocol['split']})")
         print(f"results recorded on the card of {repo_id}")
@@ -125,9 +140,9 @@ def main(args: EvalArguments | Sequence[str] | None = None) -> Optional[dict]:
     method = args.method or ("CLIP zero-shot" if zero_shot else "FDBPL")
 
     b2n = evaluate_base_to_novel(model, test, info, image_processor=processor, template=template,
-                                 batch_size=args.batch_size, ood=not args.no_ood)
+                                 batch_size=args.batch_size, ood=not args.no_ood,
+                                 check_trained_classes=args.check_trained_classes)
     base_names, novel_names = b2n.pop("base_classnames"), b2n.pop("novel_classnames")
-    warn_if_classes_differ(model, base_names)
     results = {"base_to_novel": b2n}
 
     cross_protocol = {}

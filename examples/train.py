@@ -19,7 +19,7 @@ log history for `examples/evaluate.py --train_log`) and `few_shot_split.json`.
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, HfArgumentParser
 
@@ -28,6 +28,7 @@ from fdbpl_hf.data import training_set
 from fdbpl_hf.pipeline import train_prompts
 from fdbpl_hf.ril import CLIPTeacher, RegionSpec
 from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments
+from fdbpl_hf.validation import check_fields, integer, one_of
 
 
 @dataclass
@@ -48,15 +49,22 @@ class ScriptArguments:
     dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id, local folder (class folders or "
                                                              "save_to_disk) or DatasetInfo .json/.yaml file."})
     split: Optional[str] = field(default=None, metadata={"help": "Training split (default: the registry's)."})
-    num_shots: Optional[int] = field(default=16, metadata={"help": "Shots per class; 0 = every image."})
-    split_seed: int = field(default=1, metadata={"help": "Seed of the few-shot draw."})
-    classes: str = field(default="base", metadata={"help": "base (base-to-novel) or all."})
-    num_regions: int = field(default=500, metadata={"help": "Online baseline: regions per image."})
-    region_seed: int = field(default=0, metadata={"help": "Online baseline: seed of the regions."})
-    n_ctx: int = field(default=4, metadata={"help": "Context tokens per prompt."})
+    num_shots: Annotated[Optional[int], integer(0, optional=True)] = field(default=16, metadata={
+        "help": "Shots per class; 0 = every image."})
+    split_seed: Annotated[int, integer(0)] = field(default=1, metadata={"help": "Seed of the few-shot draw."})
+    classes: Annotated[str, one_of("base", "all")] = field(default="base", metadata={"help": "base (base-to-novel) "
+                                                                                             "or all."})
+    num_regions: Annotated[int, integer(1)] = field(default=500, metadata={"help": "Online baseline: regions per "
+                                                                                   "image."})
+    region_seed: Annotated[int, integer(0)] = field(default=0, metadata={"help": "Online baseline: seed of the "
+                                                                                 "regions."})
+    n_ctx: Annotated[int, integer(1)] = field(default=4, metadata={"help": "Context tokens per prompt."})
     feature_cache: Optional[str] = field(default=None, metadata={
         "help": "Student-feature cache folder (needs --table): loaded if built, else built first. Training "
                 "then reads the student's stored image features instead of decoding and cropping images."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # the rules in the annotations: errors name the flag, the value and the range
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArguments, FDBPLTrainingArguments]:

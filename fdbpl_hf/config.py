@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from .adapter_files import locate_adapter_config
+from .validation import check_template
 from .version import __version__
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -94,6 +95,8 @@ class FDBPLConfig:
         if self.class_names is not None and (not isinstance(self.class_names, list)
                                              or not all(isinstance(c, str) for c in self.class_names)):
             fail("class_names", "a list of strings or null")
+        if self.template is not None:
+            check_template("FDBPLConfig field 'template'", self.template)
         if not isinstance(self.training, dict):
             fail("training", "an object")
         if not isinstance(self.fdbpl_version, str):

@@ -32,8 +32,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .files import atomic_write, read_json
 from .imagenet_variants import IMAGENET_A_CLASS_IDS, IMAGENET_A_WNIDS, IMAGENET_R_CLASS_IDS, IMAGENET_R_WNIDS
 from .progress import quiet_progress
+from .rows import stored_rows, with_format_of
+from .validation import check_class_ids, check_class_names, check_template, check_value, class_name_key, integer
 
 __all__ = [
     "DATASETS",
@@ -106,8 +109,10 @@ def few_shot_indices(
     `num_shots` contributes all its rows (with a warning). `classes` restricts the draw to those
     class ids (default: every id present). Returns sorted row indices.
     """
-    if num_shots < 1:
-        raise ValueError(f"num_shots must be >= 1, got {num_shots}")
+    check_value("num_shots", num_shots, integer(1))
+    check_value("seed", seed, integer(0))
+    if classes is not None:
+        classes = check_class_ids("classes", classes)
     labels = _labels(dataset, label_column)
     wanted = sorted(set(int(c) for c in classes)) if classes is not None else sorted(set(labels[labels >= 0].tolist()))
     rng = np.random.default_rng(seed)
@@ -192,15 +197,13 @@ class FewShotSplit:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Write the split as a JSON file (relative row ids only, so it is portable across machines)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+        """Write the split as a JSON file (relative row ids only, so it is portable across machines),
+        atomically: a crash never leaves half a split."""
+        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "FewShotSplit":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_json(path, "draw the split again (FewShotSplit.create) or restore the file"))
 
     def apply(self, dataset):
         """`dataset.select(indices)` after checking row count and the selected rows' labels."""
@@ -223,14 +226,13 @@ class FewShotSplit:
 # ---------------------------------------------------------------------------------------------
 
 
-def class_name_key(name: str) -> str:
-    """A class name compared case/punctuation-insensitively: "BACKGROUND_Google" -> "backgroundgoogle"."""
-    return re.sub(r"[^0-9a-z]+", "", name.lower())
-
-
 def kept_class_ids(class_names: Sequence[str] | int, exclude: Iterable[str] = ()) -> list[int]:
     """Sorted class ids whose names are not in `exclude` (compared case/punctuation-insensitively)."""
-    names = [str(i) for i in range(class_names)] if isinstance(class_names, int) else list(class_names)
+    names = [str(i) for i in range(class_names)] if isinstance(class_names, int) else \
+        check_class_names("class_names", class_names, unique=False)
+    exclude = list(exclude) if not isinstance(exclude, (str, bytes)) else exclude
+    if exclude:
+        exclude = check_class_names("exclude", exclude, unique=False)
     dropped = {class_name_key(n) for n in exclude}
     return [i for i, n in enumerate(names) if class_name_key(n) not in dropped]
 
@@ -254,7 +256,9 @@ def subset_classes(dataset, class_ids: Sequence[int], label_column: str = "label
     import datasets
 
     names = _class_names(dataset, label_column)
-    class_ids = [int(c) for c in class_ids]
+    class_ids = check_class_ids("class_ids", class_ids)
+    # as stored: under a torch format the labels are tensors, and tensor(3) in {3} is False
+    original, dataset = dataset, stored_rows(dataset, warn=False)
     if len(set(class_ids)) != len(class_ids):
         raise ValueError("class_ids contains duplicates")
     for c in class_ids:
@@ -268,10 +272,10 @@ def subset_classes(dataset, class_ids: Sequence[int], label_column: str = "label
         )
         features = subset.features.copy()
         features[label_column] = datasets.ClassLabel(names=[names[c] for c in class_ids])
-        return subset.map(
+        return with_format_of(subset.map(
             lambda ys: {label_column: [mapping[y] for y in ys]}, input_columns=label_column, batched=True,
             features=features, desc="Relabelling",
-        )
+        ), original)
 
 
 def _resolve_info(info: "DatasetInfo | str | None") -> "DatasetInfo | None":
@@ -458,8 +462,11 @@ class DatasetInfo:
     evidence: str = ""
 
     def __post_init__(self) -> None:
-        if "{}" not in self.template:
-            raise ValueError(f"template must contain '{{}}' for the class name, got {self.template!r}")
+        check_template(f"DatasetInfo {self.name!r} template", self.template)
+        for field_name in ("exclude_classes", "expected_class_names"):
+            value = getattr(self, field_name)
+            if value is not None and (field_name == "expected_class_names" or value):
+                check_class_names(f"DatasetInfo {self.name!r} {field_name}", value, unique=False)
         if not (self.class_order in ("dataset", "sorted") or isinstance(self.class_order, (list, tuple))):
             raise ValueError(f"class_order must be 'dataset', 'sorted' or a list of class names, got "
                              f"{self.class_order!r}")
@@ -512,7 +519,7 @@ class DatasetInfo:
         """Class names for prompts: overrides first, else the style cleaner (and lowercasing)."""
         overrides = {class_name_key(k): v for k, v in self.classname_overrides.items()}
         out = []
-        for n in names:
+        for n in check_class_names(f"DatasetInfo {self.name!r} class names", names, unique=False):
             if class_name_key(n) in overrides:
                 out.append(overrides[class_name_key(n)])
                 continue
@@ -522,7 +529,8 @@ class DatasetInfo:
 
     def prompts(self, names: Iterable[str], clean: bool = True) -> list[str]:
         """One prompt per class: the template filled with the (cleaned) class name."""
-        names = self.clean_class_names(names) if clean else list(names)
+        names = self.clean_class_names(names) if clean else \
+            check_class_names(f"DatasetInfo {self.name!r} class names", names, unique=False)
         return [self.template.format(n) for n in names]
 
     def load(self, split: str | None = None, revision: str | None = None, **kwargs: Any):
@@ -614,15 +622,16 @@ def reorder_classes(dataset, order: Sequence[str], label_column: str = "label"):
     import datasets
 
     names = _class_names(dataset, label_column)
-    order = list(order)
+    order = check_class_names("order", order, unique=False)
     if sorted(order) != sorted(names) or len(set(order)) != len(order):
         raise ValueError(f"order must be a permutation of the {len(names)} class names")
     new_id = {old: order.index(n) for old, n in enumerate(names)}
     features = dataset.features.copy()
     features[label_column] = datasets.ClassLabel(names=order)
-    with quiet_progress():  # the label column only
-        return dataset.map(lambda ys: {label_column: [new_id[y] if y >= 0 else y for y in ys]},
-                           input_columns=label_column, batched=True, features=features, desc="Reordering classes")
+    with quiet_progress():  # the label column only, as stored (a torch format's tensors are no dict keys)
+        return with_format_of(stored_rows(dataset, warn=False).map(
+            lambda ys: {label_column: [new_id[y] if y >= 0 else y for y in ys]},
+            input_columns=label_column, batched=True, features=features, desc="Reordering classes"), dataset)
 
 
 _CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}

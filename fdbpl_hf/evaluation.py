@@ -37,9 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DatasetInfo, class_name_key, make_base_novel_test, resolve_dataset
+from .data import DatasetInfo, make_base_novel_test, resolve_dataset
 from .metrics import accuracy, auroc, average_base_novel, fpr_at_tpr, harmonic_mean, per_class_accuracy, summarize_seeds
+from .files import atomic_write, read_json
 from .modeling import FDBPLCLIPModel, check_tokenizer, refuse_identical_prompts
+from .rows import stored_rows
+from .validation import (between, check_class_ids, check_class_names, check_class_order, check_template, check_value,
+                         flag, integer, label_names_of, text)
 from .version import __version__
 
 __all__ = [
@@ -66,6 +70,8 @@ __all__ = [
 ]
 
 OOD_SCORES = ("msp", "pos_neg_margin", "msp_diff")
+# the true-positive rate the FPR is read at: a fraction (0.95), never a percentage (95)
+TPR = between(0, 1, low_open=True, scale="fraction")  # fdbpl_hf.metrics.fpr_at_tpr's range
 REQUIRED_PROTOCOL_KEYS = ("dataset", "method", "seed")
 RESULTS_FORMAT_VERSION = 1
 
@@ -88,7 +94,7 @@ class ZeroShotCLIP:
             raise TypeError(f"expected a transformers.CLIPModel, got {type(clip_model).__name__}")
         if tokenizer is None:
             raise ValueError("zero-shot CLIP needs the tokenizer of its checkpoint")
-        _check_template(template)
+        check_template("ZeroShotCLIP template", template)
         check_tokenizer(clip_model, tokenizer)
         self.clip = clip_model.eval()
         self.tokenizer = tokenizer
@@ -108,22 +114,15 @@ class ZeroShotCLIP:
 
     def prompts(self, class_names: Sequence[str], template: Optional[str] = None) -> list[str]:
         """The filled template of each class."""
-        template = template or self.template
-        _check_template(template)
-        if isinstance(class_names, str):
-            raise TypeError("class_names must be a list of strings, not a single string")
-        if len(class_names) == 0:
-            raise ValueError("class_names is empty: give at least one class name")
-        for name in class_names:
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"class names must be non-empty strings, got {name!r}")
-        return [template.format(name) for name in class_names]
+        template = check_template("template", template or self.template)
+        return [template.format(name) for name in check_class_names("class_names", class_names, unique=False)]
 
     def get_text_features(self, class_names: Sequence[str], negative: bool = False,
                           template: Optional[str] = None) -> torch.Tensor:
         """Projected (not normalised) text features `[C, P]` of the templated class names."""
         if negative:
             raise ValueError("zero-shot CLIP has no negative prompt; OOD scores other than 'msp' need an adapter")
+        class_names = check_class_names("class_names", class_names, unique=False)  # identical: refused below
         texts = self.prompts(class_names, template)
         max_len = self.clip.config.text_config.max_position_embeddings
         # Tokenise without truncation first: a cut prompt would lose its EOS token (CLIP pools there)
@@ -159,11 +158,6 @@ def as_classifier(model, tokenizer=None, template: Optional[str] = None) -> Clas
             raise ValueError("a plain CLIPModel needs tokenizer= (and a template) for zero-shot prompts")
         return ZeroShotCLIP(model, tokenizer, template or "a photo of a {}.")
     raise TypeError(f"expected an FDBPLCLIPModel, ZeroShotCLIP or CLIPModel, got {type(model).__name__}")
-
-
-def _check_template(template: str) -> None:
-    if not isinstance(template, str) or "{}" not in template:
-        raise ValueError(f"template must contain '{{}}' for the class name, got {template!r}")
 
 
 def _image_processor(name_or_path: str, **kwargs: Any):
@@ -240,20 +234,24 @@ def _rgb(image, where: str = "an image"):
 def encode_images(model: Classifier, dataset, *, image_processor, batch_size: int = 64, image_column: str = "image",
                   label_column: Optional[str] = "label", name: str = "dataset",
                   progress: bool = True) -> EncodedImages:
-    """Encode every image of `dataset` once (batched, `torch.inference_mode`, on the model's device)."""
+    """Encode every image of `dataset` (a `datasets.Dataset`) once (batched, `torch.inference_mode`,
+    on the model's device). Labels must be class ids: a row without one (None) or with a string
+    label is refused with its row."""
     if image_processor is None:
         raise ValueError("image_processor is required (the student's CLIPImageProcessor)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_value("batch_size", batch_size, integer(1))
+    check_value("image_column", image_column, text())
+    check_value("label_column", label_column, text(optional=True))
+    _check_dataset(name, dataset)
     if len(dataset) == 0:
         raise ValueError(f"{name} has no rows")
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None:
-        for column in (image_column, label_column):
-            if column is not None and column not in columns:
-                raise KeyError(f"{name} has no column {column!r} (columns: {columns})")
-        keep = [c for c in (image_column, label_column) if c is not None]
-        dataset = dataset.select_columns(keep)  # don't decode unrelated columns
+    dataset = stored_rows(dataset, name)  # the stored images and labels, not a format's tensors or a transform's
+    columns = dataset.column_names
+    for column in (image_column, label_column):
+        if column is not None and column not in columns:
+            raise KeyError(f"{name} has no column {column!r} (columns: {columns})")
+    keep = [c for c in (image_column, label_column) if c is not None]
+    dataset = dataset.select_columns(keep)  # don't decode unrelated columns
     from tqdm.auto import tqdm
 
     device = model.device
@@ -267,8 +265,44 @@ def encode_images(model: Classifier, dataset, *, image_processor, batch_size: in
             feats = model.get_image_features(pixels).float()
         features.append(F.normalize(feats, dim=-1))
         if label_column is not None:
-            labels.append(torch.as_tensor(rows[label_column], dtype=torch.long))
+            labels.append(_label_tensor(rows[label_column], start, name, label_column))
     return EncodedImages(torch.cat(features), torch.cat(labels) if labels else None)
+
+
+def _check_dataset(name: str, dataset: Any) -> None:
+    """Refuse what is not a `datasets.Dataset` (a list of row dicts, a dict of columns: their
+    length and slices mean other things), saying how to make one."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        return
+    how = ""
+    if isinstance(dataset, (list, tuple)):
+        how = (": build one from the rows with datasets.Dataset.from_list(rows) (then cast the image column, "
+               "dataset.cast_column('image', datasets.Image()))")
+    elif isinstance(dataset, datasets.DatasetDict):
+        how = f": pick a split, e.g. dataset[{next(iter(dataset), 'test')!r}]"
+    elif isinstance(dataset, Mapping):
+        how = ": build one from the columns with datasets.Dataset.from_dict(columns)"
+    raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}{how}")
+
+
+def _label_tensor(values: Sequence[Any], start: int, name: str, label_column: str) -> torch.Tensor:
+    """A batch's labels as int64, every value a class id (or -1, refused later with a hint)."""
+    for n, value in enumerate(values):
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            continue
+        if value is None:
+            raise ValueError(f"row {start + n} of {name} has no label (None in column {label_column!r}): drop the "
+                             "unlabelled rows (dataset.filter), or pass label_column=None to encode without labels")
+        if isinstance(value, str):
+            raise ValueError(f"row {start + n} of {name} has the label {value!r} in column {label_column!r}, a string: "
+                             "labels must be class ids; turn the column into a ClassLabel "
+                             f"(dataset.class_encode_column({label_column!r}), or DatasetInfo.prepare) and give the "
+                             "class names in its order")
+        raise ValueError(f"row {start + n} of {name} has the label {value!r} ({type(value).__name__}) in column "
+                         f"{label_column!r}: labels must be integer class ids")
+    return torch.as_tensor(list(values), dtype=torch.long)
 
 
 def _text_features(model: Classifier, class_names: Sequence[str], negative: bool,
@@ -303,10 +337,18 @@ def predict_logits(model, dataset, class_names: Sequence[str], *, image_processo
 
     `model`: an `FDBPLCLIPModel` (positive prompt, or the negative one with `negative=True`),
     a `ZeroShotCLIP`, or a plain `CLIPModel` with `tokenizer` and `template` (zero-shot).
+
+    With labels (`label_column`, a `ClassLabel`), `class_names` must be that column's classes in
+    label order (the labels index them); to score images against other classes (e.g. an OOD set
+    against the in-distribution classes) pass `label_column=None`.
     """
     model = as_classifier(model, tokenizer, template)
     if negative and isinstance(model, ZeroShotCLIP):
         raise ValueError("zero-shot CLIP has no negative prompt")
+    class_names = check_class_names("class_names", class_names)
+    _check_class_label(name, dataset, label_column, class_names,
+                       fix=_LABEL_ORDER_FIX + ", or pass label_column=None to score the images against other classes "
+                                              "(no labels returned)")
     # Text first (once): a bad class name fails before the slow image pass.
     text = _text_features(model, class_names, negative, template)
     images = encode_images(model, dataset, image_processor=image_processor, batch_size=batch_size,
@@ -361,6 +403,7 @@ def ood_scores(pos_logits: Any, neg_logits: Any = None) -> dict[str, np.ndarray]
 
 def ood_metrics(scores_in: Mapping[str, Any], scores_out: Mapping[str, Any], tpr: float = 0.95) -> dict[str, dict]:
     """AUROC and FPR at `tpr` (percent) of each score present in both dicts; ID is the positive class."""
+    check_value("tpr", tpr, TPR)
     key = "fpr95" if tpr == 0.95 else f"fpr@{tpr:g}"
     out = {}
     for score in scores_in:
@@ -396,7 +439,8 @@ def _encode_kwargs(image_processor, batch_size, image_column, label_column, prog
 
 def evaluate_base_to_novel(model, test_dataset, info: Union[DatasetInfo, str, None] = None, *, image_processor,
                            tokenizer=None, template: Optional[str] = None, batch_size: int = 64,
-                           ood: bool = True, tpr: float = 0.95, progress: bool = True) -> dict[str, Any]:
+                           ood: bool = True, tpr: float = 0.95, progress: bool = True,
+                           check_trained_classes: bool = True) -> dict[str, Any]:
     """The CoOp base-to-novel test of one dataset.
 
     Base-test images are scored among the base classes only and novel-test images among the
@@ -405,9 +449,19 @@ def evaluate_base_to_novel(model, test_dataset, info: Union[DatasetInfo, str, No
     `template` is given). With `ood=True` the base-test images (ID) and novel-test images (OOD)
     are also scored against the base classes; see `ood_scores`.
 
+    An adapter that records the classes it was trained on (`FDBPLConfig.class_names`, written by
+    `FDBPLTrainer`) must have been trained on exactly these base classes, in this order: otherwise
+    its "base" accuracy would be scored on classes it never trained on (and "novel" ones it did).
+    `check_trained_classes=False` scores it anyway (e.g. names spelled differently).
+
     Returns `base_acc`, `novel_acc`, `hm` (percent), image counts, class names,
     `per_class_accuracy` {"base": {name: acc}, "novel": {...}} and, if asked, `ood`.
     """
+    check_value("batch_size", batch_size, integer(1))
+    check_value("ood", ood, flag())
+    check_value("tpr", tpr, TPR)
+    check_value("check_trained_classes", check_trained_classes, flag())
+    _check_dataset("the test split", test_dataset)
     info = resolve_dataset(info) if info is not None else None
     label_column = info.label_column if info else "label"
     image_column = info.image_column if info else "image"
@@ -419,6 +473,12 @@ def evaluate_base_to_novel(model, test_dataset, info: Union[DatasetInfo, str, No
     base_names, novel_names = split["base_classnames"], split["novel_classnames"]
     if not novel_names:
         raise ValueError("the dataset has a single class: there are no novel classes")
+    trained = model.fdbpl_config.class_names if isinstance(model, FDBPLCLIPModel) else None
+    if check_trained_classes and trained:
+        check_class_order("the adapter's training classes (its config.class_names)", trained,
+                          "this test split's base classes", base_names,
+                          fix="evaluate it on the dataset, split and class cleaning it was trained with (for other "
+                              "classes use evaluate_cross_dataset), or pass check_trained_classes=False")
     # Text first (once per class list): bad class names fail before the slow image pass.
     base_text = _text_features(model, base_names, False, template)
     novel_text = _text_features(model, novel_names, False, template)
@@ -445,31 +505,40 @@ def evaluate_base_to_novel(model, test_dataset, info: Union[DatasetInfo, str, No
     return result
 
 
-def _check_class_label(where: str, dataset, label_column: str, class_names: Sequence[str]) -> None:
+_LABEL_ORDER_FIX = "give one name per class, in the label order (dataset.features[label_column].names)"
+
+
+def _check_class_label(where: str, dataset, label_column: Optional[str], class_names: Sequence[str],
+                       fix: str = _LABEL_ORDER_FIX) -> None:
     """Refuse class names that cannot be the dataset's `ClassLabel` classes in label order: another
-    count, or the same names in another order (e.g. sorted), would score each image against
-    the wrong class text."""
-    features = getattr(dataset, "features", None)
-    names = getattr(features.get(label_column), "names", None) if features is not None else None
+    count, or the dataset's own names in another order (e.g. sorted), would score each image against
+    the wrong class text (`fdbpl_hf.validation.label_order_difference`)."""
+    names = label_names_of(dataset, label_column)
     if names is None:
         return
-    if len(names) != len(class_names):
-        raise ValueError(f"{where}: its label column {label_column!r} has {len(names)} classes but {len(class_names)} "
-                         "class names were given: give one name per class, in the label order")
-    keys, given = [class_name_key(n) for n in names], [class_name_key(n) for n in class_names]
-    if keys != given and sorted(keys) == sorted(given):
-        first = next(i for i, (a, b) in enumerate(zip(keys, given)) if a != b)
-        raise ValueError(f"{where}: class names are the dataset's in another order (label {first} is "
-                         f"{names[first]!r}, the name given for it {class_names[first]!r}): give them in the label "
-                         "order (dataset.features[label_column].names)")
+    check_class_order(f"the label column {label_column!r} of {where}", names, "the class names given",
+                      class_names, labels=True, fix=fix)
 
 
-def _target(spec) -> tuple[Any, list[str], Optional[str]]:
+def _target(where: str, spec) -> tuple[Any, list[str], Optional[str]]:
+    """`(dataset, class_names, template)` of a target given as a tuple or a dict, each checked."""
+    shape = "(dataset, class_names) or (dataset, class_names, template)"
     if isinstance(spec, Mapping):
-        return spec["dataset"], list(spec["class_names"]), spec.get("template")
-    if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3):
-        raise TypeError("a cross-dataset target is (dataset, class_names) or (dataset, class_names, template)")
-    return spec[0], list(spec[1]), (spec[2] if len(spec) == 3 else None)
+        if "dataset" not in spec or "class_names" not in spec:
+            raise TypeError(f"{where} is a dict with keys {sorted(map(str, spec))[:5]}: give {shape}, or a dict "
+                            "with 'dataset' and 'class_names' (and optionally 'template')")
+        dataset, names, template = spec["dataset"], spec["class_names"], spec.get("template")
+    elif isinstance(spec, (tuple, list)) and len(spec) in (2, 3) and not isinstance(spec[0], Mapping):
+        dataset, names, template = spec[0], spec[1], (spec[2] if len(spec) == 3 else None)
+    else:
+        rows = isinstance(spec, (tuple, list)) and spec and isinstance(spec[0], Mapping)
+        raise TypeError(f"{where} must be {shape}, got a {type(spec).__name__}"
+                        + (" of row dicts: build a datasets.Dataset from them (datasets.Dataset.from_list(rows)) and "
+                           "pass it with its class names" if rows else ""))
+    _check_dataset(where, dataset)
+    if template is not None:
+        check_template(f"{where} template", template)
+    return dataset, check_class_names(f"{where} class_names", names), template
 
 
 def evaluate_cross_dataset(model, targets: Mapping[str, Any], *, image_processor, tokenizer=None,
@@ -483,10 +552,14 @@ def evaluate_cross_dataset(model, targets: Mapping[str, Any], *, image_processor
     """
     if not targets:
         raise ValueError("no cross-dataset targets given")
+    if not isinstance(targets, Mapping):
+        raise TypeError(f"targets must be a dict {{name: (dataset, class_names)}}, got a {type(targets).__name__}")
     model = as_classifier(model, tokenizer, template)
+    for name, spec in targets.items():  # every target's shape first, before the slow image passes
+        _target(f"cross-dataset target {name!r}", spec)
     out = {}
     for name, spec in targets.items():
-        dataset, class_names, target_template = _target(spec)
+        dataset, class_names, target_template = _target(f"cross-dataset target {name!r}", spec)
         _check_class_label(f"cross-dataset target {name!r}", dataset, label_column, class_names)
         target_template = target_template or template
         text = _text_features(model, class_names, False, target_template)
@@ -497,23 +570,20 @@ def evaluate_cross_dataset(model, targets: Mapping[str, Any], *, image_processor
     return out
 
 
-def _dg_source(spec) -> tuple[Any, list[str], Optional[str]]:
-    if isinstance(spec, Mapping):
-        return spec["dataset"], list(spec["class_names"]), spec.get("template")
-    if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3):
-        raise TypeError("the source is (dataset, class_names) or (dataset, class_names, template)")
-    return spec[0], list(spec[1]), (spec[2] if len(spec) == 3 else None)
-
-
 def _dg_target(name: str, spec, num_source_classes: int) -> tuple[Any, Optional[list[int]]]:
+    where = f"domain-generalisation target {name!r}"
     if isinstance(spec, Mapping):
+        if "dataset" not in spec:
+            raise TypeError(f"{where} is a dict without 'dataset': give (dataset, class_ids), a dataset, or "
+                            "{'dataset': ..., 'class_ids': ...}")
         dataset, ids = spec["dataset"], spec.get("class_ids")
-    elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+    elif isinstance(spec, (tuple, list)) and len(spec) == 2 and not isinstance(spec[0], Mapping):
         dataset, ids = spec
     else:
         dataset, ids = spec, None
+    _check_dataset(where, dataset)
     if ids is not None:
-        ids = [int(i) for i in ids]
+        ids = check_class_ids(f"{where} class_ids", ids)
         bad = [i for i in ids if not 0 <= i < num_source_classes]
         if bad or len(set(ids)) != len(ids):
             raise ValueError(f"target {name!r}: class ids must be distinct source class ids in "
@@ -539,9 +609,12 @@ def evaluate_domain_generalization(model, source, targets: Mapping[str, Any], *,
     """
     if not targets:
         raise ValueError("no domain-generalisation targets given")
+    if not isinstance(targets, Mapping):
+        raise TypeError(f"targets must be a dict {{name: (dataset, class_ids)}}, got a {type(targets).__name__}")
     model = as_classifier(model, tokenizer, template)
-    dataset, class_names, source_template = _dg_source(source)
+    dataset, class_names, source_template = _target(f"the source {source_name!r}", source)
     _check_class_label(f"source {source_name!r}", dataset, label_column, class_names)
+    parsed = {name: _dg_target(name, spec, len(class_names)) for name, spec in targets.items()}
     source_template = source_template or template
     encode = _encode_kwargs(image_processor, batch_size, image_column, label_column, progress)
     text = _text_features(model, class_names, False, source_template)
@@ -549,13 +622,14 @@ def evaluate_domain_generalization(model, source, targets: Mapping[str, Any], *,
     source_block = _accuracy_block(_logits(model, images, text), images.labels, class_names,
                                    f"source {source_name!r}")
     out: dict[str, Any] = {"source": {"name": source_name, **source_block}, "targets": {}}
-    for name, spec in targets.items():
-        target, ids = _dg_target(name, spec, len(class_names))
+    for name, (target, ids) in parsed.items():
         if ids is None:
             target_names, target_text = class_names, text
         else:
             target_names = [class_names[i] for i in ids]
             target_text = text[torch.as_tensor(ids, device=text.device)]
+        _check_class_label(f"domain-generalisation target {name!r}", target, label_column, target_names,
+                           fix="give its class ids in the source, one per class of its label column, in label order")
         images = encode_images(model, target, name=f"domain-generalisation target {name!r}", **encode)
         if images.labels is not None and len(images.labels) and int(images.labels.max()) >= len(target_names):
             raise ValueError(f"target {name!r} has label {int(images.labels.max())} but only {len(target_names)} "
@@ -581,6 +655,8 @@ def evaluate_ood(model, id_dataset, ood_dataset, class_names: Sequence[str], *, 
     if id_dataset is None or ood_dataset is None:
         raise ValueError("evaluate_ood needs an in-distribution and an OOD dataset, got None for the "
                          + ("in-distribution" if id_dataset is None else "OOD") + " one")
+    check_value("tpr", tpr, TPR)
+    class_names = check_class_names("class_names", class_names)
     if id_dataset is ood_dataset:
         raise ValueError("the in-distribution and OOD datasets are the same: the AUROC would measure nothing; "
                          "give images of other classes as the OOD set")
@@ -642,18 +718,13 @@ def write_results(path: Union[str, os.PathLike], results: Mapping[str, Any], pro
     }
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)  # a crash never leaves a half-written results file
-    return path
+    # a crash or a full disk never leaves a half-written results file
+    return atomic_write(path, json.dumps(record, indent=1, allow_nan=False) + "\n")
 
 
 def load_results(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """Read a file written by `write_results` (checks it has a protocol and results)."""
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+    record = read_json(path, "write the run's results again (rerun its evaluation)")
     if not isinstance(record, dict) or "protocol" not in record or "results" not in record:
         raise ValueError(f"{path} is not a results file (no 'protocol' and 'results')")
     if record.get("format_version", RESULTS_FORMAT_VERSION) > RESULTS_FORMAT_VERSION:
@@ -690,6 +761,7 @@ def summarize_runs(runs: Iterable[Union[str, os.PathLike, Mapping[str, Any]]], d
     Returns {"methods": {method: {"datasets": {dataset: {"seeds", "num_shots", "metrics"}},
     "average": {...} or None}}, "num_runs"}.
     """
+    check_value("ddof", ddof, integer(0))
     records = [load_results(r) if isinstance(r, (str, os.PathLike)) else r for r in runs]
     if not records:
         raise ValueError("no runs to summarise")
@@ -772,7 +844,9 @@ def format_summary_markdown(summary: Mapping[str, Any], metrics: Optional[Sequen
 
 
 def warn_if_classes_differ(model: Classifier, base_classnames: Sequence[str]) -> None:
-    """Warn when an adapter was trained on other classes than this protocol's base classes."""
+    """Warn when an adapter was trained on other classes than this protocol's base classes
+    (`evaluate_base_to_novel` refuses them unless `check_trained_classes=False`)."""
+    base_classnames = check_class_names("base_classnames", base_classnames)
     if isinstance(model, FDBPLCLIPModel):
         trained = model.fdbpl_config.class_names
         if trained and list(trained) != list(base_classnames):

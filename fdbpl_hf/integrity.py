@@ -4,13 +4,14 @@
   library created the folder. A folder without it is never adopted, and cleaning up removes only
   the entries a build wrote (its shards, its staging folder, its own files), never the folder's
   other content.
-- Locks: `<output_dir>.lock` says which process (pid, host, start time) is building; a second
-  build is refused with that information, a lock whose process died on this host is taken over.
+- Locks: `<output_dir>.lock` says which process (pid, host, time, boot id, process start time) is
+  building; a second build is refused with that information, a lock that provably belongs to no
+  running build on this host (dead process, reused pid, another boot) is taken over.
 - Content digests: a table's rows are hashed column by column (the logical values, so an Arrow
   folder and its Parquet export hash the same) in fixed chunks of rows, at build time, and the
   digests are checked when it is loaded. `FDBPL_HF_VERIFY=0` (or `verify=False`) skips the check.
-- Weights fingerprints: `tensor_fingerprint` hashes an even subsample of every tensor of some
-  modules; feature caches (student image tower) and tables (teacher) key on it.
+- Weights fingerprints: `tensor_fingerprint` hashes every byte of every tensor of some modules;
+  feature caches (student image tower) and tables (teacher) key on it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import operator
 import os
 import shutil
 import socket
+import tempfile
+import time
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from .files import file_mode, pid_alive, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +57,91 @@ def expand_path(path) -> str:
     return os.path.abspath(os.path.expanduser(str(path)))
 
 
+def build_output_dir(path) -> str:
+    """Where a build writes `path`: `~` expanded and symbolic links resolved, so a link to an empty
+    or missing folder is built through (the table lands where it points; its `.incomplete` work
+    folder and `.lock` sit beside that). A link that cannot be resolved (a loop) is refused now,
+    not after the build."""
+    expanded = expand_path(path)
+    try:
+        return os.path.realpath(expanded, strict=True)
+    except FileNotFoundError:
+        resolved = os.path.realpath(expanded)
+    except OSError as err:  # ELOOP
+        raise ValueError(f"output_dir {path} is a symbolic link that cannot be resolved ({err}): give a folder, or "
+                         "a link to one") from None
+    if os.path.islink(resolved):
+        raise ValueError(f"output_dir {path} is a symbolic link that cannot be resolved (a loop): give a folder, or "
+                         "a link to one")
+    return resolved
+
+
 # ---- weights ------------------------------------------------------------------------------------
-def tensor_fingerprint(modules: dict, samples_per_tensor: int = 4096) -> str:
-    """A hash of `{prefix: torch module}`'s tensors (names, shapes, an even subsample of each):
-    two checkpoints of the same architecture get different fingerprints."""
+WEIGHTS_DIGEST_PREFIX = "sha256:"  # fingerprints without it were made by 0.6's sampling (`sampled_tensor_fingerprint`)
+DEVICE_CHUNK_BYTES = 1 << 26  # 64 MiB of a device tensor are copied to the host at a time
+
+
+def tensor_digest(tensor, chunk_bytes: int = DEVICE_CHUNK_BYTES) -> bytes:
+    """sha256 of a tensor's bytes, read `chunk_bytes` at a time: on the CPU each chunk is a view of
+    the tensor's memory (no copy), on an accelerator each chunk is copied to the host in turn."""
+    import torch
+
+    t = tensor.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.device.type == "meta":
+        raise ValueError("a tensor on the meta device has no values to fingerprint: load the weights first")
+    flat = t.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()  # one tensor at a time
+    raw = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
+    h = hashlib.sha256()
+    for start in range(0, raw.numel(), chunk_bytes):
+        h.update(raw[start: start + chunk_bytes].cpu().numpy())
+    return h.digest()
+
+
+def tensor_fingerprint(modules: dict, threads: int = 1) -> str:
+    """A digest of ALL the weights of `{prefix: torch module}`: every state-dict entry's name,
+    dtype, shape and bytes (sha256, each tensor read once, in place on the CPU). Two checkpoints
+    that differ in any value get different fingerprints. `threads`: tensors hashed in parallel
+    (the result does not depend on it; 2 threads were no faster than 1 on the 2-core machine
+    where it was measured). Cost: `python benchmarks/weights_digest.py` (docs/guarantees.md):
+    1.3-2.2 s for ViT-L/14's 1.7 GB on a loaded 2-core machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries = [(f"{prefix}.{name}", tensor) for prefix, module in modules.items()
+               for name, tensor in sorted(module.state_dict().items())]
+    seen: dict = {}
+    unique = []
+    for _, tensor in entries:  # tied weights are hashed once
+        key = _storage_key(tensor)
+        if key not in seen:
+            seen[key] = len(unique)
+            unique.append(tensor)
+    if threads > 1 and len(unique) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL on big buffers
+            digests = list(pool.map(tensor_digest, unique))
+    else:
+        digests = [tensor_digest(t) for t in unique]
+    h = hashlib.sha256()
+    for name, tensor in entries:
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        h.update(digests[seen[_storage_key(tensor)]])
+    return WEIGHTS_DIGEST_PREFIX + h.hexdigest()[:32]
+
+
+def _storage_key(tensor) -> tuple:
+    if tensor.device.type == "meta":
+        return (id(tensor),)
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tensor.stride(), tensor.dtype)
+
+
+def sampled_tensor_fingerprint(modules: dict, samples_per_tensor: int = 4096) -> str:
+    """The fingerprint of fdbpl_hf 0.4-0.6 (names, shapes and an even subsample of every tensor):
+    kept only to check the student of a feature cache built by those versions. It misses changes
+    outside the sample; `tensor_fingerprint` does not."""
     h = hashlib.sha256()
     for prefix, module in modules.items():
         for name, tensor in sorted(module.state_dict().items()):
@@ -64,6 +150,11 @@ def tensor_fingerprint(modules: dict, samples_per_tensor: int = 4096) -> str:
             h.update(f"{prefix}.{name}:{tuple(tensor.shape)}".encode())
             h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def is_sampled_fingerprint(fingerprint: Optional[str]) -> bool:
+    """Whether a stored weights fingerprint was made by 0.4-0.6's sampling."""
+    return isinstance(fingerprint, str) and not fingerprint.startswith(WEIGHTS_DIGEST_PREFIX)
 
 
 # ---- ownership ----------------------------------------------------------------------------------
@@ -89,12 +180,12 @@ def claim_workdir(work: str, kind: str, legacy_marker: Optional[str] = None) -> 
             return True
         if legacy_marker and os.path.isfile(os.path.join(work, legacy_marker)) and _is_ours(
                 os.path.join(work, legacy_marker)):
-            _write_json(marker, _owner_record(kind))
+            write_json(marker, _owner_record(kind))
             return True
         what = "a file" if not os.path.isdir(work) else "a folder fdbpl_hf did not create (no " + OWNER_FILE + ")"
         raise ValueError(f"{work} is {what}: a {kind} build keeps its unfinished work there and deletes it when "
                          "done, so it refuses to use it. Move or rename it, or pass another output_dir.") from None
-    _write_json(os.path.join(work, OWNER_FILE), _owner_record(kind))
+    write_json(os.path.join(work, OWNER_FILE), _owner_record(kind))
     return False
 
 
@@ -126,58 +217,133 @@ def remove_owned(work: str, names: Iterable[str]) -> None:
         os.rmdir(work)
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 # ---- locks --------------------------------------------------------------------------------------
-class BuildLock:
-    """An exclusive lock file `path` (created with O_EXCL) holding who builds: pid, host, time.
+_HELD_LOCKS: set = set()  # lock files this process holds
 
-    A second holder is refused with that record; a lock left by a dead process on this host is
-    taken over with a warning (on another host it cannot be checked: the error says how to clear it).
+
+def boot_id() -> Optional[str]:
+    """This machine's boot id (Linux): it changes at every boot, so a lock of before a reboot is stale."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """When process `pid` started, in clock ticks since boot (Linux), or None: a pid reused by
+    another process (after a container restart, our own) has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, after "(comm) "
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _lock_record(kind: str) -> dict:
+    return {**_owner_record(kind), "boot_id": boot_id(), "start_time": process_start_time(os.getpid())}
+
+
+def stale_lock_reason(holder: dict, path: str) -> Optional[str]:
+    """Why the lock record `holder` (of this host) provably belongs to no running build, or None:
+    another boot; a dead process; a live pid with another start time (reused); or this process's
+    own pid in a lock this process never took (a process before a container restart)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return None
+    if holder.get("boot_id") and boot_id() and holder["boot_id"] != boot_id():
+        return f"process {pid} ran before this machine last booted"
+    if not pid_alive(pid):
+        return f"process {pid} is no longer running"
+    recorded, now = holder.get("start_time"), process_start_time(pid)
+    if recorded is not None and now is not None and recorded != now:
+        return f"process id {pid} now belongs to another process (started at another time)"
+    if pid == os.getpid() and path not in _HELD_LOCKS and recorded is None:
+        return f"it names this process's id {pid}, which this process never took it with (an earlier process)"
+    return None
+
+
+class BuildLock:
+    """An exclusive lock file `path` holding who builds: pid, host, time, boot id and the process's
+    start time. It is made whole before it appears (hard-linked from a written temporary file), so
+    a reader never sees half a record.
+
+    A second holder is refused with that record. A lock on this host that provably belongs to no
+    running build (`stale_lock_reason`: another boot, a dead process, a reused pid, this process's
+    own pid from before a container restart) is taken over with a warning; on another host it
+    cannot be checked: the error says how to clear it.
     """
 
     def __init__(self, path: str, what: str):
         self.path, self.what, self.held = path, what, False
 
     def acquire(self) -> "BuildLock":
-        record = json.dumps(_owner_record(self.what), sort_keys=True)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and holder.get("host") == socket.gethostname() and \
-                        not _pid_alive(int(holder.get("pid", -1))):
-                    logger.warning("taking over the stale lock %s of process %s (no longer running)",
-                                   self.path, holder.get("pid"))
-                    try:
-                        os.remove(self.path)
-                    except FileNotFoundError:
-                        pass
-                    continue
-                who = (f"process {holder.get('pid')} on host {holder.get('host')} since {holder.get('time')}"
-                       if holder else "a process whose lock file is unreadable")
-                raise RuntimeError(f"another {self.what} build into the same folder is running: {who} holds "
-                                   f"{self.path}. Wait for it to finish (then this call returns its result), or, if "
-                                   "that process is gone, delete the lock file.") from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(record)
-            self.held = True
-            return self
+            if self._create(json.dumps(_lock_record(self.what), sort_keys=True)):
+                self.held = True
+                _HELD_LOCKS.add(self.path)
+                return self
+            holder = self._holder()
+            reason = stale_lock_reason(holder, self.path) if holder and holder.get("host") == socket.gethostname() \
+                else None
+            if reason is not None:
+                logger.warning("taking over the stale lock %s: %s", self.path, reason)
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            who = (f"process {holder.get('pid')} on host {holder.get('host')} since {holder.get('time')}"
+                   if holder else "a process whose lock file is unreadable")
+            if self.path in _HELD_LOCKS:
+                who += " (this process: a build started inside another, or from another thread)"
+            raise RuntimeError(f"another {self.what} build into the same folder is running: {who} holds "
+                               f"{self.path}. Wait for it to finish (then this call returns its result), or, if "
+                               "that process is gone, delete the lock file.") from None
         raise RuntimeError(f"could not take the lock {self.path}")
 
-    def _holder(self) -> Optional[dict]:
+    def _create(self, record: str) -> bool:
+        """Create the lock file holding `record`, whole; False when it exists."""
+        folder = os.path.dirname(self.path) or "."
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+            os.fchmod(fd, file_mode())
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.path)  # atomic, and fails if the lock exists
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: exclusive create, then write
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, file_mode())
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(record)
+                return True
+        finally:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _holder(self) -> Optional[dict]:
+        for attempt in range(5):  # a lock made by exclusive create is briefly empty
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    record = json.load(f)
+                return record if isinstance(record, dict) else None
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError):
+                time.sleep(0.05 * (attempt + 1))
+        return None
 
     def release(self) -> None:
         if self.held:
@@ -186,24 +352,13 @@ class BuildLock:
             except FileNotFoundError:
                 pass
             self.held = False
+            _HELD_LOCKS.discard(self.path)
 
     def __enter__(self) -> "BuildLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---- table content --------------------------------------------------------------------------------
@@ -284,7 +439,10 @@ def image_digests(dataset, image_column: str, label_column: Optional[str], num_c
     """
     import datasets
 
-    raw = dataset.select_columns([c for c in (image_column, label_column) if c]).cast_column(
+    from .rows import stored_rows
+
+    # the stored rows: a torch format would hash labels as "tensor(3)", a transform its own output
+    raw = stored_rows(dataset, warn=False).select_columns([c for c in (image_column, label_column) if c]).cast_column(
         image_column, datasets.Image(decode=False))
     out = bytearray()
     for start in range(0, len(raw), batch_rows):

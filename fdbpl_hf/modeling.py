@@ -6,7 +6,6 @@ import itertools
 import os
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -19,7 +18,9 @@ from .acceleration import prepared_text_mask
 from .clip_ops import check_tokenizer, refuse_identical_prompts  # noqa: F401  (evaluation imports them from here)
 from .config import FDBPLConfig
 from .prompts import (FDBPLPromptLearner, adapter_tokenizer, hypothesis_template, locate_adapter_config,
-                      merged_card, save_adapter)
+                      merged_card, merged_file_owner, save_adapter, superseded_merged_weights)
+from .saving import CARD_NAME, save_files, stamp_card
+from .validation import check_class_names
 
 _SIGNATURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
 
@@ -190,8 +191,8 @@ class FDBPLCLIPModel(nn.Module):
         self.class_names = list(class_names)
 
     def _tokenize(self, class_names: Sequence[str]) -> _ClassPrompts:
-        if isinstance(class_names, str):
-            raise TypeError("class_names must be a list of strings, not a single string")
+        if isinstance(class_names, (str, bytes)):  # the hot path: the full check runs once per class list
+            check_class_names("class_names", class_names)
         key = tuple(class_names)
         cached = self._prompt_cache.get(key)
         if cached is None or cached.input_ids.device != self.device:
@@ -203,16 +204,14 @@ class FDBPLCLIPModel(nn.Module):
         return cached
 
     def _build_prompts(self, class_names: tuple[str, ...]) -> _ClassPrompts:
-        if len(class_names) == 0:
-            raise ValueError("class_names is empty: give at least one class name")
+        # identical names are refused below with the other identical prompts
+        check_class_names("class_names", class_names, unique=False)
         cfg, tok = self.fdbpl_config, self.tokenizer
         n_ctx, slot = cfg.n_ctx, self._placeholder_id
         max_len = self.clip.config.text_config.max_position_embeddings
         period = tok(".", add_special_tokens=False)["input_ids"]
         rows, masks = [], []
         for name in class_names:
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"class names must be non-empty strings, got {name!r}")
             if cfg.class_token_position == "end":
                 body = [slot] * n_ctx + tok(f"{name}.", add_special_tokens=False)["input_ids"]
                 mask = [1] * n_ctx + [0] * (len(body) - n_ctx)
@@ -376,6 +375,8 @@ class FDBPLCLIPModel(nn.Module):
         tokens, `image_processor` when given (the zero-shot pipeline needs one) and a card stating
         the template. `pipeline("zero-shot-image-classification", model=output_dir)` with that
         template predicts what `forward(...).pos_logits` predicts, without fdbpl_hf installed.
+        `output_dir` must be new, empty or an earlier `save_merged` folder: files of a model that
+        fdbpl_hf did not save are refused, untouched, and a README.md the user wrote is kept.
         """
         if getattr(self, "_unloaded", False):
             raise RuntimeError("this FDBPLCLIPModel was unloaded: wrap the CLIP model again first")
@@ -397,12 +398,19 @@ class FDBPLCLIPModel(nn.Module):
         text.config.eos_token_id = tok.eos_token_id
         text.eos_token_id = tok.eos_token_id
         merged.requires_grad_(True)  # a plain model, as from_pretrained gives it
-        output_dir = Path(output_dir)
-        merged.save_pretrained(output_dir)
-        tok.save_pretrained(output_dir)
-        if image_processor is not None:
-            image_processor.save_pretrained(output_dir)
-        merged_card(cfg).save(output_dir / "README.md")
+
+        def write(staging: str) -> None:
+            merged.save_pretrained(staging)
+            tok.save_pretrained(staging)
+            if image_processor is not None:
+                image_processor.save_pretrained(staging)
+            with open(os.path.join(staging, CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(stamp_card(str(merged_card(cfg))))
+
+        # only into a new or empty folder, or over an earlier save_merged: a model or tokenizer that
+        # fdbpl_hf did not write is refused, untouched (fdbpl_hf.saving)
+        save_files(output_dir, write, merged_file_owner, what="the merged CLIP", stale=superseded_merged_weights,
+                   last=("config.json",))
         return hypothesis_template(cfg)
 
     def get_base_model(self) -> CLIPModel:
@@ -523,6 +531,9 @@ def get_fdbpl_model(clip_model: CLIPModel, config: Optional[FDBPLConfig] = None,
 
     Mirrors `peft.get_peft_model`: the CLIP model is frozen, only the two contexts train.
     """
+    if config is not None and not isinstance(config, FDBPLConfig):
+        raise TypeError(f"config must be an FDBPLConfig, got {type(config).__name__}"
+                        + (": build it with FDBPLConfig.from_dict(settings)" if isinstance(config, dict) else ""))
     if tokenizer is None:
         tokenizer = _tokenizer_for(clip_model)
     config = copy.deepcopy(config) if config is not None else FDBPLConfig()

@@ -6,10 +6,12 @@ does not change the global matplotlib backend of a notebook or GUI session.
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
 from typing import Any, Mapping, Sequence, Union
+
+from .files import atomic_write, read_json
 
 __all__ = ["plot_base_novel", "plot_loss_curves", "plot_per_class_accuracy"]
 
@@ -34,8 +36,9 @@ def _save(fig, path: PathLike) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write(path, buffer.getvalue())  # a crash never leaves half a PNG
 
 
 def _is_missing(value: Any) -> bool:
@@ -142,8 +145,8 @@ def plot_loss_curves(log_history: Union[Sequence[Mapping[str, Any]], PathLike], 
     own y axis. Evaluation entries (`eval_loss_*`) are drawn dashed when present. Returns `path`.
     """
     if isinstance(log_history, (str, os.PathLike)):
-        with open(log_history, encoding="utf-8") as f:
-            log_history = json.load(f)
+        log_history = read_json(log_history, "pass the trainer_state.json the Trainer wrote (in output_dir or a "
+                                             "checkpoint folder) or its log_history list")
         if isinstance(log_history, Mapping) and "log_history" in log_history:  # the Trainer's trainer_state.json
             log_history = log_history["log_history"]
     if not isinstance(log_history, Sequence):

@@ -19,8 +19,10 @@ code and never unpickles: JSON and safetensors only. docs/adapter-format.md says
 """
 
 import copy
+import functools
+import json
 import os
-from pathlib import Path
+import re
 from typing import Optional
 
 import torch
@@ -31,13 +33,20 @@ from torch import nn
 
 from .adapter_files import FDBPL_CONFIG_NAME, LEGACY_CONFIG_NAME, adapter_file, hub_model_id, locate_adapter_config
 from .config import FDBPLConfig
+from .files import write_json
+from .saving import CARD_NAME, card_owner, save_files, stamp_card
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's names
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "model.safetensors"
+# what a tokenizer's save_pretrained may write, depending on its class and the transformers version
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 # what a checkpoint holds besides peft's two files (the Trainer copies only those before a push)
-ADAPTER_COMPANION_FILES = (FDBPL_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                           "vocab.json", "merges.txt", "added_tokens.json", "README.md")
+ADAPTER_COMPANION_FILES = (FDBPL_CONFIG_NAME, *TOKENIZER_FILES, CARD_NAME)
+# the first line of the cards fdbpl_hf writes (before 0.7 they were recognised by it; 0.3's too)
+ADAPTER_CARD_HEADINGS = ("# FDBPL adapter",)
+MERGED_CARD_HEADINGS = ("# CLIP with an FDBPL prompt",)
 TARGET_MODULE = "token_embedding"
 PEFT_WEIGHTS_KEY = "base_model.model.text_model.embeddings.token_embedding.trainable_tokens_delta"
 PAPER_URL = "https://arxiv.org/abs/2505.18053"
@@ -91,8 +100,6 @@ def _read_tensors(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, 
 
 
 def _check_peft_config(path: str, config: FDBPLConfig) -> None:
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -181,34 +188,175 @@ def framework_versions() -> dict[str, str]:
             "torch": torch.__version__}
 
 
+# every file an adapter save may write: what `adapter_file_owner` must allow before training
+ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, *ADAPTER_COMPANION_FILES)
+
+
 def save_adapter(save_directory: str | os.PathLike, prompts: FDBPLPromptLearner, tokenizer, *,
                  repo_id: Optional[str] = None) -> str:
-    """Write the adapter folder (see the module docstring); returns its path."""
+    """Write the adapter folder (see the module docstring); returns its path. Only fdbpl_hf's own
+    files in it are replaced (`fdbpl_hf.saving`): a folder holding another model's files is
+    refused, unchanged, and a README.md the user wrote is kept."""
     from peft import TrainableTokensConfig
 
     cfg = prompts.config
     n = cfg.n_ctx
-    save_directory = Path(save_directory)
-    save_directory.mkdir(parents=True, exist_ok=True)
     tok, first = adapter_tokenizer(tokenizer, n)
     base = hub_model_id(cfg.base_model_name_or_path)
     peft_config = TrainableTokensConfig(target_modules=[TARGET_MODULE], token_indices=list(range(first, first + 2 * n)),
                                         base_model_name_or_path=base, revision=cfg.revision if base else None,
                                         inference_mode=True)
-    peft_config.save_pretrained(str(save_directory), auto_mapping_dict={
-        "base_model_class": "CLIPModel", "parent_library": "transformers.models.clip.modeling_clip"})
     rows = torch.cat([prompts.ctx_pos, prompts.ctx_neg]).detach().float().cpu().contiguous()
-    save_file({PEFT_WEIGHTS_KEY: rows}, str(save_directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    import json
+    card = adapter_card(cfg, repo_id=repo_id, num_params=2 * n * cfg.context_dim)
 
-    with open(save_directory / FDBPL_CONFIG_NAME, "w", encoding="utf-8") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-    tok.save_pretrained(str(save_directory))
-    # a folder saved over a 0.3 adapter keeps no stale 0.3 files that would contradict it
-    for stale in (LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME):
-        (save_directory / stale).unlink(missing_ok=True)
-    adapter_card(cfg, repo_id=repo_id, num_params=2 * n * cfg.context_dim).save(save_directory / "README.md")
-    return str(save_directory)
+    def write(staging: str) -> None:
+        peft_config.save_pretrained(staging, auto_mapping_dict={
+            "base_model_class": "CLIPModel", "parent_library": "transformers.models.clip.modeling_clip"})
+        save_file({PEFT_WEIGHTS_KEY: rows}, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json(os.path.join(staging, FDBPL_CONFIG_NAME), cfg.to_dict())
+        tok.save_pretrained(staging)
+        with open(os.path.join(staging, CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(stamp_card(str(card)))
+
+    # a folder saved over a 0.3 adapter keeps no 0.3 files that would contradict it (fdbpl_hf wrote them)
+    return save_files(save_directory, write, adapter_file_owner, what="the FDBPL adapter",
+                      stale=superseded_0_3_files, last=(ADAPTER_CONFIG_NAME, FDBPL_CONFIG_NAME))
+
+
+def _json_object(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _safetensors_keys(path: str) -> Optional[list[str]]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return sorted(f.keys())
+    except Exception:  # not a safetensors file: safetensors raises several types
+        return None
+
+
+def _tokenizer_sizes(folder: str) -> Optional[tuple[frozenset, int]]:
+    """(the added tokens, the size they give the vocabulary: their largest id + 1) of a folder's
+    `tokenizer.json`, or None. FDBPL's tokens are added after the base vocabulary, so for its
+    tokenizers that is the vocabulary's size."""
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _parsed_tokenizer_sizes(path, st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_tokenizer_sizes(path: str, *version) -> Optional[tuple[frozenset, int]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    # "added_tokens" comes before the 49k-entry vocabulary in a tokenizers file: decode that list
+    # alone (parsing all 3.6 MB takes about a second on a busy CPU, and a save asks for each file)
+    tokens = None
+    start = text.find('"added_tokens"')
+    if start >= 0:
+        bracket = text.find("[", start)
+        try:
+            tokens = json.JSONDecoder().raw_decode(text, bracket)[0] if bracket >= 0 else None
+        except ValueError:
+            tokens = None
+    if not isinstance(tokens, list):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        tokens = data.get("added_tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list):
+            return None
+    added = {t["content"]: t["id"] for t in tokens if isinstance(t, dict) and isinstance(t.get("content"), str)}
+    ids = [i for i in added.values() if isinstance(i, int)]
+    return frozenset(added), (max(ids) + 1 if ids else 0)
+
+
+def holds_context_tokens(folder: str) -> bool:
+    """Whether the tokenizer saved in `folder` holds FDBPL's context tokens (fdbpl_hf saved it)."""
+    found = _tokenizer_sizes(folder)
+    added = found[0] if found else set(_json_object(os.path.join(folder, "added_tokens.json")) or {})
+    return "<fdbpl_pos_0>" in added and "<fdbpl_neg_0>" in added
+
+
+def _is_fdbpl_config(data: Optional[dict]) -> bool:
+    return data is not None and isinstance(data.get("fdbpl_version"), str) and "n_ctx" in data \
+        and "context_dim" in data and "model_type" not in data
+
+
+def adapter_file_owner(name: str, path: str) -> Optional[str]:
+    """None when the existing file `path` (named `name`, in an adapter folder) was written by an
+    fdbpl_hf adapter save, recognised by its content; else why it is not (`fdbpl_hf.saving`)."""
+    folder = os.path.dirname(path)
+    if name == FDBPL_CONFIG_NAME:
+        return None if _is_fdbpl_config(_json_object(path)) else "not an FDBPL adapter config"
+    if name == ADAPTER_CONFIG_NAME:
+        data = _json_object(path)
+        if data is None or data.get("peft_type") != "TRAINABLE_TOKENS":
+            return "another peft adapter's config"
+        return None if _is_fdbpl_config(_json_object(os.path.join(folder, FDBPL_CONFIG_NAME))) else \
+            "a TrainableTokens adapter without an FDBPL config beside it"
+    if name == ADAPTER_WEIGHTS_NAME:
+        return None if _safetensors_keys(path) == [PEFT_WEIGHTS_KEY] else "another adapter's weights"
+    if name in TOKENIZER_FILES:
+        return None if holds_context_tokens(folder) else "the tokenizer of a model, without FDBPL's context tokens"
+    if name == CARD_NAME:
+        return card_owner(path, ADAPTER_CARD_HEADINGS)
+    return "not a file of an FDBPL adapter"
+
+
+def superseded_0_3_files(folder: str) -> list[str]:
+    """The 0.3 adapter files in `folder` (an FDBPL `config.json` and a `model.safetensors` holding
+    exactly `ctx_pos` and `ctx_neg`, both recognised by content), or none."""
+    config, weights = os.path.join(folder, LEGACY_CONFIG_NAME), os.path.join(folder, LEGACY_WEIGHTS_NAME)
+    if _is_fdbpl_config(_json_object(config)) and _safetensors_keys(weights) == ["ctx_neg", "ctx_pos"]:
+        return [LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME]
+    return []
+
+
+_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+
+
+def merged_config_is_ours(folder: str) -> bool:
+    """Whether `folder/config.json` is a CLIP saved by `save_merged`: its text vocabulary is the
+    size of the tokenizer beside it, which holds FDBPL's context tokens."""
+    config = _json_object(os.path.join(folder, "config.json"))
+    sizes = _tokenizer_sizes(folder)
+    if config is None or config.get("model_type") != "clip" or sizes is None or not holds_context_tokens(folder):
+        return False
+    return (config.get("text_config") or {}).get("vocab_size") == sizes[1]
+
+
+def merged_file_owner(name: str, path: str) -> Optional[str]:
+    """As `adapter_file_owner`, for a folder written by `FDBPLCLIPModel.save_merged`: the tokenizer
+    holds the context tokens, and the model files go with a config that matches it."""
+    folder = os.path.dirname(path)
+    if name in TOKENIZER_FILES:
+        return None if holds_context_tokens(folder) else "the tokenizer of a model, without FDBPL's context tokens"
+    if name == CARD_NAME:
+        return card_owner(path, MERGED_CARD_HEADINGS)
+    if merged_config_is_ours(folder):
+        return None
+    return "a model fdbpl_hf did not save" if name == "config.json" or _WEIGHTS_FILE.fullmatch(name) else \
+        "a file of a model fdbpl_hf did not save"
+
+
+def superseded_merged_weights(folder: str) -> list[str]:
+    """The weight files of an earlier `save_merged` into `folder` (a save that writes other shards
+    removes the ones it does not rewrite)."""
+    if not merged_config_is_ours(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if _WEIGHTS_FILE.fullmatch(n))
 
 
 def _card_data(cfg: FDBPLConfig, library_name: str, extra_tags=()) -> ModelCardData:

@@ -22,6 +22,7 @@ from .modeling import get_fdbpl_model
 from .pipeline import train_prompts
 from .ril import CLIPTeacher, EnsembleTeacher, RegionSpec, RILDataset, Teacher, build_ril_table, ril_metadata
 from .trainer import FDBPLTrainingArguments
+from .validation import check_value, integer
 
 METHODS = ("zero-shot", "coop", "fdbpl-online", "fdbpl-offline", "fdbpl-cached")
 
@@ -79,6 +80,10 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method.startswith("fdbpl") and teacher is None:
         raise ValueError(f"{method} needs a teacher checkpoint")
+    # 0 regions would silently mean the default (`num_regions or epochs`)
+    check_value("run_base_to_novel num_regions", num_regions, integer(1, optional=True))
+    check_value("run_base_to_novel num_shots", num_shots, integer(1))
+    check_value("run_base_to_novel seed", seed, integer(0))
     if compose and (method not in ("fdbpl-offline", "fdbpl-cached") or isinstance(teacher, str)
                     or len(list(teacher)) < 2):
         raise ValueError("compose=True builds one table per teacher and mixes them: it needs an offline method and "

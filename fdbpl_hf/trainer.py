@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Annotated, Optional
 
+import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from torch.optim.lr_scheduler import LambdaLR
@@ -19,12 +19,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .acceleration import PixelRenormaliser, TeacherRunner, compile_options, compiled
 from .losses import PCD_REDUCTIONS, WEIGHT_MODES, coop_loss, fdbpl_loss
 from .modeling import FDBPLCLIPModel
-from .prompts import ADAPTER_COMPANION_FILES, FDBPLPromptLearner, adapter_card
+from .files import write_json
+from .prompts import (ADAPTER_CARD_HEADINGS, ADAPTER_COMPANION_FILES, ADAPTER_FILES, FDBPLPromptLearner, adapter_card,
+                      adapter_file_owner)
 from .ril.features import check_feature_cache
 from .ril.device_replay import collate_device_replay, render_batch
 from .ril.replay import TEACHER_LOG_PROBS, RILDataset, dense_teacher_logits
 from .ril.table import ENTROPY_COLUMN
 from .ril.teachers import Teacher
+from .validation import (at_least, between, check_class_order, check_fields, check_value, flag, greater_than,
+                         integer, one_of, probability)
+from .saving import refuse_conflicts, save_files, write_card
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,20 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
                        path, CHECKPOINT_COMPLETE)
     return None
 _PLAIN_DDP = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+# Rules for numeric TrainingArguments fields that transformers accepts unchecked (a NaN beta, a zero
+# batch size or accumulation); FDBPL's own fields carry theirs in their annotations.
+INHERITED_TRAINING_RULES = {
+    "adam_beta1": between(0, 1, high_open=True),
+    "adam_beta2": between(0, 1, high_open=True),
+    "adam_epsilon": greater_than(0),
+    "per_device_eval_batch_size": integer(1),
+    "gradient_accumulation_steps": integer(1),
+    "max_steps": integer(-1),
+    "warmup_steps": at_least(0),
+    "logging_steps": greater_than(0),
+    "seed": integer(0),
+    "data_seed": integer(0, optional=True),
+}
 
 
 @dataclass
@@ -68,40 +87,52 @@ class FDBPLTrainingArguments(TrainingArguments):
     `--warmup_epochs 0` hands the schedule back to the Trainer (`--warmup_steps`,
     `--lr_scheduler_kwargs`)."""
 
-    learning_rate: float = field(default=0.002, metadata={"help": "SGD learning rate (paper: 0.002)."})
-    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (paper: 5e-4)."})
-    num_train_epochs: float = field(default=50.0, metadata={"help": "Epochs (paper: 50)."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Regions per device per step."})
+    learning_rate: Annotated[float, greater_than(0)] = field(default=0.002, metadata={
+        "help": "SGD learning rate (paper: 0.002)."})
+    weight_decay: Annotated[float, at_least(0)] = field(default=5e-4, metadata={"help": "Weight decay (paper: 5e-4)."})
+    num_train_epochs: Annotated[float, at_least(0)] = field(default=50.0, metadata={"help": "Epochs (paper: 50)."})
+    per_device_train_batch_size: Annotated[int, integer(1)] = field(default=32, metadata={
+        "help": "Regions per device per step."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after the warm-up."})
     optim: str = field(default="sgd", metadata={"help": "sgd: the paper's SGD with --momentum; any other "
                                                         "Trainer optimiser name is built by the Trainer."})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0 = none (paper)."})
+    max_grad_norm: Annotated[float, at_least(0)] = field(default=0.0, metadata={
+        "help": "Gradient clipping norm; 0 = none (paper)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the teacher columns."})
     label_names: Optional[list[str]] = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
     ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={"help": "Both contexts are always used."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "Constant warm-up epochs at warmup_lr."})
-    warmup_lr: float = field(default=1e-5, metadata={"help": "Learning rate during the warm-up (CoOp: 1e-5)."})
-    lambda_neg: float = field(default=1.0, metadata={"help": "Weight of the negative-prompt loss."})
-    lambda_sim: float = field(default=0.001, metadata={"help": "Weight of the positive/negative dissimilarity."})
-    lambda_pcd: float = field(default=1.0, metadata={
+    momentum: Annotated[float, between(0, 1, high_open=True)] = field(default=0.9, metadata={
+        "help": "SGD momentum (paper: 0.9)."})
+    warmup_epochs: Annotated[float, at_least(0)] = field(default=1.0, metadata={
+        "help": "Constant warm-up epochs at warmup_lr."})
+    warmup_lr: Annotated[float, at_least(0)] = field(default=1e-5, metadata={
+        "help": "Learning rate during the warm-up (CoOp: 1e-5)."})
+    lambda_neg: Annotated[float, at_least(0)] = field(default=1.0, metadata={
+        "help": "Weight of the negative-prompt loss."})
+    lambda_sim: Annotated[float, at_least(0)] = field(default=0.001, metadata={
+        "help": "Weight of the positive/negative dissimilarity."})
+    lambda_pcd: Annotated[float, at_least(0)] = field(default=1.0, metadata={
         "help": "Weight of the PCD ranking loss (1.0: the measured winner, docs/ablations.md; spec's 0.1 was inert)."})
-    pcd_margin: float = field(default=0.2, metadata={"help": "Margin of the PCD ranking loss."})
-    use_pcd: bool = field(default=True, metadata={"help": "False reproduces the released code (PCD off)."})
-    pcd_reduction: str = field(default="mean", metadata={
+    pcd_margin: Annotated[float, at_least(0)] = field(default=0.2, metadata={"help": "Margin of the PCD ranking loss."})
+    use_pcd: Annotated[bool, flag()] = field(default=True, metadata={
+        "help": "False reproduces the released code (PCD off)."})
+    pcd_reduction: Annotated[str, one_of(*PCD_REDUCTIONS)] = field(default="mean", metadata={
         "help": "PCD over region pairs: mean (measured winner) or sum (the authors' commented form; far worse, "
                 "docs/ablations.md)."})
-    weight_mode: str = field(default="soft", metadata={"help": "Region information weight: soft or threshold."})
-    entropy_threshold: float = field(default=0.5, metadata={"help": "Normalised entropy cut for threshold mode."})
-    weight_entropy: str = field(default="full", metadata={
+    weight_mode: Annotated[str, one_of(*WEIGHT_MODES)] = field(default="soft", metadata={
+        "help": "Region information weight: soft or threshold."})
+    entropy_threshold: Annotated[float, probability()] = field(default=0.5, metadata={
+        "help": "Normalised entropy cut for threshold mode."})
+    weight_entropy: Annotated[str, one_of("full", "topk")] = field(default="full", metadata={
         "help": "Entropy behind the region weights: full (the table's stored entropy of the teacher's full "
                 "distribution, or the live teacher's; the paper's weights) or topk (of the top-K rebuild, "
                 "as fdbpl_hf 0.3 did; for ablations)."})
-    loss_type: str = field(default="fdbpl", metadata={"help": "fdbpl (distillation) or coop (labels, baseline)."})
-    compile_loss: bool = field(default=True, metadata={
+    loss_type: Annotated[str, one_of("fdbpl", "coop")] = field(default="fdbpl", metadata={
+        "help": "fdbpl (distillation) or coop (labels, baseline)."})
+    compile_loss: Annotated[bool, flag()] = field(default=True, metadata={
         "help": "With --torch_compile: compile the FDBPL loss with the student's backend and mode too (the online "
                 "teacher always is). False: a shorter compile, more kernel launches per step."})
-    logging_nan_inf_filter: bool = field(default=False, metadata={
+    logging_nan_inf_filter: Annotated[bool, flag()] = field(default=False, metadata={
         "help": "The Trainer's filter replaces a NaN/inf step loss by the running mean in the logged loss: it "
                 "hides a broken step and costs a host sync per step. Off: such a loss shows in the logs."})
 
@@ -121,15 +152,13 @@ class FDBPLTrainingArguments(TrainingArguments):
             logger.info("WORLD_SIZE=%s and no GPU: training on CPU processes over gloo (use_cpu=True)",
                         os.environ["WORLD_SIZE"])
             self.use_cpu = True
+        # every rule in the annotations above (and INHERITED_TRAINING_RULES), before transformers computes
+        # with the values: type, finiteness, range (fdbpl_hf.validation)
+        check_fields(self, INHERITED_TRAINING_RULES)
+        if self.max_steps <= 0:
+            check_value("FDBPLTrainingArguments.num_train_epochs (without max_steps)", self.num_train_epochs,
+                        greater_than(0))
         super().__post_init__()
-        if self.weight_mode not in WEIGHT_MODES:
-            raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
-        if self.pcd_reduction not in PCD_REDUCTIONS:
-            raise ValueError(f"pcd_reduction must be one of {PCD_REDUCTIONS}, got {self.pcd_reduction!r}")
-        if self.weight_entropy not in ("full", "topk"):
-            raise ValueError(f"weight_entropy must be 'full' or 'topk', got {self.weight_entropy!r}")
-        if self.loss_type not in ("fdbpl", "coop"):
-            raise ValueError(f"loss_type must be 'fdbpl' or 'coop', got {self.loss_type!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: the trainer needs the teacher columns")
         if self.optim == "sgd" and self.optim_args:
@@ -176,6 +205,9 @@ class FDBPLTrainer(Trainer):
             raise TypeError("pass FDBPLTrainingArguments (they carry the FDBPL loss settings)")
         if not isinstance(train_dataset, RILDataset):
             raise TypeError("train_dataset must be an RILDataset (RILDataset(...) or RILDataset.online(...))")
+        if teacher is not None and not isinstance(teacher, Teacher):
+            raise TypeError(f"teacher must be a fdbpl_hf Teacher (CLIPTeacher, CallableTeacher, EnsembleTeacher), got "
+                            f"{type(teacher).__name__}")
         if args.loss_type == "fdbpl" and train_dataset.is_online and teacher is None:
             raise ValueError("an online RILDataset has no soft labels: pass teacher= (the online baseline)")
         if teacher is not None and teacher.num_classes != train_dataset.num_classes:
@@ -183,11 +215,19 @@ class FDBPLTrainer(Trainer):
         if teacher is not None and teacher.input_size != train_dataset.spec.output_size:
             raise ValueError(f"the teacher takes {teacher.input_size}px inputs but the regions are rendered at "
                              f"{train_dataset.spec.output_size}px")
-        teacher_names = getattr(teacher, "class_names", None)
-        if teacher_names is not None and list(teacher_names) != list(train_dataset.class_names):
-            raise ValueError("the teacher's class names (or their order) differ from the training classes")
-        if args.loss_type == "coop" and train_dataset.label_column is None:
-            raise ValueError("loss_type='coop' trains on labels, but the dataset has no label column")
+        if teacher is not None and teacher.class_names is not None:
+            check_class_order(f"the teacher ({teacher.name})", teacher.class_names, "the training data",
+                              train_dataset.class_names, fix="build the teacher with the training classes")
+        if args.loss_type == "coop":
+            labels = train_dataset.label_array()
+            if labels is None:
+                raise ValueError("loss_type='coop' trains on labels, but the dataset has no label column")
+            if (labels < 0).any():
+                row = int(np.flatnonzero(labels < 0)[0])
+                raise ValueError(f"loss_type='coop' trains on labels, but row {row} of the training dataset has none "
+                                 f"(column {train_dataset.label_column!r}: None or -1; {int((labels < 0).sum())} "
+                                 "such rows): drop the unlabelled rows (dataset.filter) or distil them with "
+                                 "loss_type='fdbpl'")
         if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
             raise ValueError("dataloader_persistent_workers would freeze the replayed region at epoch 0: "
                              "persistent workers never see the new epoch")
@@ -221,7 +261,21 @@ class FDBPLTrainer(Trainer):
         if not any(p.requires_grad for p in model.prompts.parameters()):
             raise ValueError("the model's prompts are frozen (FDBPLCLIPModel.from_pretrained loads for inference): "
                              "load it with is_trainable=True to train it further")
+        processor = kwargs.get("processing_class")
+        if processor is not None and (hasattr(processor, "convert_tokens_to_ids") or
+                                      getattr(processor, "tokenizer", None) is not None):
+            # the Trainer saves it into output_dir before each push, over the adapter's tokenizer
+            # (the base one plus the context tokens): the pushed adapter would lose its tokens
+            raise ValueError("processing_class holds a tokenizer, which the Trainer would save over the adapter's own "
+                             "(the base tokenizer plus the context tokens): leave processing_class out (the adapter "
+                             "saves its tokenizer itself), or pass only the image processor")
+        # the adapter is saved into output_dir at the end: a folder holding a model's files is refused
+        # now, not after the training (fdbpl_hf.saving)
+        refuse_conflicts(args.output_dir, ADAPTER_FILES, adapter_file_owner,
+                         "the trained adapter (FDBPLTrainer saves it into output_dir)")
         eval_data = kwargs.get("eval_dataset")
+        if eval_data is not None:
+            self._check_eval_dataset(eval_data, train_dataset)
         stores = [d for d in (train_dataset, eval_data) if isinstance(d, RILDataset) and d.image_store is not None]
         if stores:
             if args.dataloader_num_workers > 0:
@@ -250,6 +304,28 @@ class FDBPLTrainer(Trainer):
         self._metrics: dict[str, Optional[torch.Tensor]] = {}
         self._metric_keys: dict[str, set] = {}
         self._reset_metrics()
+
+    @staticmethod
+    def _check_eval_dataset(eval_data, train_dataset: RILDataset) -> None:
+        """An evaluation set is replayed and scored like the training set: an RILDataset over the
+        training classes, in their order (the model scores every batch against them)."""
+        named = eval_data.items() if isinstance(eval_data, dict) else [(None, eval_data)]
+        for name, data in named:
+            what = "eval_dataset" if name is None else f"eval_dataset[{name!r}]"
+            if not isinstance(data, RILDataset):
+                raise TypeError(f"{what} is a {type(data).__name__}, not an RILDataset: FDBPLTrainer evaluates the "
+                                "loss on replayed regions with their soft labels, like training. Wrap it: "
+                                "RILDataset(dataset, its_table, image_mean=..., image_std=...) (or RILDataset.online "
+                                "with a teacher); for accuracy on test images use fdbpl_hf.evaluation")
+            check_class_order("the training data", train_dataset.class_names, what, data.class_names,
+                              fix="an evaluation set is scored against the training classes: evaluate other classes "
+                                  "with fdbpl_hf.evaluation (evaluate_cross_dataset)")
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        """`Trainer.evaluate`; an `eval_dataset` given here is checked as the constructor checks one."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            self._check_eval_dataset(eval_dataset, self.train_dataset)
+        return super().evaluate(eval_dataset, *args, **kwargs)
 
     # ---- optimisation -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -423,16 +499,16 @@ class FDBPLTrainer(Trainer):
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if os.path.isdir(folder):
-                with open(os.path.join(folder, CHECKPOINT_COMPLETE), "w", encoding="utf-8") as f:
-                    json.dump({"global_step": self.state.global_step}, f)
+                write_json(os.path.join(folder, CHECKPOINT_COMPLETE), {"global_step": self.state.global_step})
 
     def evaluation_loop(self, *args, **kwargs):
         self._reset_metrics("eval")
         return super().evaluation_loop(*args, **kwargs)
 
-    def predict(self, *args, **kwargs):
+    def predict(self, test_dataset, *args, **kwargs):
+        self._check_eval_dataset(test_dataset, self.train_dataset)
         try:
-            return super().predict(*args, **kwargs)
+            return super().predict(test_dataset, *args, **kwargs)
         finally:
             self._reset_metrics("eval")  # predict() never logs: drop its terms
 
@@ -451,10 +527,14 @@ class FDBPLTrainer(Trainer):
         # push; the rest of the adapter (our config, the tokenizer with the context tokens, the
         # card) must go with them, or the pushed repo mixes two saves.
         if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            for name in ADAPTER_COMPANION_FILES:
-                src = os.path.join(checkpoint_folder, name)
-                if os.path.isfile(src):
-                    shutil.copy(src, os.path.join(self.args.output_dir, name))
+            def write(staging: str) -> None:
+                for name in ADAPTER_COMPANION_FILES:
+                    src = os.path.join(checkpoint_folder, name)
+                    if os.path.isfile(src):
+                        shutil.copyfile(src, os.path.join(staging, name))
+
+            # by the saving rules: only fdbpl_hf's files in output_dir are replaced, a user's card is kept
+            save_files(self.args.output_dir, write, adapter_file_owner, what=f"the adapter of {checkpoint_folder}")
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _restore_prompts(self, checkpoint_dir: str, model=None) -> None:
@@ -545,4 +625,5 @@ class FDBPLTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         prompts = self._adapter_prompts()
-        adapter_card(prompts.config, repo_id=self._hub_repo_id()).save(os.path.join(self.args.output_dir, "README.md"))
+        card = adapter_card(prompts.config, repo_id=self._hub_repo_id())
+        write_card(self.args.output_dir, str(card), ADAPTER_CARD_HEADINGS, "the trained adapter")

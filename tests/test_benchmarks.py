@@ -20,6 +20,11 @@ def test_host_overhead_smoke():
     assert "host time the Trainer and data path add per step" in out
 
 
+def test_weights_digest_smoke():
+    out = run_script("benchmarks/weights_digest.py", "--sizes", "tiny", "--reps", "1", "--threads", "1", "2")
+    assert "full sha256, 2 thread(s)" in out and "0.6's sampled fingerprint" in out
+
+
 def test_speed_real_smoke(tmp_path):
     report = tmp_path / "speed_real.json"
     # batch 8: the smoke run checks that every mode runs, not timings (the store modes render in float64 on CPU)

@@ -233,7 +233,7 @@ def test_custom_dataset_info():
     info = DatasetInfo.custom(template="a photo of a {}, a kind of bird.", hub_id="someone/birds", image_column="img")
     assert info.prompts(["blue_jay"]) == ["a photo of a blue jay, a kind of bird."]
     assert info.image_column == "img" and info.label_column == "label"
-    with pytest.raises(ValueError, match="must contain"):
+    with pytest.raises(ValueError, match="template 'a photo' has no '{}' field"):
         DatasetInfo.custom(template="a photo")
 
 

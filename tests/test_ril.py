@@ -21,6 +21,7 @@ from fdbpl_hf import (
     load_ril_table, push_ril_table, ril_metadata,
 )
 from fdbpl_hf.testing.worlds import DIGIT_NAMES
+from fdbpl_hf.ril.regions import RENDERERS
 from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +198,7 @@ def test_table_refuses_the_wrong_partner(digits_small, teacher_clip, tokenizer, 
         replay(digits_small, table, class_names=DIGIT_NAMES[:5])
     renamed = list(DIGIT_NAMES)
     renamed[3] = "3"
-    with pytest.raises(ValueError, match="#3: 'three' vs '3'"):
+    with pytest.raises(ValueError, match="class order: class 3 is 'three' in the table but '3' in class_names"):
         replay(digits_small, table, class_names=renamed)
     with pytest.raises(ValueError, match="table regions are 32px .* vs student 224px"):
         replay(digits_small, table, image_size=224)
@@ -315,7 +316,7 @@ def test_bad_input_fails_clearly(teacher_clip, tokenizer, tmp_path, digits_small
         build(truncated, teacher_clip, tokenizer, tmp_path / "b", top_k=2)
     with pytest.raises(ValueError, match="top_k must be between 1 and the number of classes \\(10\\), got 11"):
         build(digits_small, teacher_clip, tokenizer, tmp_path / "c", top_k=11)
-    with pytest.raises(ValueError, match="num_regions must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=re.escape("RILTableConfig.num_regions must be an integer >= 1, got 0")):
         build(digits_small, teacher_clip, tokenizer, tmp_path / "d", num_regions=0)
     plain = digits_small.cast_column("label", datasets.Value("int64"))
     with pytest.raises(ValueError, match="not a datasets.ClassLabel"):
@@ -501,9 +502,12 @@ def test_renderers():
         assert (fast - slow).abs().mean() < 2 / 255, (fast - slow).abs().mean()
     with pytest.raises(ValueError, match="renderer must be one of"):
         RegionSpec(renderer="pil")
-    with pytest.raises(ValueError, match="antialiased bilinear or bicubic"):
-        RegionSpec(interpolation="nearest")
-    RegionSpec(interpolation="nearest", renderer="float")  # the float renderer takes any mode
+    with pytest.raises(ValueError, match="antialiased filters only"):
+        RegionSpec(antialias=False)
+    RegionSpec(antialias=False, renderer="float")
+    for renderer in RENDERERS:  # both resize with align_corners=False, which "nearest" refuses mid-build
+        with pytest.raises(ValueError, match="RegionSpec.interpolation must be one of 'bilinear', 'bicubic'"):
+            RegionSpec(interpolation="nearest", renderer=renderer)
 
 
 def test_table_config_is_stored_whole_and_keywords_still_work(digits_small, teacher_clip, tokenizer, tmp_path):
@@ -697,10 +701,11 @@ def test_build_table_script_leaves_num_proc_workers_their_own_gpu(monkeypatch):
 def test_a_class_list_of_another_length_names_the_classes(tmp_path):
     """A class list one class short (or long) of the table's said only "class count: table 5 vs given 4"."""
     ds, table = _small_table(tmp_path, lambda px: px.mean(dim=(2, 3)) @ torch.ones(3, 5))
-    with pytest.raises(ValueError, match=r"class count: table 5 vs given 4; not given: 'c2'$"):
+    with pytest.raises(ValueError, match=r"class count: table 5 vs given 4 \(class 2 is 'c2' in the table but 'c3' "
+                                         r"in class_names .*\); not given: 'c2'$"):
         replay(ds, table, class_names=["c0", "c1", "c3", "c4"])
-    with pytest.raises(ValueError, match=r"class count: table 5 vs given 6; not given: 'c4'; not in the table: "
-                                         r"'c 4', 'c5'$"):
+    with pytest.raises(ValueError, match=r"class count: table 5 vs given 6 \(class 4 is 'c4' in the table but 'c 4' "
+                                         r"in class_names .*\); not given: 'c4'; not in the table: 'c 4', 'c5'$"):
         replay(ds, table, class_names=["c0", "c1", "c2", "c3", "c 4", "c5"])
 
 
@@ -738,10 +743,10 @@ def test_build_settings_are_checked_and_numpy_integers_accepted(tmp_path):
     rng = np.random.default_rng(0)
     ds = image_dataset([Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))], [0], names=["a", "b", "c"])
     teacher = CallableTeacher(lambda px: px.mean(dim=(2, 3)), 3, 16)
-    for setting, message in ((dict(teacher_batch_size=0), "teacher_batch_size must be a positive integer, got 0"),
-                             (dict(teacher_batch_size=-1), "teacher_batch_size must be a positive integer, got -1"),
-                             (dict(seed=-1), "seed must be a non-negative integer, got -1"),
-                             (dict(top_k=True), "top_k must be between 1 and the number of classes")):
+    for setting, message in ((dict(teacher_batch_size=0), "teacher_batch_size must be an integer >= 1, got 0"),
+                             (dict(teacher_batch_size=-1), "teacher_batch_size must be an integer >= 1, got -1"),
+                             (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+                             (dict(top_k=True), "top_k must be an integer >= 1 or None, got True")):
         with pytest.raises(ValueError, match=re.escape(message)):
             build_ril_table(ds, teacher, **{"num_regions": 2, "top_k": 2, **setting}, output_dir=str(tmp_path / "x"))
     table = build_ril_table(ds, teacher, num_regions=np.int64(3), top_k=np.int64(2), seed=np.int32(1),

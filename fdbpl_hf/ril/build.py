@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional, Sequence
@@ -14,14 +13,16 @@ import numpy as np
 import torch
 
 from ..clip_ops import channel_stats, normalize_pixels
-from ..integrity import expand_path
+from ..integrity import build_output_dir, is_sampled_fingerprint
+from ..rows import stored_rows
 from ..losses import shannon_entropy
 from .compose import REGION_KEY, region_key
+from ..validation import check_class_names, check_class_order
 from .device_replay import DeviceChunkRenderer
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .sharding import ShardedBuild, absent_or_empty, default_build_dir
 from .table import (
-    ENTROPY_COLUMN, FILL_RULES, METADATA_FILE, TABLE_FORMAT, build_key, content_differences, decode_image,
+    ENTROPY_COLUMN, METADATA_FILE, TABLE_FORMAT, build_key, content_differences, decode_image,
     describe_source, library_version, load_ril_table, read_metadata_file, table_features,
 )
 from .table_config import (  # DEFAULT_NUM_REGIONS: re-exported, its home before 0.5
@@ -37,7 +38,7 @@ FLOAT16_MIN = float(np.finfo(np.float16).min)  # the most negative finite value 
 def resolve_class_names(dataset: datasets.Dataset, label_column: Optional[str],
                         class_names: Optional[Sequence[str]]) -> list[str]:
     if class_names is not None:
-        names = list(class_names)
+        names = check_class_names("class_names", class_names)
         feature = dataset.features.get(label_column) if label_column else None
         if isinstance(feature, datasets.ClassLabel) and feature.num_classes != len(names):
             # the labels index the ClassLabel: an extra or missing name would shift or add a class silently
@@ -45,6 +46,10 @@ def resolve_class_names(dataset: datasets.Dataset, label_column: Optional[str],
                              f"ClassLabel of {feature.num_classes} classes ({', '.join(feature.names[:5])}"
                              f"{', ...' if feature.num_classes > 5 else ''}): give one name per class, in label "
                              "order, or cast the column to a ClassLabel of your classes first")
+        if isinstance(feature, datasets.ClassLabel):
+            # the same names in another order (e.g. sorted) would prompt every class with another's name
+            check_class_order(f"the label column {label_column!r} (ClassLabel)", feature.names, "class_names", names,
+                              labels=True, fix="give the names in the label order (dataset.features[label].names)")
     else:
         feature = dataset.features.get(label_column) if label_column else None
         if not isinstance(feature, datasets.ClassLabel):
@@ -254,27 +259,24 @@ def build_ril_table(
     teacher_image_std = OPENAI_CLIP_STD if config.teacher_image_std is None else config.teacher_image_std
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+    if region_spec is not None and not isinstance(region_spec, RegionSpec):
+        raise TypeError(f"region_spec must be a RegionSpec, got {type(region_spec).__name__}")
+    dataset = stored_rows(dataset, "the dataset of build_ril_table")  # not a format's tensors or a transform's output
     for column in (image_column, label_column):
         if column is not None and column not in dataset.column_names:
             raise ValueError(f"column {column!r} is not in the dataset (columns: {dataset.column_names})")
     if not isinstance(dataset.features[image_column], datasets.Image):
         raise ValueError(f"column {image_column!r} is {dataset.features[image_column]!r}, not a datasets.Image")
-    for name, value, least in (("num_regions", num_regions, 1), ("seed", seed, 0),
-                               ("teacher_batch_size", config.teacher_batch_size, 1)):
-        if _integer(value) is None or value < least:
-            raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} integer, got {value!r}")
-    # numpy integers (e.g. from np.ceil(...).astype(int)) as plain ints: they go into the JSON metadata
+    # the settings' types and ranges were checked by RILTableConfig; numpy integers (e.g. from np.ceil(...).astype(int)) as plain ints: they go into the JSON metadata
     config = dataclasses.replace(config, num_regions=int(num_regions), seed=int(seed),
                                  teacher_batch_size=int(config.teacher_batch_size))
     num_regions, seed = config.num_regions, config.seed
     names = resolve_class_names(dataset, label_column, class_names)
     if top_k is None:
         top_k = min(DEFAULT_TOP_K, len(names))
-    if _integer(top_k) is None or not 1 <= top_k <= len(names):
+    if not 1 <= top_k <= len(names):
         raise ValueError(f"top_k must be between 1 and the number of classes ({len(names)}), got {top_k!r}")
     top_k = int(top_k)
-    if fill not in FILL_RULES:
-        raise ValueError(f"fill must be one of {FILL_RULES}, got {fill!r}")
     if fill == "dense" and top_k != len(names):
         raise ValueError(f"fill='dense' stores every class: top_k must equal the class count {len(names)}")
     if len(dataset) == 0:
@@ -313,13 +315,14 @@ def build_ril_table(
     key = build_key(metadata)
     # which tables compose with this one (fdbpl_hf.ril.compose): recomputed for tables without it
     metadata.update(build_key=key, library_version=library_version(), **{REGION_KEY: region_key(metadata)})
-    if output_dir is None and metadata["teacher"].get("weights") is None and not teacher.revision:
+    if output_dir is None and not identified(metadata["teacher"]):
         # the default folder is named by the build key: without the teacher's content in it, two
         # different callables of one name would share (and return) one table
-        raise ValueError(f"the teacher {teacher.name!r} is a callable whose weights fdbpl_hf cannot fingerprint, so "
+        raise ValueError(f"the teacher {teacher.name!r} is (or holds) a callable whose weights fdbpl_hf cannot "
+                         "fingerprint, so "
                          "the default cache folder could hand back another teacher's table: pass output_dir=, or "
                          "teacher_revision= (a string that identifies its weights), or give a torch.nn.Module")
-    output_dir = expand_path(output_dir) if output_dir else default_build_dir(key)
+    output_dir = build_output_dir(output_dir if output_dir else default_build_dir(key))
 
     done = _existing_table(output_dir, metadata)
     if done is not None:
@@ -346,9 +349,23 @@ def build_ril_table(
     return load_ril_table(output_dir)
 
 
-def _integer(value) -> Optional[int]:
-    """`value` as an int when it is an integer (Python or numpy; not a bool), else None."""
-    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+def identified(teacher: dict) -> bool:
+    """Whether a teacher's description pins what it computes: a revision, or the digest of its
+    weights (for an ensemble: every member's; its own "weights" are the mixing weights)."""
+    if teacher.get("revision"):
+        return True
+    if "members" in teacher:
+        return all(identified(m) for m in teacher["members"])
+    return teacher.get("weights") is not None
+
+
+def _sampled_teacher_key(teacher) -> bool:
+    """Whether a stored teacher description holds a weights fingerprint of 0.4-0.6 (sampled)."""
+    if not isinstance(teacher, dict):
+        return False
+    if "members" in teacher:
+        return any(_sampled_teacher_key(m) for m in teacher["members"])
+    return is_sampled_fingerprint(teacher.get("weights"))
 
 
 def _existing_table(output_dir: str, metadata: dict) -> Optional[datasets.Dataset]:
@@ -362,9 +379,13 @@ def _existing_table(output_dir: str, metadata: dict) -> Optional[datasets.Datase
         raise ValueError(f"output_dir {output_dir} holds a {METADATA_FILE} that is not an RIL table's; choose another "
                          "folder")
     if existing.get("build_key") != metadata["build_key"]:
+        differences = content_differences(existing, metadata)
+        sampled = (f". Its teacher was identified by fdbpl_hf {existing.get('library_version')}'s sampled weights "
+                   "fingerprint, this version digests all the weights: the same teacher gets another key. "
+                   "load_ril_table(output_dir) still loads and replays it as it is"
+                   if _sampled_teacher_key(existing.get("teacher")) else "")
         raise ValueError(f"output_dir {output_dir} already holds an RIL table built with other settings (built by "
                          f"fdbpl_hf {existing.get('library_version')}; differs in "
-                         f"{', '.join(content_differences(existing, metadata)) or 'its build key'}); delete it or "
-                         "pick another folder")
+                         f"{', '.join(differences) or 'its build key'}){sampled}; delete it or pick another folder")
     return load_ril_table(output_dir)
 

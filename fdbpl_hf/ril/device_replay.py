@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..rows import stored_rows
 from .regions import BOX_SCALE, RegionSpec, image_to_tensor
 from .table import decode_image
 
@@ -69,7 +70,8 @@ class DeviceImageStore:
             source, column, upright = data.source, data.image_column, data.spec.exif_transpose
         else:
             column, upright = image_column or "image", True  # as datasets.Image decodes
-            source = data.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+            source = stored_rows(data, "the dataset of the image store").select_columns([column]).cast_column(
+                column, datasets.Image(decode=False))
         chunks, heights, widths = [], [], []
         for row, cell in enumerate(source[column] if len(source) <= 4096 else _iter_column(source, column)):
             image = image_to_tensor(decode_image(cell, row, upright), f"row {row} of the source dataset")  # [3, H, W]

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from ..integrity import expand_path, tensor_fingerprint
+from ..integrity import build_output_dir, is_sampled_fingerprint, sampled_tensor_fingerprint, tensor_fingerprint
 from ..modeling import FDBPLCLIPModel, model_name
+from ..validation import check_value, integer, one_of
 from .feature_cache import (  # re-exported: the cache's format lives in feature_cache.py
     CACHE_FORMAT, CACHE_LAYOUT, CACHE_METADATA_FILE, CACHE_REQUIRED_KEYS, check_cache_matches_table,
     check_cache_metadata, content_key, feature_cache_metadata, load_feature_cache, verify_cache,
@@ -64,11 +65,23 @@ def student_signature(clip) -> dict:
     }
 
 
-def weights_fingerprint(clip, samples_per_tensor: int = 4096) -> str:
-    """A hash of the image side's weights (an even subsample of every tensor): two checkpoints of
-    the same architecture get different fingerprints, so one never reuses the other's cache."""
-    return tensor_fingerprint({"vision_model": clip.vision_model, "visual_projection": clip.visual_projection},
-                              samples_per_tensor)
+def _image_side(clip) -> dict:
+    return {"vision_model": clip.vision_model, "visual_projection": clip.visual_projection}
+
+
+def weights_fingerprint(clip) -> str:
+    """A digest of all the image side's weights (`fdbpl_hf.integrity.tensor_fingerprint`): two
+    checkpoints that differ in any value get different fingerprints, so one never reuses the
+    other's cache."""
+    return tensor_fingerprint(_image_side(clip))
+
+
+def student_matches(stored: str, clip) -> tuple[bool, str]:
+    """(whether a cache's stored student fingerprint is `clip`'s, the fingerprint compared with):
+    caches of 0.4-0.6 stored 0.6's sampled fingerprint, and are compared by that scheme (their probe
+    rows, recomputed by the student, back it up)."""
+    found = sampled_tensor_fingerprint(_image_side(clip)) if is_sampled_fingerprint(stored) else weights_fingerprint(clip)
+    return stored == found, found
 
 
 def _clip_of(student):
@@ -135,8 +148,11 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     """
     if not isinstance(data, RILDataset) or data.is_online or data.feature_cache is not None:
         raise TypeError("build_feature_cache needs an offline RILDataset (over an RIL table, without a cache)")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    check_value("build_feature_cache dtype", dtype, one_of("float16", "float32"))
+    check_value("build_feature_cache epochs", epochs, integer(1, optional=True))
+    for name, value, least in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1),
+                               ("num_workers", num_workers, 0)):
+        check_value(f"build_feature_cache {name}", value, integer(least))
     clip = _clip_of(student)
     size = clip.config.vision_config.image_size
     if size != data.spec.output_size:
@@ -164,8 +180,8 @@ def build_feature_cache(data, student, *, epochs: Optional[int] = None, output_d
     key = content_key(metadata)  # the name is information only: ./ckpt and ckpt are the same weights
     metadata["student"]["name"] = model_name(clip) or None
     metadata.update(build_key=key, library_version=library_version())
-    output_dir = expand_path(output_dir) if output_dir else default_build_dir(f"{table_meta['build_key']}-{key}",
-                                                                              "feature_caches")
+    output_dir = build_output_dir(output_dir if output_dir else default_build_dir(f"{table_meta['build_key']}-{key}",
+                                                                                   "feature_caches"))
     existing = _existing_cache(output_dir, key)
     if existing is not None:
         return existing
@@ -268,10 +284,10 @@ def check_feature_cache(data, student, rows: Optional[Sequence[int]] = None) -> 
     if diff:
         problems.append("student architecture: " + ", ".join(f"{k} cache {a} vs model {b}"
                                                             for k, (a, b) in diff.items()))
-    elif meta["student"].get("weights") != (weights := weights_fingerprint(clip)):
+    elif not (match := student_matches(meta["student"].get("weights"), clip))[0]:
         problems.append(f"student weights: the cache was built with another checkpoint "
                         f"({meta['student'].get('name') or 'unnamed'}; weights {meta['student'].get('weights')} vs "
-                        f"{weights})")
+                        f"{match[1]})")
     else:
         total = meta["num_images"] * meta["epochs"]
         picks = rows if rows is not None else sorted({0, total // 2, total - 1})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -17,9 +18,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..clip_ops import normalize_pixels
+from ..validation import check_fields, flag, integer, interval, one_of, probability
 
 BOX_SCALE = 65535
 RENDERERS = ("uint8", "float")
+# both renderers resize with F.interpolate(align_corners=False), which the other modes refuse
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -36,27 +40,21 @@ class RegionSpec:
     the field existed replay without it, as they were built.
     """
 
-    output_size: int = 224
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    interpolation: str = "bicubic"
-    antialias: bool = True
-    renderer: str = "uint8"
-    exif_transpose: bool = True
+    # the rules in the annotations are checked by __post_init__ (fdbpl_hf.validation)
+    output_size: Annotated[int, integer(1)] = 224
+    scale: Annotated[tuple[float, float], interval(0, 1, low_open=True)] = (0.08, 1.0)  # of the image's area
+    ratio: Annotated[tuple[float, float], interval(0, low_open=True)] = (3 / 4, 4 / 3)  # finite: log-uniform draw
+    flip_prob: Annotated[float, probability()] = 0.5
+    interpolation: Annotated[str, one_of(*INTERPOLATIONS)] = "bicubic"
+    antialias: Annotated[bool, flag()] = True
+    renderer: Annotated[str, one_of(*RENDERERS)] = "uint8"
+    exif_transpose: Annotated[bool, flag()] = True
 
     def __post_init__(self) -> None:
-        if self.renderer not in RENDERERS:
-            raise ValueError(f"renderer must be one of {RENDERERS}, got {self.renderer!r}")
-        if self.renderer == "uint8" and (self.interpolation not in ("bilinear", "bicubic") or not self.antialias):
-            raise ValueError("the uint8 renderer resizes with antialiased bilinear or bicubic filters only: "
-                             "use renderer='float' for other settings")
-        if self.output_size < 1:
-            raise ValueError(f"output_size must be positive, got {self.output_size}")
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+        check_fields(self)
+        if self.renderer == "uint8" and not self.antialias:
+            raise ValueError("the uint8 renderer resizes with antialiased filters only: use renderer='float' for "
+                             "antialias=False")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -12,10 +12,14 @@ import torch
 from ..clip_ops import channel_stats, normalize_pixels, torch_threads
 from ..integrity import verification_enabled
 from .compose import check_composable, fixed_weights, mix_soft_labels, region_key, resolve_weighting
+from ..validation import (check_class_names, check_class_order, check_image_stats, check_value, flag, integer,
+                          label_names_of, text)
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .feature_cache import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
+from ..rows import stored_rows
 from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_columns, check_table_matches,
-                    decode_image, is_verified, ril_metadata, table_origin, validate_table_rows, verify_rows)
+                    decode_image, is_verified, refuse_foreign_metadata, ril_metadata, table_origin, validate_table_rows,
+                    verify_rows)
 
 MR_FILL_GAP = 10.0
 # the item key of composed tables' mixed soft labels: dense log-probabilities [C] (one table: its top-K columns)
@@ -94,6 +98,27 @@ class RILDataset(torch.utils.data.Dataset):
                  metadata: Union[dict, Sequence[dict], None] = None, verify: Optional[bool] = None,
                  feature_cache: Optional[datasets.Dataset] = None, teacher_weighting: str = "fixed",
                  teacher_weights: Optional[Sequence[float]] = None):
+        if not isinstance(dataset, datasets.Dataset):
+            raise TypeError(f"RILDataset reads a datasets.Dataset of images, got {type(dataset).__name__}"
+                            + (": build one with datasets.Dataset.from_list(rows) and cast its image column to "
+                               "datasets.Image()" if isinstance(dataset, (list, tuple)) else ""))
+        if table is not None and not isinstance(table, (datasets.Dataset, list, tuple)):
+            raise TypeError(f"RILDataset's table must be an RIL table (a datasets.Dataset from build_ril_table or "
+                            f"load_ril_table), or a list of them to compose, got {type(table).__name__}")
+        for meta in (metadata if isinstance(metadata, (list, tuple)) else [metadata]):
+            if meta is not None and not isinstance(meta, dict):
+                raise TypeError(f"RILDataset's metadata must be a dict (ril_metadata(table)), or one per table, got "
+                                f"{type(meta).__name__}")
+        check_image_stats("RILDataset image_mean", image_mean, "RILDataset image_std", image_std)
+        # kept as given (their values go into the feature cache's key)
+        image_mean, image_std = tuple(image_mean), tuple(image_std)
+        check_value("RILDataset image_size", image_size, integer(1, optional=True))
+        check_value("RILDataset epoch", epoch, integer(0))
+        check_value("RILDataset image_column", image_column, text(optional=True))
+        check_value("RILDataset label_column", label_column, text(optional=True))
+        check_value("RILDataset verify", verify, flag(optional=True))
+        if class_names is not None:
+            class_names = check_class_names("RILDataset class_names", class_names)
         # what `with_feature_cache` rebuilds this dataset from
         self._arguments = dict(dataset=dataset, table=table, image_mean=image_mean, image_std=image_std,
                                image_size=image_size, class_names=class_names, epoch=epoch, image_column=image_column,
@@ -114,12 +139,17 @@ class RILDataset(torch.utils.data.Dataset):
                 raise ValueError(f"metadata= gives {len(metadatas)} metadata for {len(tables)} tables: one per table")
         names = [self._table_name(t, i, len(tables)) for i, t in enumerate(tables)]
         verify = verification_enabled(verify)
+        # the stored rows: under a torch format every label is a tensor (tensor(3) matches no digest),
+        # and a transform hands out its own output instead of the images
+        dataset = stored_rows(dataset, "the dataset of the RILDataset")
         for t, meta, name in zip(tables, metadatas, names):
             if t is None:
                 continue
             check_metadata(meta, f"{name}'s metadata")
+            if metadata is not None:
+                refuse_foreign_metadata(t, meta, name)
             check_table_columns(t, meta, name)
-            if verify and not is_verified(t):
+            if verify and not is_verified(t, meta):
                 # a table that did not come from load_ril_table/build_ril_table as is (e.g. shuffled,
                 # selected or rebuilt in memory): its rows must still be the ones that were built
                 verify_rows(t, meta, name, TABLE_LAYOUT)
@@ -159,11 +189,21 @@ class RILDataset(torch.utils.data.Dataset):
         else:  # unverified, but a row count is free: a subset would replay other images' soft labels
             check_table_matches(self.metadata, dataset=dataset if table is not None else None, images=False,
                                 class_names=class_names, image_size=image_size)
-        self.spec = RegionSpec.from_dict(self.metadata["regions"])
+        try:
+            self.spec = RegionSpec.from_dict(self.metadata["regions"])
+        except ValueError as err:  # e.g. a table built before 0.7 with ratio=(1, inf): every region a fallback crop
+            raise ValueError(f"the RIL table's region settings are refused: {err}. Rebuild the table with valid "
+                             "RegionSpec settings") from err
         self.num_regions = int(self.metadata["num_regions"])
         self.seed = int(self.metadata["seed"])
         self.class_names = list(self.metadata["class_names"])
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        label_names = label_names_of(dataset, self.label_column)
+        if label_names is not None:
+            # the labels index the ClassLabel; the soft labels' columns are the table's classes
+            check_class_order(f"the dataset's label column {self.label_column!r} (ClassLabel)", label_names,
+                              "the RIL table" if table is not None else "class_names", self.class_names, labels=True,
+                              fix="use the dataset the table was built on, with its classes in label order")
+        self.image_mean, self.image_std = image_mean, image_std
         self._mean_std = channel_stats(self.image_mean, self.image_std)
         columns = [self.image_column] + ([self.label_column] if self.label_column else [])
         self.source = dataset.select_columns(columns).cast_column(self.image_column, datasets.Image(decode=False))
@@ -185,18 +225,29 @@ class RILDataset(torch.utils.data.Dataset):
             if len(feature_cache) != expected:
                 raise ValueError(f"the student-feature cache has {len(feature_cache)} rows, its table needs "
                                  f"{expected} ({len(dataset)} images x {self.cache_metadata['epochs']} epochs)")
-            if verify and not is_verified(feature_cache):
+            if verify and not is_verified(feature_cache, self.cache_metadata):
                 verify_cache(feature_cache, self.cache_metadata, "the student-feature cache")
             self.feature_cache = feature_cache.with_format("numpy")
-            if self.label_column:
-                # labels without touching the image column; missing labels are -1, as on the pixel path
-                self._labels = np.array([-1 if v is None else int(v) for v in dataset[self.label_column]],
-                                        dtype=np.int64)
-                bad = (self._labels < -1) | (self._labels >= self.num_classes)
-                if bad.any():
-                    row = int(np.flatnonzero(bad)[0])
-                    raise ValueError(f"row {row} of the dataset has label {self._labels[row]}, outside the "
-                                     f"{self.num_classes} classes (0-{self.num_classes - 1})")
+            self._labels = self.label_array()
+
+    def label_array(self) -> Optional[np.ndarray]:
+        """The source labels as int64 `[N]`, -1 where a row has none (None), read without touching
+        the images; None when the dataset has no label column. A label that is not a class id
+        (a string, a fraction, outside the classes) is refused with its row."""
+        if not self.label_column:
+            return None
+        out = np.empty(len(self.source), dtype=np.int64)
+        for row, value in enumerate(self.source.select_columns([self.label_column])[self.label_column]):
+            if value is None:
+                out[row] = -1
+            elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and \
+                    -1 <= int(value) < self.num_classes:
+                out[row] = int(value)
+            else:
+                raise ValueError(f"row {row} of the dataset has label {value!r} in column {self.label_column!r}, not "
+                                 f"a class id of the {self.num_classes} classes (0-{self.num_classes - 1}, or None / "
+                                 "-1 for no label)")
+        return out
 
     @classmethod
     def online(cls, dataset: datasets.Dataset, *, class_names: Sequence[str], image_mean: Sequence[float],
@@ -204,8 +255,16 @@ class RILDataset(torch.utils.data.Dataset):
                image_column: str = "image", label_column: Optional[str] = "label") -> "RILDataset":
         """The same regions without a table, for the online-teacher baseline: region r of image i is
         drawn exactly as `build_ril_table` would draw it, and items carry no teacher logits."""
+        class_names = check_class_names("RILDataset.online class_names", class_names)
+        if not isinstance(region_spec, RegionSpec):
+            raise TypeError(f"RILDataset.online region_spec must be a RegionSpec, got {type(region_spec).__name__}")
+        # one region per image is the least an epoch can replay (0 would fail at the first item, modulo 0)
+        check_value("RILDataset.online num_regions", num_regions, integer(1))
+        check_value("RILDataset.online seed", seed, integer(0))
+        check_value("RILDataset.online image_column", image_column, text())
+        check_value("RILDataset.online label_column", label_column, text(optional=True))
         metadata = {
-            "num_regions": num_regions, "seed": seed, "class_names": list(class_names), "fill": "dense",
+            "num_regions": int(num_regions), "seed": int(seed), "class_names": class_names, "fill": "dense",
             "regions": region_spec.to_dict(),
             "source": {"image_column": image_column, "label_column": label_column},
         }

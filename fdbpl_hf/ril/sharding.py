@@ -13,7 +13,6 @@ into `output_dir` in one rename, with its metadata file, so only a whole table i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Callable, Optional
 import datasets
 import torch
 
+from ..files import read_json, write_json
 from ..integrity import BuildLock, claim_workdir, metadata_digest, remove_owned, table_digests
 from ..progress import quiet_progress
 from .table import attach_metadata, load_from_disk_named
@@ -102,8 +102,10 @@ def prepare_workdir(work: str, metadata: dict, kind: str = "RIL table") -> None:
     resumed = claim_workdir(work, kind, legacy_marker=BUILD_FILE)
     build_file = os.path.join(work, BUILD_FILE)
     if resumed and os.path.isfile(build_file):
-        with open(build_file, encoding="utf-8") as f:
-            previous = json.load(f)
+        previous = read_json(build_file, f"the settings of the interrupted build in {work} are lost, so its finished "
+                                         f"shards cannot be trusted: delete {work} to start the build over")
+        if not isinstance(previous, dict):
+            raise ValueError(f"{build_file} holds no build settings: delete {work} to start the build over")
         if previous.get("build_key") != metadata["build_key"]:
             versions = (previous.get("library_version"), metadata.get("library_version"))
             upgraded = (f"; it was started by fdbpl_hf {versions[0]}, this is {versions[1]}, whose builds of the same "
@@ -116,8 +118,7 @@ def prepare_workdir(work: str, metadata: dict, kind: str = "RIL table") -> None:
                              f"resume it with that shard_size (got {metadata['shard_size']}) or delete it")
         logger.info("resuming the interrupted %s build in %s", kind, work)
         return
-    with open(build_file, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True)
+    write_json(build_file, metadata)  # whole or absent: a full disk leaves no half-written settings
 
 
 def shard_name(shard: int) -> str:
@@ -142,8 +143,7 @@ def assemble(work: str, output_dir: str, num_shards: int, metadata: dict, metada
     final = dict(metadata, complete=True, stats={"num_rows": rows, "disk_bytes": data_bytes,
                                                  "bytes_per_region": data_bytes / max(rows, 1)})
     final["metadata_digest"] = metadata_digest(final)
-    with open(os.path.join(staging, metadata_file), "w", encoding="utf-8") as f:
-        json.dump(final, f, indent=2, sort_keys=True)
+    write_json(os.path.join(staging, metadata_file), final)
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     if os.path.isdir(output_dir):
         os.rmdir(output_dir)  # an empty folder made for the table; a non-empty one was refused before

@@ -28,14 +28,17 @@ from ..integrity import (
     IMAGE_DIGEST_BYTES, IntegrityError, decode_digests, encode_digests, expand_path, first_differences, json_digest,
     image_digests, metadata_digest, require_keys, verification_enabled, verify_table_digests,
 )
+from ..validation import check_class_names, class_order_difference
+from ..files import read_json
+from ..rows import stored_rows
 from ..version import __version__
 from .compose import REGION_KEY, region_key
+from .table_config import FILL_RULES  # noqa: F401  (re-exported: its home before 0.7)
 
 logger = logging.getLogger(__name__)
 
 TABLE_FORMAT = "fdbpl-ril/1"
 METADATA_FILE = "ril_metadata.json"
-FILL_RULES = ("mr", "dense")
 ENTROPY_COLUMN = "teacher_entropy"
 # stored log-probabilities are <= 0; fp16 rounding of a value just below 0 stays <= 0, so anything
 # above this is not a log-probability
@@ -73,7 +76,7 @@ def source_fingerprint(dataset: datasets.Dataset, image_column: str, label_colum
     h.update(str(len(dataset)).encode())
     h.update(json.dumps(dataset.features.to_dict(), sort_keys=True).encode())
     if len(dataset):
-        raw = dataset.select_columns([c for c in (image_column, label_column) if c]).cast_column(
+        raw = stored_rows(dataset, warn=False).select_columns([c for c in (image_column, label_column) if c]).cast_column(
             image_column, datasets.Image(decode=False))
         for row in sorted(set(np.linspace(0, len(dataset) - 1, num_samples).astype(int).tolist())):
             item = raw[row]
@@ -163,8 +166,9 @@ def check_metadata(metadata: dict, where: str) -> None:
                              "images. Rebuild or re-download the table.")
 
 
-# Tables and caches whose rows were checked against their metadata in this process, by datasets
-# fingerprint (any transform, e.g. shuffle or select, makes a new one).
+# Tables and caches whose rows were checked against a metadata in this process: (datasets
+# fingerprint, which any transform such as shuffle or select changes, the metadata's build key and
+# digest). Rows verified against one table's metadata are not verified against another's.
 _VERIFIED: set = set()
 
 
@@ -180,12 +184,45 @@ def table_origin(table: datasets.Dataset) -> Optional[dict]:
     return dict(origin) if origin is not None else None
 
 
-def mark_verified(dataset: datasets.Dataset) -> None:
-    _VERIFIED.add(dataset._fingerprint)
+def _metadata_identity(metadata: Optional[dict]) -> tuple:
+    metadata = metadata or {}
+    return metadata.get("build_key"), metadata.get("metadata_digest")
 
 
-def is_verified(dataset: datasets.Dataset) -> bool:
-    return dataset._fingerprint in _VERIFIED
+def mark_verified(dataset: datasets.Dataset, metadata: Optional[dict] = None) -> None:
+    _VERIFIED.add((dataset._fingerprint, _metadata_identity(metadata)))
+
+
+def is_verified(dataset: datasets.Dataset, metadata: Optional[dict] = None) -> bool:
+    """Whether `dataset`'s rows were checked against `metadata` (default: the metadata it carries)."""
+    if metadata is None:
+        try:
+            metadata = json.loads(dataset.info.description or "")
+        except json.JSONDecodeError:
+            metadata = None
+    return (dataset._fingerprint, _metadata_identity(metadata if isinstance(metadata, dict) else None)) in _VERIFIED
+
+
+def own_metadata(dataset: datasets.Dataset) -> Optional[dict]:
+    """The metadata a table or cache carries (`load_ril_table`, `build_*` attach it), or None."""
+    try:
+        meta = json.loads(dataset.info.description or "")
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) and "format" in meta else None
+
+
+def refuse_foreign_metadata(dataset: datasets.Dataset, metadata: dict, what: str) -> None:
+    """Refuse `metadata` given for a table (or cache) that carries another table's metadata, naming
+    what differs: rows replayed under another table's classes, regions or layout are wrong."""
+    own = own_metadata(dataset)
+    if own is None or _metadata_identity(own) == _metadata_identity(metadata):
+        return
+    differences = content_differences(own, metadata) if own.get("format") == TABLE_FORMAT else []
+    detail = ", ".join(differences) or f"build key {own.get('build_key')} vs {metadata.get('build_key')}"
+    raise ValueError(f"the metadata= given with {what} belongs to another table ({detail}): rows and metadata must "
+                     "come from one table. Leave metadata= out (the table carries its own), or pass "
+                     "ril_metadata(table).")
 
 
 def verify_rows(dataset: datasets.Dataset, metadata: dict, what: str, layout: str) -> None:
@@ -196,7 +233,7 @@ def verify_rows(dataset: datasets.Dataset, metadata: dict, what: str, layout: st
                        what)
         return
     verify_table_digests(dataset, record, what, layout)
-    mark_verified(dataset)
+    mark_verified(dataset, metadata)
 
 
 TABLE_COLUMNS = ("box", "flip", "topk_indices", "topk_logits")  # and ENTROPY_COLUMN, from 0.4 on
@@ -279,12 +316,7 @@ def attach_metadata(table: datasets.Dataset, metadata: dict) -> datasets.Dataset
 
 def read_metadata_file(path: str) -> dict:
     """A metadata JSON file, with errors that name it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the file is corrupt or was edited; rebuild or "
-                         "re-download it") from err
+    return read_json(path, "rebuild or re-download the table or cache (delete its folder first)")
 
 
 def load_from_disk_named(folder: str) -> datasets.Dataset:
@@ -422,18 +454,22 @@ def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] =
                     problems.append(f"source images: {', '.join(rows)} of the dataset differ from the images the "
                                     f"table was built on (table built from {src.get('id') or 'another dataset'}, "
                                     f"split {src.get('split')}; shuffled, subset or edited datasets do not match)")
-    if class_names is not None and list(class_names) != list(metadata["class_names"]):
+    if class_names is not None:
+        class_names = check_class_names("class_names", class_names)
+    if class_names is not None and class_names != list(metadata["class_names"]):
         table_names = metadata["class_names"]
         if len(class_names) != len(table_names):
             given, stored = set(class_names), set(table_names)
             missing = [n for n in table_names if n not in given]
             extra = [n for n in class_names if n not in stored]
-            problems.append(f"class count: table {len(table_names)} vs given {len(class_names)}"
+            problems.append(f"class count: table {len(table_names)} vs given {len(class_names)} "
+                            f"({class_order_difference('the table', table_names, 'class_names', class_names)})"
                             + (f"; not given: {_few(missing)}" if missing else "")
                             + (f"; not in the table: {_few(extra)}" if extra else ""))
         else:
-            diffs = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(table_names, class_names)) if a != b]
-            problems.append("class names differ at " + ", ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else ""))
+            count = sum(a != b for a, b in zip(table_names, class_names))
+            first = class_order_difference("the table", table_names, "class_names", class_names)
+            problems.append(f"class order: {first} ({count} of {len(table_names)} positions differ)")
     size = metadata["regions"]["output_size"]
     if image_size is not None and image_size != size:
         problems.append(f"input size: table regions are {size}px (teacher input) vs student {image_size}px")

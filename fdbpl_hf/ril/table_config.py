@@ -11,12 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
+
+from ..clip_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..validation import Custom, check_fields, check_image_stats, check_templates, integer, one_of, text
 
 DEFAULT_NUM_REGIONS = 500
 DEFAULT_TOP_K = 20
 DEFAULT_TEMPLATE = "a photo of a {}."
 BUILD_CONFIG_KEY = "build_config"  # where a table's metadata keeps its RILTableConfig (tables from 0.5 on)
+FILL_RULES = ("mr", "dense")  # how training rebuilds dense logits (fdbpl_hf.ril.replay.dense_teacher_logits)
+
+
+def _templates_or_none(where: str, value: Any) -> None:
+    if value is not None:
+        check_templates(where, value)
+
+
+TEMPLATES = Custom(_templates_or_none, "a template with one '{}' (or a list of them) or None")
 
 
 @dataclass
@@ -26,36 +38,52 @@ class RILTableConfig:
     `template` may also be a list of templates (ensembled) when set from Python.
     """
 
-    num_regions: int = field(default=DEFAULT_NUM_REGIONS, metadata={"help": "Regions per image, M (paper: 500)."})
-    top_k: Optional[int] = field(default=None, metadata={
+    num_regions: Annotated[int, integer(1)] = field(default=DEFAULT_NUM_REGIONS, metadata={
+        "help": "Regions per image, M (paper: 500)."})
+    top_k: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
         "help": f"Teacher classes kept per region, K (default min({DEFAULT_TOP_K}, number of classes))."})
-    seed: int = field(default=0, metadata={"help": "Seed of the region sampling."})
-    template: Optional[str] = field(default=None, metadata={
+    seed: Annotated[int, integer(0)] = field(default=0, metadata={"help": "Seed of the region sampling."})
+    template: Annotated[Optional[str], TEMPLATES] = field(default=None, metadata={
         "help": f"Prompt template of a CLIP teacher (default {DEFAULT_TEMPLATE!r}; build_table.py: the dataset's)."})
-    fill: str = field(default="mr", metadata={
+    fill: Annotated[str, one_of(*FILL_RULES)] = field(default="mr", metadata={
         "help": "How training rebuilds dense teacher logits from the stored top-K: 'mr' (marginal re-norm: the "
                 "classes left out get the smallest kept log-probability - 10) or 'dense' (needs K = C)."})
-    teacher_name: Optional[str] = field(default=None, metadata={"help": "Teacher name recorded in the table."})
-    teacher_revision: Optional[str] = field(default=None, metadata={
+    teacher_name: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={
+        "help": "Teacher name recorded in the table."})
+    teacher_revision: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={
         "help": "Teacher revision (branch, tag or commit), recorded in the table."})
-    teacher_input_size: Optional[int] = field(default=None, metadata={
+    teacher_input_size: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
         "help": "Region size of a callable teacher (a CLIP's comes from its config)."})
     teacher_image_mean: Optional[list[float]] = field(default=None, metadata={
         "help": "Pixel mean of the teacher's normalisation (default OpenAI CLIP's)."})
     teacher_image_std: Optional[list[float]] = field(default=None, metadata={
         "help": "Pixel std of the teacher's normalisation (default OpenAI CLIP's)."})
-    image_column: str = field(default="image", metadata={"help": "Image column of the source dataset."})
-    label_column: Optional[str] = field(default="label", metadata={
+    image_column: Annotated[str, text()] = field(default="image", metadata={
+        "help": "Image column of the source dataset."})
+    label_column: Annotated[Optional[str], text(optional=True)] = field(default="label", metadata={
         "help": "Label column of the source dataset (None for unlabelled data: then pass class names)."})
-    source_id: Optional[str] = field(default=None, metadata={"help": "Source dataset id, recorded in the table."})
-    source_revision: Optional[str] = field(default=None, metadata={"help": "Source dataset revision, recorded."})
-    images_per_batch: int = field(default=4, metadata={"help": "Images per datasets.map batch."})
-    teacher_batch_size: int = field(default=256, metadata={"help": "Regions per teacher forward."})
-    shard_size: int = field(default=1000, metadata={"help": "Images per resumable shard."})
-    num_proc: Optional[int] = field(default=None, metadata={
+    source_id: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={
+        "help": "Source dataset id, recorded in the table."})
+    source_revision: Annotated[Optional[str], text(optional=True)] = field(default=None, metadata={
+        "help": "Source dataset revision, recorded."})
+    images_per_batch: Annotated[int, integer(1)] = field(default=4, metadata={"help": "Images per datasets.map batch."})
+    teacher_batch_size: Annotated[int, integer(1)] = field(default=256, metadata={
+        "help": "Regions per teacher forward."})
+    shard_size: Annotated[int, integer(1)] = field(default=1000, metadata={"help": "Images per resumable shard."})
+    num_proc: Annotated[Optional[int], integer(1, optional=True)] = field(default=None, metadata={
         "help": "datasets.map worker processes (worker r uses GPU r)."})
     device: Optional[str] = field(default=None, metadata={
         "help": "Teacher device (default: where the teacher is; build_table.py: cuda if available)."})
+
+    def __post_init__(self) -> None:
+        # every rule in the annotations above, so a bad setting fails when it is given (from Python, a
+        # JSON file or the command line), not deep in a build
+        check_fields(self)
+        if self.teacher_image_mean is not None or self.teacher_image_std is not None:
+            check_image_stats("RILTableConfig.teacher_image_mean",
+                              OPENAI_CLIP_MEAN if self.teacher_image_mean is None else self.teacher_image_mean,
+                              "RILTableConfig.teacher_image_std",
+                              OPENAI_CLIP_STD if self.teacher_image_std is None else self.teacher_image_std)
 
     @classmethod
     def with_overrides(cls, config: Optional["RILTableConfig"], settings: dict[str, Any],

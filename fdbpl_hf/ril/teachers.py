@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from ..clip_ops import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_tokenizer,  # constants re-exported
                         prompt_text_features, refuse_identical_prompts)
 from .compose import TEACHER_WEIGHTINGS, fixed_weights, mixing_weights, region_confidence, resolve_weighting
+from ..validation import (check_class_names, check_class_order, check_image_stats, check_templates, check_value,
+                          integer, text)
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, PreTrainedTokenizerBase
@@ -24,12 +26,19 @@ if TYPE_CHECKING:
 
 class Teacher:
     """Base class. Subclasses set `input_size`, `image_mean`, `image_std`, `num_classes` and
-    implement `logits(pixel_values) -> [B, C]`."""
+    implement `logits(pixel_values) -> [B, C]`.
+
+    `class_names` are the classes the logits' columns stand for, in order (None: not known, e.g.
+    a plain function). Where they are known, every combination compares them: a table build with
+    its classes, the online trainer with the data's, an ensemble's members with each other; a
+    mismatch is refused naming the first differing position.
+    """
 
     input_size: int
     image_mean: Sequence[float]
     image_std: Sequence[float]
     num_classes: int
+    class_names: Optional[list[str]] = None
     name: str = "teacher"
     revision: Optional[str] = None
 
@@ -49,17 +58,21 @@ class Teacher:
         return self
 
     def weights_fingerprint(self) -> Optional[str]:
-        """A content hash of what the teacher computes with (its weights), or None when it cannot
-        be known (a plain function). Tables key on it: two teachers of the same name and shapes
-        never share a table."""
+        """A content hash of what the teacher computes with (all its weights:
+        `fdbpl_hf.integrity.tensor_fingerprint`), or None when it cannot be known (a plain
+        function). Tables key on it: two teachers of the same name and shapes never share a table."""
         return None
 
-    def describe(self) -> dict:
-        """What the table's metadata records about this teacher."""
+    def basic_description(self) -> dict:
+        """The facts every teacher records: type, name, revision, input size, normalisation, classes."""
         return {"type": type(self).__name__, "name": self.name, "revision": self.revision,
                 "input_size": self.input_size, "image_mean": list(self.image_mean),
-                "image_std": list(self.image_std), "num_classes": self.num_classes,
-                "weights": self.weights_fingerprint()}
+                "image_std": list(self.image_std), "num_classes": self.num_classes}
+
+    def describe(self) -> dict:
+        """What the table's metadata records about this teacher (its weights' digest is computed here,
+        once per call: describe once per build)."""
+        return {**self.basic_description(), "weights": self.weights_fingerprint()}
 
 
 class CLIPTeacher(Teacher):
@@ -74,14 +87,16 @@ class CLIPTeacher(Teacher):
                  templates: str | Sequence[str] = "a photo of a {}.",
                  image_mean: Sequence[float] = OPENAI_CLIP_MEAN, image_std: Sequence[float] = OPENAI_CLIP_STD,
                  name: Optional[str] = None, revision: Optional[str] = None):
+        self.templates = check_templates("CLIPTeacher templates", templates)
+        # identical names are refused below with the other identical prompts
+        self.class_names = check_class_names("CLIPTeacher class_names", class_names, unique=False)
+        check_image_stats("CLIPTeacher image_mean", image_mean, "CLIPTeacher image_std", image_std)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)  # as given: the build key records them
+        check_value("CLIPTeacher name", name, text(optional=True))
+        check_value("CLIPTeacher revision", revision, text(optional=True))
         self.model = clip_model.eval().requires_grad_(False)
-        self.templates = [templates] if isinstance(templates, str) else list(templates)
-        if any("{}" not in t for t in self.templates):
-            raise ValueError(f"each template needs a '{{}}' for the class name, got {self.templates}")
-        self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.input_size = clip_model.config.vision_config.image_size
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.name = name or getattr(clip_model.config, "_name_or_path", "") or "CLIPModel"
         self.revision = revision
         self.logit_scale = float(clip_model.logit_scale.exp())
@@ -126,14 +141,31 @@ class CLIPTeacher(Teacher):
 
 
 class CallableTeacher(Teacher):
-    """Wraps `fn(pixel_values [B, 3, S, S]) -> logits [B, C]` with its input size and normalisation."""
+    """Wraps `fn(pixel_values [B, 3, S, S]) -> logits [B, C]` with its input size and normalisation.
+
+    `class_names` (optional) are the classes of `fn`'s logit columns, in order: given, they are
+    compared with the classes of every table built and every run trained with this teacher."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], num_classes: int, input_size: int,
                  image_mean: Sequence[float] = OPENAI_CLIP_MEAN, image_std: Sequence[float] = OPENAI_CLIP_STD,
-                 name: Optional[str] = None, revision: Optional[str] = None, device="cpu"):
+                 name: Optional[str] = None, revision: Optional[str] = None, device="cpu",
+                 class_names: Optional[Sequence[str]] = None):
+        if not callable(fn):
+            raise TypeError(f"CallableTeacher fn must be a callable pixel_values -> logits, got {type(fn).__name__}")
+        check_value("CallableTeacher num_classes", num_classes, integer(1))
+        check_value("CallableTeacher input_size", input_size, integer(1))
+        check_value("CallableTeacher name", name, text(optional=True))
+        check_value("CallableTeacher revision", revision, text(optional=True))
+        if class_names is not None:
+            class_names = check_class_names("CallableTeacher class_names", class_names)
+            if len(class_names) != num_classes:
+                raise ValueError(f"CallableTeacher has num_classes={num_classes} but {len(class_names)} class_names: "
+                                 "give one name per logit column, in column order")
         self.fn = fn
-        self.num_classes, self.input_size = num_classes, input_size
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.class_names = class_names
+        self.num_classes, self.input_size = int(num_classes), int(input_size)  # numpy ints as JSON-able ints
+        check_image_stats("CallableTeacher image_mean", image_mean, "CallableTeacher image_std", image_std)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)  # as given: the build key records them
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.revision = revision
         self._device = torch.device(device)
@@ -167,7 +199,10 @@ ENSEMBLE_WEIGHTINGS = TEACHER_WEIGHTINGS  # the rule lives in compose.py: compos
 class EnsembleTeacher(Teacher):
     """Averages the members' class distributions; its "logits" are the log of that average.
 
-    Members must agree on class count and input size; each keeps its own normalisation.
+    Members must agree on class count and input size, and members that know their class names
+    (`CLIPTeacher`, a `CallableTeacher` given `class_names`) on those names and their order; each
+    keeps its own normalisation. The ensemble's `class_names` are its named members' (None when
+    none is named).
     `weighting` says how members are mixed per region:
     - "fixed": the constant `weights` (default equal), the same for every region;
     - "max_prob": per region, member m gets `weights[m] * max_c p_m(c)`, renormalised over members
@@ -183,8 +218,21 @@ class EnsembleTeacher(Teacher):
     def __init__(self, members: Sequence[Teacher], weights: Optional[Sequence[float]] = None,
                  weighting: str = "fixed"):
         self.weighting = resolve_weighting(weighting)
+        if isinstance(members, Teacher) or not isinstance(members, Sequence):
+            raise TypeError(f"EnsembleTeacher takes a list of teachers, got {type(members).__name__}")
         if len(members) < 1:
             raise ValueError("an ensemble needs at least one teacher")
+        for i, member in enumerate(members):
+            if not isinstance(member, Teacher):
+                raise TypeError(f"ensemble member {i} is a {type(member).__name__}, not a Teacher: wrap a CLIPModel in "
+                                "CLIPTeacher(model, tokenizer, class_names) and a function in CallableTeacher")
+        named = [(i, m) for i, m in enumerate(members) if m.class_names is not None]
+        for i, member in named[1:]:
+            j, first = named[0]
+            check_class_order(f"ensemble member {j} ({first.name})", first.class_names,
+                              f"ensemble member {i} ({member.name})", member.class_names,
+                              fix="build every member with the same class list")
+        self.class_names = list(named[0][1].class_names) if named else None
         sizes = {m.input_size for m in members}
         counts = {m.num_classes for m in members}
         if len(sizes) != 1 or len(counts) != 1:
@@ -237,7 +285,9 @@ class EnsembleTeacher(Teacher):
         return mixing_weights(self.weights.to(member_probs.device), confidence, member_probs.shape[1])
 
     def describe(self) -> dict:
-        return {**super().describe(), "members": [m.describe() for m in self.members],
+        # "weights" holds the mixing weights here (as before 0.7); the members' descriptions carry
+        # their weights' digests, each computed once
+        return {**self.basic_description(), "members": [m.describe() for m in self.members],
                 "weights": self.weights.tolist(), "weighting": self.weighting}
 
 
@@ -247,6 +297,9 @@ def as_teacher(teacher, class_names: Sequence[str], tokenizer=None, template: st
     from transformers import CLIPModel
 
     if isinstance(teacher, Teacher):
+        if teacher.class_names is not None:
+            check_class_order(f"the teacher ({teacher.name})", teacher.class_names, "the dataset", class_names,
+                              fix="build the teacher with the dataset's classes, in label order")
         if teacher.num_classes != len(class_names):
             raise ValueError(f"teacher scores {teacher.num_classes} classes but the dataset has {len(class_names)}")
         return teacher
