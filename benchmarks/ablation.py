@@ -20,7 +20,11 @@ and cached under $HF_HOME), varying only its arguments:
 - `ood`: base test images (in) vs novel test images (out): the negative prompt's scores vs
   maximum softmax probability, AUROC / FPR95 (from the runs' `evaluate_base_to_novel` results);
 - `online`: the online teacher (live logits, K = C) vs the offline table at each K; accuracy and
-  training time.
+  training time;
+- `compose`: each teacher's table alone, the joint `EnsembleTeacher` table, and the two teachers'
+  tables built separately over the same regions and mixed at training time
+  (`RILDataset(dataset, [table_a, table_b], teacher_weighting=...)`), fixed and per-region
+  confidence weights.
 
 Runs shared by several subsets are run once. Each subset writes `<out>/<subset>.md` and
 `<out>/<subset>.json` (every run, every seed, the settings and the command) as soon as it ends.
@@ -46,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # first: sets the offline environment and puts the checkout's fdbpl_hf on the path
 from common import cpu_model, git_commit, md_table, now  # noqa: E402
 
-SUBSETS = ("loss", "k", "m", "teachers", "ood", "online")
+SUBSETS = ("loss", "k", "m", "teachers", "ood", "online", "compose")
 # The table covers the classes trained on: the 50 base classes (novel ones are never seen in training).
 TABLE_CLASSES = 50
 DEFAULT_K = 20  # the paper's trade-off; every subset but `k` uses it
@@ -94,7 +98,7 @@ class Runner:
 
     def run(self, method: str, seed: int, *, teacher: Any = None, top_k: Optional[int] = DEFAULT_K,
             num_regions: Optional[int] = None, training: Optional[dict] = None,
-            teacher_weighting: str = "fixed") -> dict[str, Any]:
+            teacher_weighting: str = "fixed", compose: bool = False) -> dict[str, Any]:
         from fdbpl_hf.protocol import run_base_to_novel
 
         a = self.args
@@ -106,6 +110,8 @@ class Runner:
             seed, teacher, overrides, num_regions, teacher_weighting = 0, None, {}, None, "fixed"
         settings = dict(method=method, seed=seed, teacher=teacher, top_k=top_k, num_regions=num_regions,
                         training=overrides, teacher_weighting=teacher_weighting)
+        if compose:  # only then: the other runs keep the keys (and records) they had
+            settings["compose"] = True
         key = json.dumps(settings, sort_keys=True, default=str)
         if key in self.memo:
             return self.memo[key]
@@ -116,7 +122,7 @@ class Runner:
             seed=max(seed, 1), num_shots=a.shots, output_dir=out, num_train_epochs=a.epochs,
             per_device_train_batch_size=a.batch_size, num_regions=num_regions, top_k=top_k, flip_prob=0.0,
             training_overrides={**overrides, "dataloader_num_workers": 0} if method != "zero-shot" else None,
-            teacher_weighting=teacher_weighting,
+            teacher_weighting=teacher_weighting, compose=compose,
         )
         record = {
             "settings": settings,
@@ -245,12 +251,37 @@ def subset_online(r: Runner, seeds: list[int], quick: bool) -> tuple[list, list]
     return [md_table(ACC_HEADER + ["train s", "table build s"], rows)], runs
 
 
+def subset_compose(r: Runner, seeds: list[int], quick: bool) -> tuple[list, list]:
+    strong, weak = r.teacher, r.student
+    configs = [
+        ("teacher's table alone (numbers zoo teacher)", strong, "fixed", False),
+        ("weaker teacher's table alone (the student-sized zoo model)", weak, "fixed", False),
+        ("joint EnsembleTeacher table, equal weights", [strong, weak], "fixed", False),
+        ("joint EnsembleTeacher table, per-region max-prob weights", [strong, weak], "max_prob", False),
+        ("joint EnsembleTeacher table, per-region entropy weights", [strong, weak], "entropy", False),
+        ("composed tables, equal weights", [strong, weak], "fixed", True),
+        ("composed tables, per-region max-prob weights", [strong, weak], "max_prob", True),
+        ("composed tables, per-region entropy weights", [strong, weak], "entropy", True),
+    ]
+    if quick:
+        configs = [configs[2], configs[6]]
+    rows, runs = [], []
+    for label, teacher, weighting, compose in configs:
+        records = [r.run("fdbpl-offline", s, teacher=teacher, teacher_weighting=weighting, compose=compose)
+                   for s in seeds]
+        rows.append(_row(label, records, [_seconds(records, "train_seconds"), _seconds(records, "table_build_seconds"),
+                                          records[0]["table_bytes"]]))
+        runs.append({"label": label, "teacher_weighting": weighting, "compose": compose, "runs": records})
+    return [md_table(ACC_HEADER + ["train s", "table build s", "table bytes"], rows)], runs
+
+
 SUBSET_FUNCTIONS = {"loss": subset_loss, "k": subset_k, "m": subset_m, "teachers": subset_teachers,
-                    "ood": subset_ood, "online": subset_online}
+                    "ood": subset_ood, "online": subset_online, "compose": subset_compose}
 TITLES = {"loss": "Loss terms", "k": "Top-K and where the information weight comes from",
           "m": "Regions per image M", "teachers": "Teachers (paper's Q3)",
           "ood": "OOD detection, base test images (in) vs novel test images (out) (paper's Q1)",
-          "online": "Offline table at each K vs the online teacher"}
+          "online": "Offline table at each K vs the online teacher",
+          "compose": "Composed tables: per-teacher tables mixed at training time vs the joint ensemble table"}
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

@@ -3,6 +3,8 @@
     python examples/train.py --student openai/clip-vit-base-patch32 --table tables/eurosat_s1 \
         --dataset eurosat --num_shots 16 --split_seed 1 --output_dir runs/eurosat_s1
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml --num_processes 4 examples/train.py ...
+    # several teachers' tables of the same regions, mixed per region:
+    #   --table a --table b --teacher_weighting confidence
     # the online-teacher baseline: --teacher openai/clip-vit-large-patch14 instead of --table
     # the CoOp baseline: --loss_type coop (labels, no teacher)
     # no images at train time: --feature_cache caches/eurosat_s1 (built on first use, next to --table)
@@ -32,8 +34,17 @@ from fdbpl_hf.validation import check_fields, integer, one_of
 @dataclass
 class ScriptArguments:
     student: str = field(metadata={"help": "Student CLIP checkpoint (Hub id or folder)."})
-    table: Optional[str] = field(default=None, metadata={"help": "RIL table folder or Hub dataset id."})
-    table_config: Optional[str] = field(default=None, metadata={"help": "Hub config of the table."})
+    table: Optional[list[str]] = field(default=None, metadata={
+        "action": "extend", "help": "RIL table folder or Hub dataset id; repeat it (--table a --table b) to train from "
+                                    "several teachers' tables of the same regions, mixed per region."})
+    table_config: Optional[list[str]] = field(default=None, metadata={
+        "action": "extend", "help": "Hub config of the table (repeated: one per --table; '-' for a folder or a repo "
+                                    "with one config)."})
+    teacher_weighting: str = field(default="fixed", metadata={
+        "help": "How several tables mix per region: fixed (--teacher_weights), max_prob, entropy, or confidence "
+                "(= max_prob), as EnsembleTeacher mixes its members."})
+    teacher_weights: Optional[list[float]] = field(default=None, metadata={
+        "action": "extend", "help": "Fixed weight of each table (default equal), one per --table."})
     teacher: Optional[str] = field(default=None, metadata={"help": "Online baseline: teacher checkpoint."})
     dataset: str = field(default="digits", metadata={"help": "Registry name, Hub id, local folder (class folders or "
                                                              "save_to_disk) or DatasetInfo .json/.yaml file."})
@@ -75,6 +86,11 @@ def main(script: ScriptArguments | Sequence[str] | None = None,
         raise SystemExit("give exactly one of --table (FDBPL) or --teacher (online baseline)")
     if script.feature_cache and script.table is None:
         raise SystemExit("--feature_cache stores features of an RIL table's regions: give --table too")
+    tables = [script.table] if isinstance(script.table, str) else list(script.table or [])
+    configs = [script.table_config] if isinstance(script.table_config, str) else list(script.table_config or [])
+    if configs and len(configs) != len(tables):
+        raise SystemExit(f"--table_config names {len(configs)} config(s) for {len(tables)} --table(s): give one per "
+                         "table, in the same order")
     data = training_set(script.dataset, num_shots=script.num_shots or None, seed=script.split_seed,
                         classes=script.classes, split=script.split)
     clip = CLIPModel.from_pretrained(script.student)
@@ -82,10 +98,13 @@ def main(script: ScriptArguments | Sequence[str] | None = None,
     processor = CLIPImageProcessor.from_pretrained(script.student)
     size = clip.config.vision_config.image_size
     teacher = None
-    if script.table is not None:
-        table = load_ril_table(script.table, script.table_config)
-        train_data = RILDataset(data["dataset"], table, image_mean=processor.image_mean, image_std=processor.image_std,
-                                image_size=size, class_names=data["class_names"])
+    if tables:
+        loaded = [load_ril_table(t, None if c == "-" else c) for t, c in zip(tables, configs or [None] * len(tables))]
+        # one table as is; several composed (RILDataset refuses a weighting for a single table)
+        train_data = RILDataset(data["dataset"], loaded if len(loaded) > 1 else loaded[0],
+                                image_mean=processor.image_mean, image_std=processor.image_std, image_size=size,
+                                class_names=data["class_names"], teacher_weighting=script.teacher_weighting,
+                                teacher_weights=script.teacher_weights)
     else:
         train_data = RILDataset.online(
             data["dataset"], class_names=data["class_names"], image_mean=processor.image_mean,

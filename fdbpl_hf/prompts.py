@@ -430,7 +430,12 @@ Trained on {{ class_names|length }} classes: {{ class_names|join(", ") }}.
 
 | | |
 |---|---|
-{% for key, value in training.items() %}| {{ key }} | {{ value }} |
+{% for key, value in training.items() %}| {{ key }} | {% if value is sequence and value is not string -%}
+{# a list (the tables learned from): one entry per line, a mapping as "key value, ..." #}
+{%- for v in value -%}
+{%- if v is mapping %}{% for k2, v2 in v.items() if v2 is not none %}{{ k2 }} {{ v2 }}
+{%- if not loop.last %}, {% endif %}{% endfor %}{% else %}{{ v }}{% endif %}{% if not loop.last %}<br>{% endif -%}
+{%- endfor %}{% else %}{{ value }}{% endif %} |
 {% endfor %}{% endif %}
 ## Framework versions
 

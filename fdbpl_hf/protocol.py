@@ -34,15 +34,21 @@ def _load(path: str):
             CLIPImageProcessorPil.from_pretrained(path))
 
 
+def _members(teacher: "str | Sequence[str]", names: list[str], template: str, device: str) -> list[Teacher]:
+    """One `CLIPTeacher` per checkpoint path."""
+    members = []
+    for path in [teacher] if isinstance(teacher, str) else list(teacher):
+        t_clip, t_tok, t_proc = _load(path)
+        members.append(CLIPTeacher(t_clip.to(device), t_tok, names, template, t_proc.image_mean, t_proc.image_std,
+                                   name=os.path.basename(os.path.normpath(path))))
+    return members
+
+
 def _teacher(teacher: "str | Sequence[str]", names: list[str], template: str, device: str,
              weighting: str) -> Teacher:
     """One `CLIPTeacher` for a checkpoint path; an `EnsembleTeacher` for several (mixed per `weighting`)."""
     paths = [teacher] if isinstance(teacher, str) else list(teacher)
-    members = []
-    for path in paths:
-        t_clip, t_tok, t_proc = _load(path)
-        members.append(CLIPTeacher(t_clip.to(device), t_tok, names, template, t_proc.image_mean, t_proc.image_std,
-                                   name=os.path.basename(os.path.normpath(path))))
+    members = _members(paths, names, template, device)
     if len(members) == 1:
         if weighting != "fixed":
             raise ValueError(f"teacher_weighting={weighting!r} needs several teachers, got one: {paths[0]}")
@@ -56,7 +62,8 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
                       per_device_train_batch_size: int = 32, learning_rate: float = 0.002,
                       num_regions: Optional[int] = None, top_k: Optional[int] = None,
                       region_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
-                      training_overrides: Optional[dict] = None, progress: bool = False) -> dict[str, Any]:
+                      training_overrides: Optional[dict] = None, progress: bool = False,
+                      compose: bool = False) -> dict[str, Any]:
     """Train (unless zero-shot) and evaluate one method; returns the base/novel/HM result with
     `train_seconds` and, for the offline methods, the table's (and the feature cache's) build time and size.
     `region_scale` is the area range of the random regions (paper: (0.08, 1.0)); `flip_prob`
@@ -65,6 +72,9 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
     `num_regions` defaults to the number of epochs: each image replays one new region per epoch,
     so more regions than epochs are never read. `teacher` is a checkpoint path, or several for an
     equal-weight `EnsembleTeacher` (`teacher_weighting`: "fixed", or per region "max_prob" / "entropy").
+    With `compose` (offline methods, several teachers) each teacher gets its own table over the same
+    regions and training mixes them per region (`RILDataset(dataset, tables, teacher_weighting=...)`)
+    instead of one table of the `EnsembleTeacher`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -74,6 +84,10 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
     check_value("run_base_to_novel num_regions", num_regions, integer(1, optional=True))
     check_value("run_base_to_novel num_shots", num_shots, integer(1))
     check_value("run_base_to_novel seed", seed, integer(0))
+    if compose and (method not in ("fdbpl-offline", "fdbpl-cached") or isinstance(teacher, str)
+                    or len(list(teacher)) < 2):
+        raise ValueError("compose=True builds one table per teacher and mixes them: it needs an offline method and "
+                         f"several teacher checkpoints, got {method} with {teacher!r}")
     info = resolve_dataset(dataset)
     test = info.load(info.test_split)
     clip, tokenizer, processor = _load(student)
@@ -89,16 +103,21 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
         spec = RegionSpec(output_size=size, scale=tuple(region_scale), flip_prob=flip_prob)
         teacher_obj = None
         if method.startswith("fdbpl"):
-            teacher_obj = _teacher(teacher, names, data["template"], device, teacher_weighting)
+            teacher_obj = (_members(teacher, names, data["template"], device) if compose else
+                           _teacher(teacher, names, data["template"], device, teacher_weighting))
         if method in ("fdbpl-offline", "fdbpl-cached"):
             start = time.perf_counter()
-            table = build_ril_table(data["dataset"], teacher_obj, class_names=names, num_regions=regions, top_k=top_k,
-                                    seed=seed, region_spec=spec, output_dir=os.path.join(output_dir, "table"))
-            stats = ril_metadata(table)["stats"]
-            extra.update(table_build_seconds=round(time.perf_counter() - start, 2), table_bytes=stats["disk_bytes"],
-                         table_regions=len(table))
-            train_data = RILDataset(data["dataset"], table, image_mean=mean, image_std=std, image_size=size,
-                                    class_names=names)
+            # composed: one table per teacher, the same seed and regions; else one table of the (ensemble) teacher
+            builds = [(t, os.path.join(output_dir, f"table_{i}")) for i, t in enumerate(teacher_obj)] if compose \
+                else [(teacher_obj, os.path.join(output_dir, "table"))]
+            tables = [build_ril_table(data["dataset"], t, class_names=names, num_regions=regions, top_k=top_k,
+                                      seed=seed, region_spec=spec, output_dir=folder) for t, folder in builds]
+            extra.update(table_build_seconds=round(time.perf_counter() - start, 2),
+                         table_bytes=sum(ril_metadata(t)["stats"]["disk_bytes"] for t in tables),
+                         table_regions=len(tables[0]))
+            mixing = dict(teacher_weighting=teacher_weighting) if compose else {}
+            train_data = RILDataset(data["dataset"], tables if compose else tables[0], image_mean=mean, image_std=std,
+                                    image_size=size, class_names=names, **mixing)
             teacher_obj = None  # FDBPL's point: no teacher at train time
         else:
             train_data = RILDataset.online(data["dataset"], class_names=names, image_mean=mean, image_std=std,

@@ -24,7 +24,7 @@ from .prompts import (ADAPTER_CARD_HEADINGS, ADAPTER_COMPANION_FILES, ADAPTER_FI
                       adapter_file_owner)
 from .ril.features import check_feature_cache
 from .ril.device_replay import collate_device_replay, render_batch
-from .ril.replay import RILDataset, dense_teacher_logits
+from .ril.replay import TEACHER_LOG_PROBS, RILDataset, dense_teacher_logits
 from .ril.table import ENTROPY_COLUMN
 from .ril.teachers import Teacher
 from .validation import (at_least, between, check_class_order, check_fields, check_value, flag, greater_than,
@@ -381,10 +381,13 @@ class FDBPLTrainer(Trainer):
 
     # ---- the loss -----------------------------------------------------------------------------
     def teacher_logits(self, inputs: dict, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
-        """Dense `[B, C]` teacher logits of the batch: rebuilt from the table's top-K columns, or
-        (online baseline) computed by the teacher on the replayed pixels, renormalised for it."""
+        """Dense `[B, C]` teacher logits of the batch: rebuilt from the table's top-K columns, mixed
+        from composed tables by the dataset (`teacher_log_probs`), or (online baseline) computed by
+        the teacher on the replayed pixels, renormalised for it."""
         dataset: RILDataset = self.train_dataset
         if self.teacher is None:
+            if TEACHER_LOG_PROBS in inputs:  # composed tables: mixed per region on the CPU (fdbpl_hf.ril.compose)
+                return inputs[TEACHER_LOG_PROBS]
             return dense_teacher_logits(inputs["topk_indices"], inputs["topk_logits"], dataset.num_classes,
                                         fill=dataset.fill)
         pixels = pixel_values.float()
@@ -561,11 +564,19 @@ class FDBPLTrainer(Trainer):
     def _training_summary(self) -> dict:
         data: RILDataset = self.train_dataset
         meta = data.metadata
+        tables = data.table_records()
         summary = {
             "method": "CoOp (labels)" if self.args.loss_type == "coop" else
-            ("FDBPL, online teacher" if self.teacher is not None else "FDBPL, offline RIL table"),
-            "teacher": (self.teacher.name if self.teacher is not None else meta.get("teacher", {}).get("name")),
-            "table": None if data.is_online else f"M={meta['num_regions']}, K={meta['top_k']}, seed {meta['seed']}",
+            ("FDBPL, online teacher" if self.teacher is not None else
+             f"FDBPL, {len(tables)} composed RIL tables" if data.is_composed else "FDBPL, offline RIL table"),
+            "teacher": (self.teacher.name if self.teacher is not None else
+                        " + ".join(str(t["teacher"]) for t in tables) if tables else None),
+            "table": None if data.is_online else
+            f"M={meta['num_regions']}, K={', '.join(str(t['top_k']) for t in tables)}, seed {meta['seed']}",
+            # every table learned from: where it came from, teacher, K, M, seed, build key
+            "tables": tables or None,
+            "teacher weighting": None if not data.is_composed else
+            f"{data.teacher_weighting}, weights {[round(w, 4) for w in data.teacher_weights.tolist()]}",
             "student-feature cache": None if data.feature_cache is None else
             f"{data.cache_metadata['epochs']} epochs, {data.cache_metadata['dtype']}",
             "source dataset": meta.get("source", {}).get("id"),
@@ -591,8 +602,11 @@ class FDBPLTrainer(Trainer):
         if self.args.loss_type == "coop":
             return "none (CoOp trains on labels)"
         if self.teacher is None and (self.args.weight_entropy == "topk" or data.is_online
-                                     or ENTROPY_COLUMN not in data.table.column_names):
-            return "entropy of the top-K rebuild"
+                                     or not data.has_full_entropy):
+            return "entropy of the top-K rebuild" + (" mixture" if data.is_composed else "")
+        if data.is_composed:
+            return ("entropy of the tables' mixture: their stored full-distribution entropies, weighted, plus the "
+                    "mixture's divergence term from the top-K rebuilds")
         return "entropy of the teacher's full distribution"
 
     def _optimizer_description(self) -> str:

@@ -85,13 +85,23 @@ class _SyncCounter(TrainerCallback):
                 setattr(torch.Tensor, name, fn)
 
 
-@pytest.mark.parametrize("mode", ["offline", "online", "online-renormalised", "device-replay"])
-def test_a_training_step_has_no_host_sync(digits_small, table, teacher_clip, tokenizer, tmp_path, mode):
+@pytest.fixture(scope="module")
+def second_table(digits_small, tokenizer, tmp_path_factory):
+    """Another teacher's table of the same regions (composed tables, issue 23)."""
+    return build_ril_table(digits_small, make_clip("tiny", seed=3), teacher_tokenizer=tokenizer, num_regions=5,
+                           top_k=2, output_dir=str(tmp_path_factory.mktemp("tables") / "t2"))
+
+
+@pytest.mark.parametrize("mode", ["offline", "online", "online-renormalised", "device-replay", "composed"])
+def test_a_training_step_has_no_host_sync(digits_small, table, teacher_clip, tokenizer, tmp_path, mode, request):
     """No `.item()`, `bool(tensor)`, `.cpu()`, ... anywhere in a step (Trainer, accelerate, model, loss,
     teacher), in every mode: on a GPU each would stop the host from queuing the next kernels."""
     teacher = None
     if mode == "offline":
         data = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD)
+    elif mode == "composed":  # the tables' soft labels are mixed by the dataset, on the CPU
+        data = RILDataset(digits_small, [table, request.getfixturevalue("second_table")], image_mean=MEAN,
+                          image_std=STD, teacher_weighting="entropy")
     elif mode == "device-replay":
         data = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD).use_image_store(
             DeviceImageStore.from_dataset(digits_small))

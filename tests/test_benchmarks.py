@@ -169,7 +169,7 @@ def test_ablation_quick_smoke(tiny_checkpoints, tmp_path):
     out = tmp_path / "ablation"
     threads = torch.get_num_threads()
     try:  # in this process: a subprocess would pay the imports and the numbers composition again
-        ablation.main(["--quick", "--subset", "loss", "teachers", "--teacher", tiny_checkpoints["teacher"],
+        ablation.main(["--quick", "--subset", "loss", "teachers", "compose", "--teacher", tiny_checkpoints["teacher"],
                        "--student", tiny_checkpoints["student"], "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -185,3 +185,34 @@ def test_ablation_quick_smoke(tiny_checkpoints, tmp_path):
     assert teachers["configs"][1]["runs"][0]["settings"]["teacher"] == [tiny_checkpoints["teacher"],
                                                                        tiny_checkpoints["student"]]
     assert "| L+ only |" in (out / "loss.md").read_text()
+    compose = json.loads((out / "compose.json").read_text())  # issue 23: two tables, mixed at training time
+    composed = compose["configs"][1]
+    assert composed["compose"] is True and composed["runs"][0]["settings"]["compose"] is True
+    assert composed["runs"][0]["table_regions"] == 50 and 0 <= composed["runs"][0]["hm"] <= 100
+
+
+def test_compose_benchmark_smoke(tiny_checkpoints, tmp_path):
+    """benchmarks/compose.py on tiny random CLIPs: both parts run and write their records."""
+    import importlib.util
+
+    import torch
+
+    saved_env = dict(os.environ)  # the script makes its process offline at import: undo it for later tests
+    spec = importlib.util.spec_from_file_location("compose_benchmark", os.path.join(REPO, "benchmarks", "compose.py"))
+    compose = importlib.util.module_from_spec(spec)
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(compose)
+        out = compose.main(["--quick", "--teacher", tiny_checkpoints["teacher"], "--student",
+                            tiny_checkpoints["student"], "--cost_classes", "5", "--cost_images", "8",
+                            "--cost_size", "32", "--out", str(tmp_path / "compose.json")])
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    records = out["approximation"]["records"]
+    assert [(r["weighting"], r["k"]) for r in records] == [(w, k) for w in ("fixed", "max_prob", "entropy")
+                                                           for k in (1, 50)]
+    assert all(r["kl_composed"] < 1e-3 for r in records if r["k"] == 50)  # K = C: the joint build, up to fp16
+    assert {(r["path"], r["tables"]) for r in out["cost"]["records"]} >= {("pixels", 3), ("feature cache", 2)}
+    assert json.loads((tmp_path / "compose.json").read_text())["command"].startswith("python benchmarks/compose.py")

@@ -16,6 +16,7 @@ from ..clip_ops import channel_stats
 from ..integrity import build_output_dir, is_sampled_fingerprint
 from ..rows import stored_rows
 from ..losses import shannon_entropy
+from .compose import REGION_KEY, region_key
 from ..validation import check_class_names, check_class_order
 from .device_replay import DeviceChunkRenderer
 from .host_pipeline import (
@@ -348,7 +349,8 @@ def build_ril_table(
                                               teacher_image_std=list(teacher_image_std)).to_dict(),
     }
     key = build_key(metadata)
-    metadata.update(build_key=key, library_version=library_version())
+    # which tables compose with this one (fdbpl_hf.ril.compose): recomputed for tables without it
+    metadata.update(build_key=key, library_version=library_version(), **{REGION_KEY: region_key(metadata)})
     if output_dir is None and not identified(metadata["teacher"]):
         # the default folder is named by the build key: without the teacher's content in it, two
         # different callables of one name would share (and return) one table

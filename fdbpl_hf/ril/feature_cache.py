@@ -76,13 +76,15 @@ def load_feature_cache(path: str, *, verify: Optional[bool] = None) -> datasets.
     return attach_metadata(cache, metadata)
 
 
-def check_cache_matches_table(cache_meta: dict, table_meta: dict, image_mean: Sequence[float],
+def check_cache_matches_table(cache_meta: dict, table_meta, image_mean: Sequence[float],
                               image_std: Sequence[float]) -> None:
-    """Raise if a cache was built from another table or with another normalisation."""
+    """Raise if a cache was built from another table or with another normalisation. `table_meta`
+    may be a list: composed tables share their regions, so a cache of any of them fits."""
     problems = []
-    if cache_meta["table_build_key"] != table_meta.get("build_key"):
+    keys = [m.get("build_key") for m in (table_meta if isinstance(table_meta, (list, tuple)) else [table_meta])]
+    if cache_meta["table_build_key"] not in keys:
         problems.append(f"RIL table: cache built from table {cache_meta['table_build_key']}, "
-                        f"used with table {table_meta.get('build_key')}")
+                        f"used with table {' + '.join(map(str, keys))}")
     student = cache_meta["student"]
     if [round(v, 6) for v in student["image_mean"]] != [round(float(v), 6) for v in image_mean] or \
             [round(v, 6) for v in student["image_std"]] != [round(float(v), 6) for v in image_std]:

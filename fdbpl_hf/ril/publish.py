@@ -10,6 +10,7 @@ from typing import Optional
 import datasets
 from huggingface_hub import DatasetCard, HfApi
 
+from .compose import region_key
 from .table import ENTROPY_COLUMN, METADATA_FILE, ril_metadata
 
 
@@ -41,6 +42,8 @@ def _card_section(config_name: str, metadata: dict, repo_id: str) -> str:
         f"| size on disk (Arrow) | {size if size is not None else '-'} bytes{per_region} |",
         f"| region sampling | {metadata['regions']} |",
         f"| seed | {metadata['seed']} |",
+        f"| region key | `{region_key(metadata)}` (tables of the same key hold the same regions: they compose, "
+        "`RILDataset(data, [table_a, table_b])`) |",
         f"| fdbpl_hf | {metadata.get('library_version')} |",
         "",
         "```python",
@@ -72,6 +75,7 @@ def card_metadata(metadata: dict) -> dict:
         "num_regions": metadata["num_regions"],
         "regions": metadata["regions"],
         "seed": metadata["seed"],
+        "region_key": region_key(metadata),
         "source": source,
         "fdbpl_hf_version": metadata.get("library_version"),
     }, default=str))

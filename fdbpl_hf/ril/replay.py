@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import os
+from typing import Optional, Sequence, Union
 
 import datasets
 import numpy as np
@@ -10,20 +11,23 @@ import torch
 
 from ..clip_ops import channel_stats, normalize_pixels, torch_threads
 from ..integrity import verification_enabled
+from .compose import check_composable, fixed_weights, mix_soft_labels, region_key, resolve_weighting
 from ..validation import (check_class_names, check_class_order, check_image_stats, check_value, flag, integer,
                           label_names_of, text)
 from .regions import RegionSpec, image_to_tensor, region_rng, render_region, sample_regions
 from .feature_cache import check_cache_matches_table, check_cache_metadata, feature_cache_metadata, verify_cache
 from ..rows import stored_rows
 from .table import (ENTROPY_COLUMN, FILL_RULES, TABLE_LAYOUT, check_metadata, check_table_columns, check_table_matches,
-                    decode_image, is_verified, refuse_foreign_metadata, ril_metadata, take_rows, validate_table_rows,
-                    verify_rows)
+                    decode_image, is_verified, refuse_foreign_metadata, ril_metadata, table_origin, take_rows,
+                    validate_table_rows, verify_rows)
 
 MR_FILL_GAP = 10.0
 # region_for keeps every image's permutation once drawn up to this many entries (int16: 2 bytes each)
 PERMUTATION_MEMO_ENTRIES = 1 << 24
 # the online dataset keeps every image's drawn regions up to this many (9 bytes each)
 DRAWN_MEMO_REGIONS = 1 << 22
+# the item key of composed tables' mixed soft labels: dense log-probabilities [C] (one table: its top-K columns)
+TEACHER_LOG_PROBS = "teacher_log_probs"
 
 
 def dense_teacher_logits(topk_indices: torch.Tensor, topk_logits: torch.Tensor, num_classes: int,
@@ -79,24 +83,36 @@ class RILDataset(torch.utils.data.Dataset):
 
     The table is checked against the dataset (row count and content fingerprint), against
     `class_names` and against the student's `image_size`; any difference raises.
+
+    Composed tables: `table` may be a list of tables built by different teachers over the same
+    dataset and regions (equal region keys, `fdbpl_hf.ril.compose`; others are refused naming the
+    first setting that differs). Each region is replayed once and the tables' soft labels are mixed
+    per region as `EnsembleTeacher` mixes its members: `teacher_weighting` "fixed" (the
+    `teacher_weights`, default equal), "max_prob" (alias "confidence") or "entropy". Items then carry
+    `teacher_log_probs` `[C]` (the log of the mixture of each table's top-K rebuild) and
+    `teacher_entropy` (the mixture's entropy: the weighted stored entropies plus the mixture's
+    divergence term from the rebuilds) instead of the top-K columns. `metadata` is then a list too.
     """
 
-    def __init__(self, dataset: datasets.Dataset, table: Optional[datasets.Dataset], *, image_mean: Sequence[float],
+    def __init__(self, dataset: datasets.Dataset,
+                 table: Union[datasets.Dataset, Sequence[datasets.Dataset], None], *, image_mean: Sequence[float],
                  image_std: Sequence[float], image_size: Optional[int] = None,
                  class_names: Optional[Sequence[str]] = None, epoch: int = 0,
                  image_column: Optional[str] = None, label_column: Optional[str] = None,
-                 metadata: Optional[dict] = None, verify: Optional[bool] = None,
-                 feature_cache: Optional[datasets.Dataset] = None):
+                 metadata: Union[dict, Sequence[dict], None] = None, verify: Optional[bool] = None,
+                 feature_cache: Optional[datasets.Dataset] = None, teacher_weighting: str = "fixed",
+                 teacher_weights: Optional[Sequence[float]] = None):
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(f"RILDataset reads a datasets.Dataset of images, got {type(dataset).__name__}"
                             + (": build one with datasets.Dataset.from_list(rows) and cast its image column to "
                                "datasets.Image()" if isinstance(dataset, (list, tuple)) else ""))
-        if table is not None and not isinstance(table, datasets.Dataset):
+        if table is not None and not isinstance(table, (datasets.Dataset, list, tuple)):
             raise TypeError(f"RILDataset's table must be an RIL table (a datasets.Dataset from build_ril_table or "
-                            f"load_ril_table), got {type(table).__name__}")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise TypeError(f"RILDataset's metadata must be a dict (ril_metadata(table)), got "
-                            f"{type(metadata).__name__}")
+                            f"load_ril_table), or a list of them to compose, got {type(table).__name__}")
+        for meta in (metadata if isinstance(metadata, (list, tuple)) else [metadata]):
+            if meta is not None and not isinstance(meta, dict):
+                raise TypeError(f"RILDataset's metadata must be a dict (ril_metadata(table)), or one per table, got "
+                                f"{type(meta).__name__}")
         check_image_stats("RILDataset image_mean", image_mean, "RILDataset image_std", image_std)
         # kept as given (their values go into the feature cache's key)
         image_mean, image_std = tuple(image_mean), tuple(image_std)
@@ -110,21 +126,54 @@ class RILDataset(torch.utils.data.Dataset):
         # what `with_feature_cache` rebuilds this dataset from
         self._arguments = dict(dataset=dataset, table=table, image_mean=image_mean, image_std=image_std,
                                image_size=image_size, class_names=class_names, epoch=epoch, image_column=image_column,
-                               label_column=label_column, metadata=metadata, verify=verify)
-        self.metadata = metadata if metadata is not None else ril_metadata(table)
+                               label_column=label_column, metadata=metadata, verify=verify,
+                               teacher_weighting=teacher_weighting, teacher_weights=teacher_weights)
+        tables = list(table) if isinstance(table, (list, tuple)) else [table]
+        if not tables:
+            raise ValueError("table is an empty list: give one RIL table, or several to compose")
+        if any(t is not None and not isinstance(t, datasets.Dataset) for t in tables) or \
+                (len(tables) > 1 and any(t is None for t in tables)):
+            raise TypeError(f"table must be an RIL table (a datasets.Dataset from load_ril_table/build_ril_table) or a "
+                            f"list of them, got {[type(t).__name__ for t in tables]}")
+        if metadata is None:
+            metadatas = [ril_metadata(t) for t in tables]
+        else:
+            metadatas = list(metadata) if isinstance(metadata, (list, tuple)) else [metadata]
+            if len(metadatas) != len(tables):
+                raise ValueError(f"metadata= gives {len(metadatas)} metadata for {len(tables)} tables: one per table")
+        names = [self._table_name(t, i, len(tables)) for i, t in enumerate(tables)]
         verify = verification_enabled(verify)
         # the stored rows: under a torch format every label is a tensor (tensor(3) matches no digest),
         # and a transform hands out its own output instead of the images
         dataset = stored_rows(dataset, "the dataset of the RILDataset")
-        if table is not None:
-            check_metadata(self.metadata, "the RIL table's metadata")
+        for t, meta, name in zip(tables, metadatas, names):
+            if t is None:
+                continue
+            check_metadata(meta, f"{name}'s metadata")
             if metadata is not None:
-                refuse_foreign_metadata(table, metadata, "the RIL table")
-            check_table_columns(table, self.metadata, "the RIL table")
-            if verify and not is_verified(table, self.metadata):
+                refuse_foreign_metadata(t, meta, name)
+            check_table_columns(t, meta, name)
+            if verify and not is_verified(t, meta):
                 # a table that did not come from load_ril_table/build_ril_table as is (e.g. shuffled,
                 # selected or rebuilt in memory): its rows must still be the ones that were built
-                verify_rows(table, self.metadata, "the RIL table", TABLE_LAYOUT)
+                verify_rows(t, meta, name, TABLE_LAYOUT)
+        # the rows of composed tables must be the same regions (and classes): the first difference is named
+        check_composable(metadatas, names)
+        self.metadata = metadatas[0]
+        self.table_metadata = metadatas
+        self.teacher_weighting = resolve_weighting(teacher_weighting)
+        if len(tables) == 1 and (self.teacher_weighting != "fixed" or teacher_weights is not None):
+            raise ValueError(f"teacher_weighting={teacher_weighting!r} and teacher_weights mix several tables' soft "
+                             "labels: give a list of tables (one table is used as is)")
+        self.teacher_weights = fixed_weights(teacher_weights, len(tables), "tables")
+        if len(tables) > 1 and self.teacher_weighting == "entropy":
+            lacking = [n for t, n in zip(tables, names) if ENTROPY_COLUMN not in t.column_names]
+            if lacking:
+                raise ValueError(f"teacher_weighting='entropy' weighs each table by its stored full-distribution "
+                                 f"entropy, and {', '.join(lacking)} has no {ENTROPY_COLUMN!r} column (built by "
+                                 "fdbpl_hf 0.3): rebuild it with fdbpl_hf >= 0.4, or use 'max_prob' or 'fixed'")
+        self._table_names = names
+        table = tables[0]
         if len(dataset) == 0:
             raise ValueError("the dataset is empty (0 rows): there is nothing to train on")
         src = self.metadata["source"]
@@ -163,6 +212,9 @@ class RILDataset(torch.utils.data.Dataset):
         columns = [self.image_column] + ([self.label_column] if self.label_column else [])
         self.source = dataset.select_columns(columns).cast_column(self.image_column, datasets.Image(decode=False))
         self.table = table.with_format("numpy") if table is not None else None
+        # the other composed tables (the first one, `table`, also gives the boxes and flips)
+        self.other_tables = [t.with_format("numpy") for t in tables[1:]]
+        self.table_origins = [table_origin(t) if t is not None else None for t in tables]
         self.epoch = epoch
         self.image_store = None  # use_image_store(): device-resident replay
         self.feature_cache, self.cache_metadata, self._labels = None, None, None
@@ -172,7 +224,8 @@ class RILDataset(torch.utils.data.Dataset):
                 raise ValueError("a feature cache replays an RIL table's regions: the online dataset has none")
             self.cache_metadata = feature_cache_metadata(feature_cache)
             check_cache_metadata(self.cache_metadata, "the student-feature cache's metadata")
-            check_cache_matches_table(self.cache_metadata, self.metadata, self.image_mean, self.image_std)
+            # composed tables share their regions: a cache built for any of them holds their features
+            check_cache_matches_table(self.cache_metadata, self.table_metadata, self.image_mean, self.image_std)
             expected = len(dataset) * int(self.cache_metadata["epochs"])
             if len(feature_cache) != expected:
                 raise ValueError(f"the student-feature cache has {len(feature_cache)} rows, its table needs "
@@ -231,6 +284,50 @@ class RILDataset(torch.utils.data.Dataset):
     @property
     def is_online(self) -> bool:
         return self.table is None
+
+    @property
+    def is_composed(self) -> bool:
+        """Whether the soft labels mix several tables (items carry `teacher_log_probs`)."""
+        return bool(self.other_tables)
+
+    @property
+    def has_full_entropy(self) -> bool:
+        """Whether items carry the entropy of the teacher's full distribution (every table has the
+        column; tables of 0.3 do not): the information weights then use it."""
+        return self.table is not None and all(
+            ENTROPY_COLUMN in t.column_names for t in [self.table, *self.other_tables])
+
+    @property
+    def region_key(self) -> Optional[str]:
+        """The tables' shared region key (`fdbpl_hf.ril.compose.region_key`); None online."""
+        return None if self.table is None else region_key(self.metadata)
+
+    def table_records(self) -> list[dict]:
+        """What a training record says of each table: where it was loaded from (`path` as given, an
+        absolute one by its last component so that a pushed card names no local folders; or `hub_id`
+        and `config`; none for a table not loaded as is), its teacher, K, M, seed and build key (which
+        identifies its content)."""
+        records = []
+        for meta, origin in zip(self.table_metadata if self.table is not None else [], self.table_origins):
+            record = dict(origin or {})
+            if os.path.isabs(record.get("path") or ""):
+                record["path"] = os.path.basename(os.path.normpath(record["path"]))
+            record.update(teacher=meta.get("teacher", {}).get("name"), top_k=meta["top_k"],
+                          num_regions=meta["num_regions"], seed=meta["seed"], build_key=meta["build_key"])
+            records.append(record)
+        return records
+
+    @staticmethod
+    def _table_name(table, index: int, count: int) -> str:
+        """How errors name a table: "the RIL table" alone (as before 0.7), "RIL table #2 <where>" composed."""
+        if count == 1:
+            return "the RIL table"
+        origin = table_origin(table) if isinstance(table, datasets.Dataset) else None
+        where = ""
+        if origin is not None:
+            where = f" {origin.get('path') or origin.get('hub_id')}" + (
+                f" (config {origin['config']})" if origin.get("config") else "")
+        return f"RIL table #{index + 1}{where}"
 
     @classmethod
     def from_processor(cls, dataset, table, image_processor, **kwargs) -> "RILDataset":
@@ -396,12 +493,49 @@ class RILDataset(torch.utils.data.Dataset):
 
     def _table_rows(self, indices: list[int], regions: list[int]) -> dict:
         """The batch's table rows, top-K columns as torch tensors (one conversion per batch; items
-        take views)."""
+        take views); for composed tables the boxes and flips of the first and the mixed soft labels
+        (`teacher_log_probs` `[B, C]`, `teacher_entropy` `[B]`)."""
         positions = [i * self.num_regions + r for i, r in zip(indices, regions)]
-        rows = take_rows(self.table, positions)
+
+        def where(n: int) -> str:
+            return f"row {positions[n]}: image {indices[n]}, region {regions[n]}"
+
+        rows = self._soft_label_rows(self.table, positions, where, 0)
+        if not self.other_tables:
+            return rows
+        parts = [rows]
+        for k, table in enumerate(self.other_tables, start=1):
+            part = self._soft_label_rows(table, positions, where, k)
+            # equal region keys promise equal regions; a row that breaks the promise is named, never mixed
+            same = (np.asarray(part["box"]) == np.asarray(rows["box"])).all(-1) & \
+                (np.asarray(part["flip"]) == np.asarray(rows["flip"]))
+            if not same.all():
+                n = int(np.flatnonzero(~same)[0])
+                raise ValueError(f"{self._table_names[k]} holds another region than {self._table_names[0]} at "
+                                 f"{where(n)} (box {np.asarray(part['box'])[n].tolist()} vs "
+                                 f"{np.asarray(rows['box'])[n].tolist()}): the tables were not built over the same "
+                                 "regions although their metadata says so; rebuild or re-download them")
+            parts.append(part)
+        # a few small ops per batch: one thread in the training process, as for rendering
+        with _one_thread_in_main_process():
+            dense = torch.stack([torch.log_softmax(dense_teacher_logits(p["topk_indices"], p["topk_logits"],
+                                                                        self.num_classes, fill=m["fill"]), dim=-1)
+                                 for p, m in zip(parts, self.table_metadata)])
+            top = torch.stack([p["topk_logits"].max(dim=-1).values for p in parts])
+            entropies = torch.stack([p[ENTROPY_COLUMN] for p in parts]) if self.has_full_entropy else None
+            log_mix, entropy, _ = mix_soft_labels(dense, self.teacher_weights, self.teacher_weighting, top,
+                                                  entropies)
+        mixed = {"box": rows["box"], "flip": rows["flip"], TEACHER_LOG_PROBS: log_mix}
+        if entropy is not None:
+            mixed[ENTROPY_COLUMN] = entropy
+        return mixed
+
+    def _soft_label_rows(self, table, positions: list[int], where, k: int) -> dict:
+        """One table's rows at `positions`, checked, with its top-K and entropy columns as tensors."""
+        rows = take_rows(table, positions)
         # Checked here, on the CPU, so the training step needs no device sync for it.
-        validate_table_rows(rows, self.num_classes, lambda n: f"row {positions[n]}: image {indices[n]}, region "
-                                                              f"{regions[n]}")
+        label = where if not self.other_tables else (lambda n: f"{self._table_names[k]}, {where(n)}")
+        validate_table_rows(rows, self.num_classes, label)
         rows["topk_indices"] = torch.from_numpy(rows["topk_indices"].astype(np.int64))
         rows["topk_logits"] = torch.from_numpy(rows["topk_logits"].astype(np.float32))
         if ENTROPY_COLUMN in rows:
@@ -411,7 +545,7 @@ class RILDataset(torch.utils.data.Dataset):
             bad = ~(np.isfinite(h) & (h >= -tol) & (h <= np.log(self.num_classes) + tol))
             if bad.any():
                 n = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"teacher entropy {h[n]} in the RIL table (image {indices[n]}, region {regions[n]}) "
+                raise ValueError(f"teacher entropy {h[n]} in {self._table_names[k]} ({where(n)}) "
                                  f"is outside [0, log C = {np.log(self.num_classes):.3f}]: the table is corrupt; "
                                  "rebuild it")
             rows[ENTROPY_COLUMN] = torch.from_numpy(h)
@@ -420,7 +554,10 @@ class RILDataset(torch.utils.data.Dataset):
     @staticmethod
     def _soft_label(rows: dict, n: int) -> dict:
         """Item `n`'s teacher columns from `_table_rows` (views, no copies)."""
-        item = {"topk_indices": rows["topk_indices"][n], "topk_logits": rows["topk_logits"][n]}
+        if TEACHER_LOG_PROBS in rows:
+            item = {TEACHER_LOG_PROBS: rows[TEACHER_LOG_PROBS][n]}
+        else:
+            item = {"topk_indices": rows["topk_indices"][n], "topk_logits": rows["topk_logits"][n]}
         if ENTROPY_COLUMN in rows:
             item[ENTROPY_COLUMN] = rows[ENTROPY_COLUMN][n]
         return item

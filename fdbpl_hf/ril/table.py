@@ -32,6 +32,7 @@ from ..validation import check_class_names, class_order_difference
 from ..files import read_json
 from ..rows import stored_rows
 from ..version import __version__
+from .compose import REGION_KEY, region_key
 from .table_config import FILL_RULES  # noqa: F401  (re-exported: its home before 0.7)
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ def image_bytes(item: dict) -> bytes:
 # keys that describe a stored table, not what determines its content
 # (`build_config` holds the build's settings, including the ones that only change its speed; the
 # ones that change the rows are also top-level keys, so tables written before 0.5, without it, check alike)
-_NOT_CONTENT = ("library_version", "build_key", "complete", "stats", "integrity", "metadata_digest", "build_config")
+# (`region_key` is derived from the content, like the build key: tables of 0.6 and 0.7 share build keys)
+_NOT_CONTENT = ("library_version", "build_key", "complete", "stats", "integrity", "metadata_digest", "build_config",
+                REGION_KEY)
 
 
 def build_key(metadata: dict) -> str:
@@ -153,6 +156,10 @@ def check_metadata(metadata: dict, where: str) -> None:
     if "metadata_digest" in metadata and metadata["metadata_digest"] != metadata_digest(metadata):
         raise IntegrityError(f"{where} was edited after the build (its metadata digest does not match its "
                              "content). Rebuild or re-download the table.")
+    if REGION_KEY in metadata and metadata[REGION_KEY] != region_key(metadata):
+        raise IntegrityError(f"{where} was edited after the build: its region key {metadata[REGION_KEY]} is not the "
+                             f"hash of its regions' settings ({region_key(metadata)}). Rebuild or re-download the "
+                             "table.")
     digests = metadata["source"].get("image_digests")
     if digests is not None and len(decode_digests(digests)) != IMAGE_DIGEST_BYTES * int(metadata["source"]["num_rows"]):
         raise IntegrityError(f"{where}: the source image digests do not cover its {metadata['source']['num_rows']} "
@@ -163,6 +170,18 @@ def check_metadata(metadata: dict, where: str) -> None:
 # fingerprint, which any transform such as shuffle or select changes, the metadata's build key and
 # digest). Rows verified against one table's metadata are not verified against another's.
 _VERIFIED: set = set()
+
+
+# Where each table of this process was loaded from (`load_ril_table`), by datasets fingerprint:
+# what a training record names it by.
+_ORIGINS: dict = {}
+
+
+def table_origin(table: datasets.Dataset) -> Optional[dict]:
+    """Where `table` was loaded from: `{"path": folder}` or `{"hub_id", "config", "revision"}`; None
+    for a table `load_ril_table` did not return as is (e.g. shuffled or built in memory)."""
+    origin = _ORIGINS.get(table._fingerprint)
+    return dict(origin) if origin is not None else None
 
 
 def _metadata_identity(metadata: Optional[dict]) -> tuple:
@@ -409,8 +428,10 @@ def load_ril_table(path_or_repo_id: str, config_name: Optional[str] = None, *, r
             raise ValueError(f"{path} holds an incomplete RIL table; rerun build_ril_table to resume it")
         where = meta_path
         table = load_from_disk_named(os.path.join(path, "data"))
+        origin = {"path": str(path_or_repo_id)}
     else:
-        table, metadata, where = _load_from_hub(path, config_name, revision, token, cache_dir)
+        table, metadata, where, config_name = _load_from_hub(path, config_name, revision, token, cache_dir)
+        origin = {"hub_id": path, "config": config_name, "revision": revision}
     check_metadata(metadata, where)
     expected_rows = metadata["source"]["num_rows"] * metadata["num_regions"]
     if len(table) != expected_rows:
@@ -419,6 +440,7 @@ def load_ril_table(path_or_repo_id: str, config_name: Optional[str] = None, *, r
     warn_if_weights_from_top_k(table, metadata, path)
     if verification_enabled(verify):
         verify_rows(table, metadata, f"RIL table {path}", TABLE_LAYOUT)
+    _ORIGINS[table._fingerprint] = origin
     return attach_metadata(table, metadata)
 
 
@@ -459,7 +481,7 @@ def _load_from_hub(path: str, config_name: Optional[str], revision, token, cache
         raise unreadable(err) from err
     meta_file = hf_hub_download(path, f"{config_name}/{METADATA_FILE}", repo_type="dataset",
                                 revision=revision, token=token, cache_dir=cache_dir)
-    return table, read_metadata_file(meta_file), f"{path}/{config_name}/{METADATA_FILE}"
+    return table, read_metadata_file(meta_file), f"{path}/{config_name}/{METADATA_FILE}", config_name
 
 
 def check_table_matches(metadata: dict, *, dataset: Optional[datasets.Dataset] = None,

@@ -8,7 +8,6 @@ or an ensemble that averages its members' distributions.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from ..clip_ops import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_tokenizer,  # constants re-exported
                         prompt_text_features, refuse_identical_prompts)
+from .compose import TEACHER_WEIGHTINGS, fixed_weights, mixing_weights, region_confidence, resolve_weighting
 from ..validation import (check_class_names, check_class_order, check_image_stats, check_templates, check_value,
                           integer, text)
 
@@ -193,7 +193,7 @@ class CallableTeacher(Teacher):
         return self.fn(pixel_values.to(self.device)).float()
 
 
-ENSEMBLE_WEIGHTINGS = ("fixed", "max_prob", "entropy")
+ENSEMBLE_WEIGHTINGS = TEACHER_WEIGHTINGS  # the rule lives in compose.py: composed tables mix alike
 
 
 class EnsembleTeacher(Teacher):
@@ -209,14 +209,15 @@ class EnsembleTeacher(Teacher):
       (a member sure of a region outweighs one that is not);
     - "entropy": per region, `weights[m] * (1 - H(p_m) / log C)`, renormalised, i.e. each member's
       own FDBPL information weight (a member at uniform gets no say; if every member is uniform
-      on a region, the fixed weights are used).
+      on a region, the fixed weights are used);
+    - "confidence": another name of "max_prob" (recorded as "max_prob").
+    Composed tables (`RILDataset(dataset, [table_a, table_b], teacher_weighting=...)`) mix their
+    stored soft labels with the same rule (`fdbpl_hf.ril.compose`).
     """
 
     def __init__(self, members: Sequence[Teacher], weights: Optional[Sequence[float]] = None,
                  weighting: str = "fixed"):
-        if weighting not in ENSEMBLE_WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {ENSEMBLE_WEIGHTINGS}, got {weighting!r}")
-        self.weighting = weighting
+        self.weighting = resolve_weighting(weighting)
         if isinstance(members, Teacher) or not isinstance(members, Sequence):
             raise TypeError(f"EnsembleTeacher takes a list of teachers, got {type(members).__name__}")
         if len(members) < 1:
@@ -237,11 +238,7 @@ class EnsembleTeacher(Teacher):
         if len(sizes) != 1 or len(counts) != 1:
             raise ValueError(f"ensemble members disagree: input sizes {sorted(sizes)}, class counts {sorted(counts)}")
         self.members = list(members)
-        w = torch.tensor(weights if weights is not None else [1.0] * len(members), dtype=torch.float32)
-        if w.shape != (len(members),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be {len(members)} finite non-negative numbers with a positive sum, "
-                             f"got {w.tolist()}")
-        self.weights = w / w.sum()
+        self.weights = fixed_weights(weights, len(members), "members")
         self.input_size, self.num_classes = sizes.pop(), counts.pop()
         # Pixels arrive unnormalised-by-member: the builder renders [0, 1] pixels with identity
         # normalisation and each member normalises for itself.
@@ -280,20 +277,12 @@ class EnsembleTeacher(Teacher):
 
     def region_weights(self, member_probs: torch.Tensor) -> torch.Tensor:
         """Per-region mixing weights `[members, B]` (summing to 1 over members) for the members'
-        distributions `[members, B, C]`, by `self.weighting`."""
-        fixed = self.weights.to(member_probs.device).view(-1, 1)
-        if self.weighting == "fixed":
-            return fixed.expand(member_probs.shape[:2])
-        if self.weighting == "max_prob":
-            confidence = member_probs.max(-1).values
-        else:
+        distributions `[members, B, C]`, by `self.weighting` (`fdbpl_hf.ril.compose.mixing_weights`)."""
+        entropy = None
+        if self.weighting == "entropy":
             entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(-1)
-            confidence = (1 - entropy / math.log(member_probs.shape[-1])).clamp_min(0) if member_probs.shape[-1] > 1 \
-                else torch.ones_like(entropy)
-        raw = fixed * confidence
-        total = raw.sum(0, keepdim=True)
-        # A region no member is sure of (total 0) falls back to the fixed weights, never 0/0.
-        return torch.where(total > 0, raw / total.clamp_min(1e-12), fixed.expand_as(raw))
+        confidence = region_confidence(self.weighting, member_probs.max(-1).values, entropy, member_probs.shape[-1])
+        return mixing_weights(self.weights.to(member_probs.device), confidence, member_probs.shape[1])
 
     def describe(self) -> dict:
         # "weights" holds the mixing weights here (as before 0.7); the members' descriptions carry
