@@ -411,6 +411,10 @@ _WORLD = textwrap.dedent("""
     os.makedirs(sys.argv[1], exist_ok=True)
     with open(os.path.join(sys.argv[1], f"rank{args.process_index}.txt"), "w") as f:
         f.write(f"rank {args.process_index} world_size {args.world_size} all_reduce {int(total)}")
+    # leave the group before exiting: torch tears a live gloo group down at interpreter exit, and
+    # on a loaded machine one rank then died with "terminate called without an active exception"
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 
