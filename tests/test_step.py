@@ -182,12 +182,14 @@ def tiny_step(model, mode, teacher=None):
                      autocast=contextlib.nullcontext, live_teacher=teacher is not None)
 
 
-@pytest.mark.parametrize("mode", ["offline", "cached", "online"])
+@pytest.mark.parametrize("mode", ["cached", "online"])
 def test_the_steps_forward_and_backward_graphs_have_no_data_dependent_op(tokenizer, teacher_clip, mode):
     """Captured in a CUDA graph, a step may not read device data on the host (a sync) or size a tensor
     by data. The forward + loss is traced whole (fullgraph) by AOTAutograd, backward included, and
     every op of both graphs is checked. The same check flags the pre-0.7 injection (masked_scatter,
-    whose backward is masked_select, i.e. nonzero): the positive control below."""
+    whose backward is masked_select, i.e. nonzero): the positive control below. Modes: "cached" (text
+    tower, table rebuild, stored entropy) and "online" (both image towers, the live teacher); the
+    offline pixel step is their union (the student's image tower with the table's labels)."""
     model = student(tokenizer)
     model.set_class_names(DIGIT_NAMES)
     teacher = CLIPTeacher(teacher_clip, tokenizer, DIGIT_NAMES) if mode == "online" else None
@@ -262,7 +264,7 @@ def test_the_fused_step_trains_the_same_contexts(digits_small, table, teacher_cl
     start = student(tokenizer).prompts.contexts()
     assert not torch.allclose(reference, start)  # the runs train
     variants = {"fused": {}}
-    if mode in ("offline", "online"):
+    if mode == "online":  # compiled once (a compile of the tiny towers costs ~10 s on CPU): both image towers
         variants["fused compiled"] = {"torch_compile": True, "torch_compile_backend": "aot_eager"}
     for name, extra in variants.items():
         contexts, trainer = run(tmp_path / name, tokenizer, data, teacher, train_step="fused", **extra)
