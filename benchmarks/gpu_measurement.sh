@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The whole GPU measurement of issue 16 in one run, under 8 minutes on an H200 (four timed parts):
-#   batch 32 (the paper's) and batch 256, C = 50 and 500 classes, interleaved rounds, every mode eager
-#   AND compiled in the same rounds: online teacher, offline RIL table, student-feature cache, and
-#   device-resident replay (online store, offline store), plus the pure-step limits.
-# Real-size random-weight models (ViT-L/14 teacher, ViT-B/32 student; nothing is downloaded).
-# Writes benchmarks/results/speed_gpu_b{32,256}_c{50,500}.{json,log}; each JSON holds the commit it
-# measured (FDBPL_COMMIT, else git) and its command. One part per (batch, C), each with its own time
-# limit, so a slow compile cannot eat the others' time; a part stopped by its limit keeps the modes it
-# finished (`partial_step_ms`). Compiled kernels are reused across parts through inductor's disk cache.
+# Issue 20's GPU measurement in one device call (about 6 minutes on an H200 with its setup):
+# step times at batch 32, C = 50 of the online, offline and cached modes (real-size random-weight
+# ViT-L/14 teacher and ViT-B/32 student, bf16), eager variants first (the Trainer's step, then the
+# fused step), then the step captured as one CUDA graph, then the captured step compiled with
+# inductor (slowest to start, hence last and in its own time limit: a stopped part keeps the runs it
+# finished in its JSON). Each JSON holds the commit measured and its command.
 #
-#   bash benchmarks/gpu_measurement.sh                    # COMPILE=reduce-overhead (CUDA graphs)
-#   COMPILE=default bash benchmarks/gpu_measurement.sh    # plain torch.compile instead
+#   bash benchmarks/gpu_measurement.sh                   # writes benchmarks/results/step_gpu_b32_c50*.json
+#   OUT_DIR=$OUT bash benchmarks/gpu_measurement.sh      # on the device machine (files under $OUT come back)
+#
+# The device image lacks some wheels: prepare them here with `bash ../shared/tools/device_wheels.sh`
+# (into .whl/, carried with the run), and begin the device command with `bash .whl/device_setup.sh &&`.
+# Set FDBPL_COMMIT where the checkout has no .git. The full benchmark (more modes, batch 256, C = 500,
+# table builds) is `benchmarks/speed_real.py`.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT_DIR:-benchmarks/results}
-COMPILE=${COMPILE:-reduce-overhead}
 PY=${PYTHON:-python}
 COMMIT=${FDBPL_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 mkdir -p "$OUT"
@@ -22,14 +23,13 @@ export TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
 started=$(date +%s)
 
-part() {  # part LIMIT_S BATCH CLASSES STEPS WARMUP
-    local name="speed_gpu_b$2_c$3"
-    timeout "$1" $PY benchmarks/speed_real.py --batch "$2" --classes "$3" --rounds 2 --steps "$4" --warmup "$5" \
-        --compile "$COMPILE" --commit "$COMMIT" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+part() {  # part LIMIT_S NAME VARIANTS...
+    local limit=$1 name=$2
+    shift 2
+    timeout "$limit" $PY benchmarks/step_gpu.py --batch 32 --classes 50 --variants "$@" --commit "$COMMIT" \
+        --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
     echo "$name: exit ${PIPESTATUS[0]} at $(( $(date +%s) - started )) s" | tee -a "$OUT/$name.log"
 }
 
-part 120 32 50 10 4     # the paper's batch first
-part 110 32 500 10 4
-part 115 256 50 5 3
-part 115 256 500 5 3
+part 240 step_gpu_b32_c50 standard fused cuda_graph      # eager first, then the captured step
+part 270 step_gpu_b32_c50_compiled cuda_graph_compiled   # inductor compiles: minutes

@@ -278,6 +278,9 @@ class FDBPLTrainer(Trainer):
         fused = self.args.train_step != "standard"
         self._run_teacher = (TeacherRunner(self.teacher, self.accelerator, None if fused else self._compile_options)
                              if self.teacher is not None else None)
+        if self.args.train_step == "cuda_graph" and self.args.device.type != "cuda":
+            raise ValueError(f"train_step='cuda_graph' captures CUDA graphs, and this run is on {self.args.device.type}: "
+                             "use train_step='fused' (the same step, not captured) off CUDA")
         if fused and self.args.world_size > 1:
             raise ValueError(f"train_step={self.args.train_step!r} runs in one process (its update does not all-reduce "
                              "gradients): use train_step='standard' under DDP")

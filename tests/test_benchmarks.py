@@ -77,3 +77,14 @@ def test_ablation_quick_smoke(tiny_checkpoints, tmp_path):
     assert teachers["configs"][1]["runs"][0]["settings"]["teacher"] == [tiny_checkpoints["teacher"],
                                                                        tiny_checkpoints["student"]]
     assert "| L+ only |" in (out / "loss.md").read_text()
+
+
+def test_step_gpu_smoke(tmp_path):
+    """Issue 20's step-time script (benchmarks/gpu_measurement.sh runs it on CUDA): the fused step on CPU."""
+    report = tmp_path / "step.json"
+    run_script("benchmarks/step_gpu.py", "--device", "cpu", "--size", "small", "--classes", "10", "--batch", "4",
+               "--steps", "1", "--warmup", "1", "--workers", "0", "--variants", "fused", "--json", str(report))
+    result = json.loads(report.read_text())
+    assert result["errors"] == {}
+    assert set(result["step_ms"]) == {"online / fused", "offline / fused", "cached / fused"}
+    assert result["commit"] and result["command"].startswith("python benchmarks/step_gpu.py --device cpu")

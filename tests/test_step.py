@@ -294,10 +294,13 @@ def test_fused_and_captured_steps_refuse_what_they_cannot_do(digits_small, table
         train_args(tmp_path, train_step="fused", optim="adamw_torch")
     with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
         train_args(tmp_path, train_step="fused", gradient_accumulation_steps=2)
-    trainer = FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, train_step="cuda_graph", max_steps=1),
-                           train_dataset=data)
+    with pytest.raises(ValueError, match="captures CUDA graphs, and this run is on cpu"):
+        FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, train_step="cuda_graph"), train_dataset=data)
+    model = student(tokenizer)
+    model.set_class_names(DIGIT_NAMES)
     with pytest.raises(ValueError, match="captures CUDA graphs, and the contexts are on cpu"):
-        trainer.train()
+        FusedStep(model, FusedStepSGD(model.prompts.parameters(), lr=0.1), loss_kwargs={}, teacher_logits=None,
+                  teacher_entropy=None, autocast=contextlib.nullcontext, capture=True)
 
 
 def test_the_fused_step_resumes_from_a_checkpoint(digits_small, table, tokenizer, tmp_path):
