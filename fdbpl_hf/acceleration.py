@@ -71,17 +71,3 @@ class PixelRenormaliser:
         # the arithmetic of un-normalising and `regions.normalize`, step by step (same rounding)
         raw = pixels * self.from_std + self.from_mean
         return (raw - self.to_mean) / self.to_std
-
-
-def prepared_text_mask(text_model, attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """The attention mask transformers' CLIP text tower derives from a 2-D padding mask (4-D, or
-    None when nothing is padded), computed once: `create_causal_mask` checks the padding on the
-    host (`padding_mask.all()`, a device sync) at every call, and returns a prepared 4-D mask as is."""
-    from transformers.masking_utils import create_causal_mask
-
-    weight = text_model.embeddings.token_embedding.weight
-    # only the shape, dtype and device of the embeddings are read: a stride-0 view, no memory
-    embeds = torch.empty((), dtype=weight.dtype, device=weight.device).expand(
-        *attention_mask.shape, weight.shape[-1])
-    return create_causal_mask(config=text_model.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                              cache=None)
