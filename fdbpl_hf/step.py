@@ -83,7 +83,7 @@ class FusedStep:
         loss_kwargs: `fdbpl_objective`'s settings (lambdas, margin, weight mode ...).
         teacher_logits: `(batch, pixels) -> [B, C]` float32 teacher logits (table rebuild or live teacher).
         teacher_entropy: `batch -> [B] or None`, the entropy behind the region weights.
-        autocast: the student's autocast context factory (`accelerator.autocast`).
+        autocast: the student's autocast context factory (`fdbpl_hf.acceleration.autocast_factory`).
         render: `batch -> pixels or None` for device-replay batches (rendered before the step:
             the batch's crop sizes set the shapes).
         loss_type: "fdbpl" or "coop".
@@ -224,7 +224,8 @@ class FusedStep:
             return out
         self._static = {key: value.clone() for key, value in batch.items()}
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: DataLoader threads (pinning the next batch) may call CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._outputs = self._step(self._static, prepared)
         self._graph, self._captured_state = graph, self._state(prepared)
         logger.info("fused training step captured as one CUDA graph after %d eager steps", self._eager_steps)

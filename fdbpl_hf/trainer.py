@@ -17,7 +17,8 @@ from accelerate.utils import DistributedType
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .acceleration import CUDA_GRAPH_MODES, PixelRenormaliser, TeacherRunner, compile_options, compiled
+from .acceleration import (CUDA_GRAPH_MODES, PixelRenormaliser, TeacherRunner, autocast_factory, compile_options,
+                           compiled)
 from .losses import PCD_REDUCTIONS, WEIGHT_MODES, coop_loss, fdbpl_loss
 from .modeling import FDBPLCLIPModel
 from .precision import frozen_weights_in
@@ -276,7 +277,8 @@ class FDBPLTrainer(Trainer):
         self._fdbpl_loss = compiled(fdbpl_loss, self._compile_options if self.args.compile_loss else None)
         # the fused step compiles the teacher with the rest of its forward (one graph)
         fused = self.args.train_step != "standard"
-        self._run_teacher = (TeacherRunner(self.teacher, self.accelerator, None if fused else self._compile_options)
+        self._autocast = autocast_factory(self.accelerator, self.args.device.type)
+        self._run_teacher = (TeacherRunner(self.teacher, self._autocast, None if fused else self._compile_options)
                              if self.teacher is not None else None)
         if self.args.train_step == "cuda_graph" and self.args.device.type != "cuda":
             raise ValueError(f"train_step='cuda_graph' captures CUDA graphs, and this run is on {self.args.device.type}: "
@@ -374,7 +376,7 @@ class FDBPLTrainer(Trainer):
         step = FusedStep(
             self.accelerator.unwrap_model(self.model), optimizer, loss_kwargs=loss_kwargs,
             teacher_logits=self.teacher_logits, teacher_entropy=self.teacher_entropy,
-            autocast=self.accelerator.autocast,
+            autocast=self._autocast,
             render=lambda inputs: render_batch(self.train_dataset, inputs), loss_type=args.loss_type,
             max_grad_norm=args.max_grad_norm, capture=args.train_step == "cuda_graph",
             compile_options=self._compile_options, live_teacher=self.teacher is not None)
