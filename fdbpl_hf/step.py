@@ -240,7 +240,7 @@ class FusedStep:
 
     def _state(self, prepared: PreparedText) -> tuple:
         buffers = tuple(id(self.optimizer.state[p].get("momentum_buffer")) for p in self.params)
-        return (tuple(id(p) for p in self.params), buffers, id(self.sums), id(self.lr), *map(id, prepared[:3]))
+        return (tuple(id(p) for p in self.params), buffers, id(self.sums), id(self.lr), *map(id, prepared))
 
     def take_sums(self) -> torch.Tensor:
         """The logged sums since the last call (a copy), and zero them (device work, no sync)."""
