@@ -202,9 +202,8 @@ class FusedStep:
         return loss
 
     def _captured(self, batch: dict, prepared: PreparedText) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self._state(prepared)
         if self._graph is not None:
-            if state != self._captured_state:
+            if not _same_objects(self._state(prepared), self._captured_state):
                 raise RuntimeError("a tensor the captured training step reads was replaced since the capture (the "
                                    "contexts, the optimiser's momentum buffers or the backbone's embeddings): "
                                    "the CUDA graph would read stale memory")
@@ -216,20 +215,13 @@ class FusedStep:
             return self._outputs
         if self._eager_steps < WARMUP_STEPS:
             self._eager_steps += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self._step(batch, prepared)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
+            return on_side_stream(lambda: self._step(batch, prepared))
         self._static = {key: value.clone() for key, value in batch.items()}
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: DataLoader threads (pinning the next batch) may call CUDA while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._outputs = self._step(self._static, prepared)
-        self._graph, self._captured_state = graph, self._state(prepared)
+        static = self._static
+        self._graph, self._outputs = capture_cuda_graph(lambda: self._step(static, prepared))
+        self._captured_state = self._state(prepared)
         logger.info("fused training step captured as one CUDA graph after %d eager steps", self._eager_steps)
-        graph.replay()  # the capture recorded this step's work without running it
+        self._graph.replay()  # the capture recorded this step's work without running it
         return self._outputs
 
     def _eager_once(self, batch: dict, prepared: PreparedText, why: str):
@@ -239,14 +231,40 @@ class FusedStep:
         return self._step(batch, prepared)
 
     def _state(self, prepared: PreparedText) -> tuple:
-        buffers = tuple(id(self.optimizer.state[p].get("momentum_buffer")) for p in self.params)
-        return (tuple(id(p) for p in self.params), buffers, id(self.sums), id(self.lr), *map(id, prepared))
+        """The tensors a captured graph reads by address (kept alive here, compared by identity)."""
+        buffers = tuple(self.optimizer.state[p].get("momentum_buffer") for p in self.params)
+        return (*self.params, *buffers, self.sums, self.lr, *prepared)
 
     def take_sums(self) -> torch.Tensor:
         """The logged sums since the last call (a copy), and zero them (device work, no sync)."""
         sums = self.sums.clone()
         self.sums.zero_()
         return sums
+
+
+def capture_cuda_graph(fn: Callable[[], tuple]) -> tuple:
+    """(a CUDA graph of `fn()`'s work, the tensors it returned: its outputs at every replay). The
+    capture records the kernels without running them."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: DataLoader threads (pinning the next batch) may call CUDA while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = fn()
+    return graph, outputs
+
+
+def on_side_stream(fn: Callable):
+    """`fn()` on a side stream, the current stream then waiting for it: PyTorch's warm-up before a
+    capture (cuBLAS workspaces, autograd's streams)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _shapes(batch: dict) -> tuple:

@@ -312,6 +312,75 @@ def test_the_fused_step_resumes_from_a_checkpoint(digits_small, table, tokenizer
     torch.testing.assert_close(model.prompts.contexts().detach(), whole, atol=0, rtol=0)
 
 
+class FakeGraph:
+    """What a CUDA graph does, where none can run: the capture records `fn` without running it, each
+    replay runs it and writes its results into the same output tensors (a mock: the real capture is
+    in benchmarks/gpu_measurement.sh). Python-side values read by `fn` would be re-read here but baked
+    in a real graph: the step reads none (its learning rate is a device tensor)."""
+
+    captures = 0
+
+    def __init__(self, fn):
+        self.fn, self.outputs, self.replays = fn, (torch.zeros(()), torch.zeros(())), 0
+        FakeGraph.captures += 1
+
+    def replay(self):
+        for out, new in zip(self.outputs, self.fn()):
+            out.copy_(new)
+        self.replays += 1
+
+
+def test_the_captured_steps_bookkeeping(tokenizer, monkeypatch):
+    """The cuda_graph step's logic around the graph, with a FakeGraph: eager warm-up steps, one capture,
+    each step's batch copied into the graph's inputs and its learning rate into the device tensor, a
+    batch of another shape run eagerly, and a replaced tensor refused. Same contexts and momentum as
+    the uncaptured fused step (the same kernels in the same order: exact)."""
+    import fdbpl_hf.step as step_module
+
+    monkeypatch.setattr(step_module, "capture_cuda_graph", lambda fn: (lambda g: (g, g.outputs))(FakeGraph(fn)))
+    monkeypatch.setattr(step_module, "on_side_stream", lambda fn: fn())
+    monkeypatch.setattr(FakeGraph, "captures", 0)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(size=6):
+        return {"image_features": torch.randn(size, 16, generator=g),
+                "topk_indices": torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(size)]),
+                "topk_logits": torch.randn(size, 4, generator=g).sort(-1, descending=True).values,
+                "teacher_entropy": torch.rand(size, generator=g)}
+
+    batches = [batch() for _ in range(7)] + [batch(5), batch()]
+    lrs = [0.05 * (1 - i / 10) for i in range(len(batches))]
+    runs = {}
+    for captured in (False, True):
+        model = student(tokenizer)
+        model.set_class_names(DIGIT_NAMES)
+        step = tiny_fused_step(model)
+        step.capture = captured  # FusedStep refuses capture off CUDA: set past that check, for the fake graph
+        losses = []
+        for b, lr in zip(batches, lrs):
+            step.optimizer.param_groups[0]["lr"] = lr
+            losses.append(float(step(b)))
+            assert step.optimizer.update_applied
+            step.optimizer.step()  # the Trainer's call: the update is done already
+        buffers = [step.optimizer.state[p]["momentum_buffer"] for p in step.params]
+        runs[captured] = (model.prompts.contexts().detach(), torch.stack(buffers), losses, step)
+    (eager, eager_buf, eager_loss, _), (graphed, graphed_buf, graphed_loss, step) = runs[False], runs[True]
+    assert FakeGraph.captures == 1 and step._graph.replays == len(batches) - 3 - 1  # 3 warm-up, 1 eager (batch of 5)
+    torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
+    torch.testing.assert_close(graphed_buf, eager_buf, atol=0, rtol=0)
+    assert graphed_loss == eager_loss
+    step.optimizer.state[step.params[0]]["momentum_buffer"] = torch.zeros_like(step.params[0])  # e.g. a reload
+    with pytest.raises(RuntimeError, match="was replaced since the capture"):
+        step(batches[0])
+
+
+def tiny_fused_step(model):
+    params = [model.prompts.ctx_pos, model.prompts.ctx_neg]
+    return FusedStep(model, FusedStepSGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4), loss_kwargs={},
+                     teacher_logits=lambda b, _: dense_teacher_logits(b["topk_indices"], b["topk_logits"], 10),
+                     teacher_entropy=lambda b: b["teacher_entropy"], autocast=contextlib.nullcontext)
+
+
 # ---- the frozen towers in bf16, cast once ---------------------------------------------------------
 
 class _Dtypes(TrainerCallback):
