@@ -84,7 +84,8 @@ def main(argv=None) -> int:
         print(f"fdbpl_hf {fdbpl_hf.__version__} from {fdbpl_hf.__file__}: contexts in {args.out}")
     if args.compare:
         ref, other = (torch.load(path) for path in args.compare)
-        print(f"reference: fdbpl_hf {ref['fdbpl_hf']} from {ref['path']}; other: {other['fdbpl_hf']} from {other['path']}\n")
+        print(f"reference: fdbpl_hf {ref['fdbpl_hf']} from {ref['path']}; "
+              f"other: {other['fdbpl_hf']} from {other['path']}\n")
         print("| run (other) | max abs difference from the reference's standard run | max abs context |")
         print("|---|---|---|")
         for key, contexts in other["contexts"].items():

@@ -184,8 +184,8 @@ def fdbpl_objective(logits: Tensor, teacher_logits: Tensor, image_unit: Tensor, 
     log_p = F.log_softmax(s, dim=-1)  # both prompts' distributions at once
     p = log_p.exp()
     p_pos, log_p_pos, p_neg, log_p_neg = p[:, 0], log_p[:, 0], p[:, 1], log_p[:, 1]
-    # symmetric KL: ½ Σ p_t (log p_t − log p_s) + ½ Σ p_s (log p_s − log p_t) = ½ Σ (p_t − p_s)(log p_t − log p_s),
-    # with 0·(anything) = 0 where both are 0 (so −inf teacher logits don't give NaN; a NaN teacher still does)
+    # symmetric KL: ½ Σ p_t (log p_t − log p_s) + ½ Σ p_s (log p_s − log p_t)
+    #             = ½ Σ (p_t − p_s)(log p_t − log p_s), with 0·(anything) = 0 where both are 0 (so −inf teacher logits don't give NaN; a NaN teacher still does)
     kl = torch.where((p_t > 0) | (p_pos > 0), (p_t - p_pos) * (log_p_t - log_p_pos), 0.0)
     l_pos = 0.5 * kl.sum(dim=-1)
     l_neg = torch.where(p_neg > 0, p_neg * log_p_neg, 0.0).sum(dim=-1)  # −H(p_neg)

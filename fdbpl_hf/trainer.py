@@ -130,7 +130,8 @@ class FDBPLTrainingArguments(TrainingArguments):
     def _check_fused_step(self) -> None:
         why = None
         if self.optim != "sgd":
-            why = f"optim={getattr(self.optim, 'value', self.optim)!r} (the fused step applies the paper's SGD update itself)"
+            optim = getattr(self.optim, "value", self.optim)
+            why = f"optim={optim!r} (the fused step applies the paper's SGD update itself)"
         elif self.gradient_accumulation_steps != 1:
             why = f"gradient_accumulation_steps={self.gradient_accumulation_steps} (one update per batch)"
         elif self.fp16:
@@ -281,8 +282,8 @@ class FDBPLTrainer(Trainer):
         self._run_teacher = (TeacherRunner(self.teacher, self._autocast, None if fused else self._compile_options)
                              if self.teacher is not None else None)
         if self.args.train_step == "cuda_graph" and self.args.device.type != "cuda":
-            raise ValueError(f"train_step='cuda_graph' captures CUDA graphs, and this run is on {self.args.device.type}: "
-                             "use train_step='fused' (the same step, not captured) off CUDA")
+            raise ValueError("train_step='cuda_graph' captures CUDA graphs, and this run is on "
+                             f"{self.args.device.type}: use train_step='fused' (the same step, not captured) off CUDA")
         if fused and self.args.world_size > 1:
             raise ValueError(f"train_step={self.args.train_step!r} runs in one process (its update does not all-reduce "
                              "gradients): use train_step='standard' under DDP")

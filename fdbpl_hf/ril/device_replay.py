@@ -274,7 +274,8 @@ class DeviceChunkRenderer:
     """The table/cache builders' region renderer on the teacher's device: each chunk of
     `(image, box, flip, row)` jobs (uint8 CPU images) is uploaded once per distinct image and
     rendered by `render_regions` in one batched computation, equal to the CPU renderer it
-    replaces (bit for bit on a CPU device, within one float32 ulp on CUDA). The builder uses it when the teacher runs on an accelerator."""
+    replaces (bit for bit on a CPU device, within one float32 ulp on CUDA). The builder uses it
+    when the teacher runs on an accelerator."""
 
     def __init__(self, spec: RegionSpec, mean, std, device):
         self.spec, self.mean, self.std, self.device = spec, tuple(mean), tuple(std), torch.device(device)
