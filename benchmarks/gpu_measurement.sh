@@ -11,7 +11,9 @@
 # Timeline (TOTAL_S=540 s from this script's start; the wheels' setup took ~35 s before it):
 #   eager   : builds vs bare models, then b32 C=50, b256 C=50, b32 C=500, every mode in 2 rounds
 #             (~240 s by the step times measured on H200s; limit EAGER_S=330 s)
-#   tuned   : only with TUNED_ARGS (e.g. TUNED_ARGS="--train_arg some_field=true"), configs TUNED_CONFIGS
+#   tuned   : the best configuration, TUNED_ARGS (default: the captured step, "--train_arg
+#             train_step=cuda_graph", for every mode, the online baseline included; TUNED_ARGS= skips
+#             the stage), configs TUNED_CONFIGS
 #   compiled: COMPILE=reduce-overhead (CUDA graphs; "default" = plain torch.compile, "none" skips it),
 #             b32 C=50 only, online first (the baseline gets what the others get), one round, in the time left
 #   goals   : benchmarks/speed_goals.py over every JSON: PASS / MISS / INCOMPLETE / NOT MEASURED lines
@@ -26,7 +28,7 @@ COMPILE=${COMPILE:-reduce-overhead}
 TOTAL_S=${TOTAL_S:-540}
 EAGER_S=${EAGER_S:-330}
 EAGER_CONFIGS=${EAGER_CONFIGS:-"32x50 256x50 32x500"}
-TUNED_ARGS=${TUNED_ARGS:-}
+TUNED_ARGS=${TUNED_ARGS-"--train_arg train_step=cuda_graph"}
 TUNED_CONFIGS=${TUNED_CONFIGS:-"32x50 256x50"}
 COMPILED_CONFIGS=${COMPILED_CONFIGS:-"32x50"}
 EXTRA=${EXTRA_ARGS:-}   # e.g. "--device cpu --size small --quick" for a smoke run
@@ -68,3 +70,4 @@ if [ "$COMPILE" != none ]; then
 fi
 $PY benchmarks/speed_goals.py "$OUT"/speed_gpu_*.json | tee "$OUT/speed_gpu_goals.md"
 echo "done in $(( $(date +%s) - started )) s"
+# The pure steps without Trainer or data, variant by variant (standard, fused, captured): benchmarks/step_gpu.py.

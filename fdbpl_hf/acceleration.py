@@ -2,7 +2,9 @@
 student's precision and compilation, and nothing in a training step waits for the device.
 
 - Precision: accelerate applies `--bf16`/`--fp16` autocast to the student's forward only (it wraps
-  `model.forward`); `TeacherRunner` runs the online teacher under the same `accelerator.autocast()`.
+  `model.forward`); `TeacherRunner` runs the online teacher under the same autocast.
+  With `cast_frozen_backbone` (the default) both frozen backbones are cast to that precision once
+  per `train`/`evaluate`/`predict` instead (`fdbpl_hf.precision`), and compute without autocast.
 - Compilation: `--torch_compile` (transformers' own option, with `--torch_compile_backend` and
   `--torch_compile_mode`) makes accelerate `torch.compile` the student model; the trainer compiles
   the FDBPL loss and the online teacher's forward with the same backend and mode.
@@ -11,6 +13,8 @@ student's precision and compilation, and nothing in a training step waits for th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from typing import Callable, Optional
 
@@ -38,19 +42,33 @@ def compiled(fn: Callable, options: Optional[dict]) -> Callable:
     return fn if options is None else torch.compile(fn, **options)
 
 
-class TeacherRunner:
-    """Runs the online teacher as the trainer runs the student: under the accelerator's autocast
-    (same precision) and compiled with the student's options (same compilation). Output: float32
-    logits `[B, C]`, a fresh tensor (CUDA graphs reuse their output memory at the next replay)."""
+def autocast_factory(accelerator, device_type: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast `accelerator.autocast()` enters (its precision on `device_type`), as a
+    plain `torch.autocast` that dynamo traces (accelerate's own builds its arguments through
+    `os.environ`, which a fullgraph compile cannot trace). Its cache is off: a cast cached while a
+    CUDA graph is captured would be replayed stale (PyTorch's rule), and nothing here casts a leaf
+    that requires grad, which is all the cache serves."""
+    precision = str(getattr(accelerator, "mixed_precision", "no"))
+    if not getattr(accelerator, "native_amp", False) or precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type, dtype=dtype, cache_enabled=False)
 
-    def __init__(self, teacher, accelerator, options: Optional[dict]):
+
+class TeacherRunner:
+    """Runs the online teacher as the trainer runs the student: under the student's autocast (same
+    precision; `autocast` a factory such as `autocast_factory`'s) and compiled with the student's
+    options (same compilation). Output: float32 logits `[B, C]`, a fresh tensor (CUDA graphs reuse
+    their output memory at the next replay)."""
+
+    def __init__(self, teacher, autocast: Callable[[], contextlib.AbstractContextManager], options: Optional[dict]):
         self.teacher = teacher
-        self.accelerator = accelerator
+        self.autocast = autocast
         self.options = options
         self._logits = compiled(teacher.logits, options)
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.autocast():
             out = self._logits(pixel_values)
         out = out.float()
         return out.clone() if self.options is not None and out.dtype == torch.float32 else out
@@ -71,17 +89,3 @@ class PixelRenormaliser:
         # the arithmetic of un-normalising and `regions.normalize`, step by step (same rounding)
         raw = pixels * self.from_std + self.from_mean
         return (raw - self.to_mean) / self.to_std
-
-
-def prepared_text_mask(text_model, attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """The attention mask transformers' CLIP text tower derives from a 2-D padding mask (4-D, or
-    None when nothing is padded), computed once: `create_causal_mask` checks the padding on the
-    host (`padding_mask.all()`, a device sync) at every call, and returns a prepared 4-D mask as is."""
-    from transformers.masking_utils import create_causal_mask
-
-    weight = text_model.embeddings.token_embedding.weight
-    # only the shape, dtype and device of the embeddings are read: a stride-0 view, no memory
-    embeds = torch.empty((), dtype=weight.dtype, device=weight.device).expand(
-        *attention_mask.shape, weight.shape[-1])
-    return create_causal_mask(config=text_model.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                              cache=None)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PCD_REDUCTIONS", "WEIGHT_MODES", "coop_loss", "fdbpl_loss", "kd_weights", "pcd_loss", "shannon_entropy"]
+__all__ = ["PCD_REDUCTIONS", "WEIGHT_MODES", "coop_loss", "fdbpl_loss", "fdbpl_objective", "kd_weights", "pcd_loss",
+           "shannon_entropy"]
 
 WEIGHT_MODES = ("soft", "threshold")
 PCD_REDUCTIONS = ("mean", "sum")
@@ -24,17 +25,25 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _xlogy_diff(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ_c p (log p − log q) with 0·(anything) = 0, so −inf teacher logits don't give NaN."""
-    term = p * (log_p - log_q)
-    return torch.where(p > 0, term, torch.zeros_like(term)).sum(dim=-1)
-
-
 def shannon_entropy(log_p: Tensor) -> Tensor:
     """Shannon entropy (nats) per row, from log-probabilities (0·log 0 = 0)."""
     p = log_p.exp()
-    plogp = p * log_p
-    return -torch.where(p > 0, plogp, torch.zeros_like(plogp)).sum(dim=-1)
+    return -torch.where(p > 0, p * log_p, 0.0).sum(dim=-1)
+
+
+def _weights_from(num_classes: int, log_p_t: Tensor, p_t: Tensor, weight_mode: str, entropy_threshold: float,
+                  entropy: Optional[Tensor]) -> Tensor:
+    """kd_weights on an already computed teacher distribution (`log_p_t`, `p_t`: `[B, C]`, detached)."""
+    if num_classes <= 1:
+        return torch.ones_like(p_t[:, 0])
+    if entropy is None:
+        h = -torch.where(p_t > 0, p_t * log_p_t, 0.0).sum(dim=-1)
+    else:
+        h = entropy.detach().to(p_t.dtype)
+    norm_entropy = (h * (1.0 / math.log(num_classes))).clamp(0.0, 1.0)
+    if weight_mode == "threshold":
+        return (norm_entropy < entropy_threshold).to(p_t.dtype)
+    return 1.0 - norm_entropy
 
 
 def kd_weights(teacher_logits: Tensor, weight_mode: str = "soft", entropy_threshold: float = 0.5,
@@ -54,16 +63,26 @@ def kd_weights(teacher_logits: Tensor, weight_mode: str = "soft", entropy_thresh
     if teacher_logits.ndim != 2:
         raise ValueError(f"teacher_logits must be [B, C], got {tuple(teacher_logits.shape)}")
     z = teacher_logits.detach().to(_compute_dtype(teacher_logits))
-    num_classes = z.shape[1]
     if entropy is not None and tuple(entropy.shape) != (z.shape[0],):
         raise ValueError(f"entropy must be [B] = [{z.shape[0]}], got {tuple(entropy.shape)}")
-    if num_classes <= 1:
-        return torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
-    h = shannon_entropy(F.log_softmax(z, dim=-1)) if entropy is None else entropy.detach().to(z.dtype)
-    norm_entropy = (h / math.log(num_classes)).clamp(0.0, 1.0)
-    if weight_mode == "threshold":
-        return (norm_entropy < entropy_threshold).to(z.dtype)
-    return 1.0 - norm_entropy
+    log_p = F.log_softmax(z, dim=-1)
+    return _weights_from(z.shape[1], log_p, log_p.exp(), weight_mode, entropy_threshold, entropy)
+
+
+def _pcd(image_unit: Tensor, diff: Tensor, labels: Tensor, weights: Tensor, margin: float, reduction: str) -> Tensor:
+    """PCD on unit image features `[B, D]` and class differences d_c = t+_c − t-_c `[C, D]`.
+
+    g[n, k] = f_n · d_{y_k}: every pairwise dot product comes from this one [B, B] matmul, so the
+    cost is O(B²·D) and never touches a [C, C] table. With Δ = d_{y_n} − d_{y_m}, the hinge's
+    argument f_m·Δ − f_n·Δ is g[m, n] − g[m, m] − g[n, n] + g[n, m]."""
+    g = image_unit @ diff.index_select(0, labels).T
+    diag = g.diagonal()
+    hinge = F.relu((g + g.T) - (diag[:, None] + diag[None, :]) + margin)
+    valid = labels[:, None] != labels[None, :]  # implies n ≠ m
+    total = torch.where(valid, hinge * (weights[:, None] * weights[None, :]), 0.0).sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1).to(total.dtype)
 
 
 def pcd_loss(image_features: Tensor, pos_text_features: Tensor, neg_text_features: Tensor,
@@ -77,20 +96,7 @@ def pcd_loss(image_features: Tensor, pos_text_features: Tensor, neg_text_feature
     """
     if reduction not in PCD_REDUCTIONS:
         raise ValueError(f"reduction must be one of {PCD_REDUCTIONS}, got {reduction!r}")
-    d_y = (pos_text_features - neg_text_features)[teacher_labels]  # [B, D]
-    # g[n, k] = f_n · d_{y_k}; every pairwise dot product comes from this one [B, B] matmul,
-    # so the cost is O(B²·D) and never touches a [C, C] table.
-    g = image_features @ d_y.T
-    diag = g.diagonal()
-    a_n = diag[:, None] - g                 # f_n·(d_{y_n} − d_{y_m}) at [n, m]
-    a_m = g.T - diag[None, :]               # f_m·(d_{y_n} − d_{y_m}) at [n, m]
-    valid = teacher_labels[:, None] != teacher_labels[None, :]  # implies n ≠ m
-    pair_w = weights[:, None] * weights[None, :]
-    hinge = F.relu(a_m - a_n + margin) * pair_w
-    total = torch.where(valid, hinge, torch.zeros_like(hinge)).sum()
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp_min(1).to(total.dtype)
+    return _pcd(image_features, pos_text_features - neg_text_features, teacher_labels, weights, margin, reduction)
 
 
 def _check_shapes(pos_logits: Tensor, neg_logits: Tensor, teacher_logits: Tensor, image_features: Tensor,
@@ -143,36 +149,59 @@ def fdbpl_loss(pos_logits: Tensor, neg_logits: Tensor, teacher_logits: Tensor, i
     _check_shapes(pos_logits, neg_logits, teacher_logits, image_features, pos_text_features, neg_text_features)
     dtype = _compute_dtype(pos_logits, neg_logits, teacher_logits, image_features, pos_text_features,
                            neg_text_features)
-    s_pos = pos_logits.to(dtype)
-    s_neg = neg_logits.to(dtype)
+    logits = torch.stack([pos_logits.to(dtype), neg_logits.to(dtype)], dim=1)
+    image_unit = F.normalize(image_features.to(dtype), dim=-1)
+    text_unit = F.normalize(torch.cat([pos_text_features.to(dtype), neg_text_features.to(dtype)]), dim=-1)
+    return fdbpl_objective(logits, teacher_logits, image_unit, text_unit, lambda_neg=lambda_neg,
+                           lambda_sim=lambda_sim, lambda_pcd=lambda_pcd, pcd_margin=pcd_margin, use_pcd=use_pcd,
+                           weight_mode=weight_mode, entropy_threshold=entropy_threshold,
+                           teacher_entropy=teacher_entropy, pcd_reduction=pcd_reduction)
+
+
+def fdbpl_objective(logits: Tensor, teacher_logits: Tensor, image_unit: Tensor, text_unit: Tensor, *,
+                    lambda_neg: float = 1.0, lambda_sim: float = 0.001, lambda_pcd: float = 1.0,
+                    pcd_margin: float = 0.2, use_pcd: bool = True, weight_mode: str = "soft",
+                    entropy_threshold: float = 0.5, teacher_entropy: Optional[Tensor] = None,
+                    pcd_reduction: str = "mean") -> dict[str, Tensor]:
+    """`fdbpl_loss` on the forward pass's own layout, with few kernels (a training step calls it):
+    `logits` `[B, 2, C]` (positive prompts, then negative), L2-normalised `image_unit` `[B, D]`
+    and `text_unit` `[2 * C, D]` (the C positive prompts' features, then the C negative ones).
+    Shapes are not checked here (`fdbpl_loss` checks them). Same terms, same dtypes."""
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {weight_mode!r}")
+    if pcd_reduction not in PCD_REDUCTIONS:
+        raise ValueError(f"pcd_reduction must be one of {PCD_REDUCTIONS}, got {pcd_reduction!r}")
+    dtype = _compute_dtype(logits, teacher_logits, image_unit, text_unit)
+    s = logits.to(dtype)
+    num_classes = s.shape[-1]
+    if teacher_entropy is not None and tuple(teacher_entropy.shape) != (s.shape[0],):
+        raise ValueError(f"entropy must be [B] = [{s.shape[0]}], got {tuple(teacher_entropy.shape)}")
     # The teacher is frozen (its logits come from the RIL table); no loss term trains it.
     z_t = teacher_logits.detach().to(dtype)
-
-    w = kd_weights(z_t, weight_mode=weight_mode, entropy_threshold=entropy_threshold, entropy=teacher_entropy)
-
     log_p_t = F.log_softmax(z_t, dim=-1)
-    log_p_pos = F.log_softmax(s_pos, dim=-1)
-    log_p_neg = F.log_softmax(s_neg, dim=-1)
-
-    l_pos = 0.5 * _xlogy_diff(log_p_t.exp(), log_p_t, log_p_pos) + 0.5 * _xlogy_diff(log_p_pos.exp(), log_p_pos,
-                                                                                     log_p_t)
-    l_neg = -shannon_entropy(log_p_neg)
-    l_sim = F.cosine_similarity(s_pos, s_neg, dim=-1, eps=1e-8)
-
-    pos = (w * l_pos).mean()
-    neg = ((1.0 - w) * l_neg).mean()
-    sim = (w * l_sim).mean()
+    p_t = log_p_t.exp()
+    w = _weights_from(num_classes, log_p_t, p_t, weight_mode, entropy_threshold, teacher_entropy)
+    log_p = F.log_softmax(s, dim=-1)  # both prompts' distributions at once
+    p = log_p.exp()
+    p_pos, log_p_pos, p_neg, log_p_neg = p[:, 0], log_p[:, 0], p[:, 1], log_p[:, 1]
+    # symmetric KL: ½ Σ p_t (log p_t − log p_s) + ½ Σ p_s (log p_s − log p_t)
+    #             = ½ Σ (p_t − p_s)(log p_t − log p_s), with 0·(anything) = 0 where both are 0 (so −inf teacher logits don't give NaN; a NaN teacher still does)
+    kl = torch.where((p_t > 0) | (p_pos > 0), (p_t - p_pos) * (log_p_t - log_p_pos), 0.0)
+    l_pos = 0.5 * kl.sum(dim=-1)
+    l_neg = torch.where(p_neg > 0, p_neg * log_p_neg, 0.0).sum(dim=-1)  # −H(p_neg)
+    # cosine similarity of the two logit rows (as F.cosine_similarity: each row over its norm, eps 1e-8)
+    unit = s / torch.linalg.vector_norm(s, dim=-1, keepdim=True).clamp_min(1e-8)
+    l_sim = (unit[:, 0] * unit[:, 1]).sum(dim=-1)
+    weighted = torch.stack([w * l_pos, (1.0 - w) * l_neg, w * l_sim]).mean(dim=-1)
+    pos, neg, sim = weighted.unbind()
     total = pos + lambda_neg * neg + lambda_sim * sim
-
     if use_pcd:
-        pcd = pcd_loss(F.normalize(image_features.to(dtype), dim=-1),
-                       F.normalize(pos_text_features.to(dtype), dim=-1),
-                       F.normalize(neg_text_features.to(dtype), dim=-1),
-                       z_t.argmax(dim=-1), w, margin=pcd_margin, reduction=pcd_reduction)
+        text = text_unit.to(dtype)
+        diff = text[:num_classes] - text[num_classes:]
+        pcd = _pcd(image_unit.to(dtype), diff, z_t.argmax(dim=-1), w, pcd_margin, pcd_reduction)
         total = total + lambda_pcd * pcd
     else:
-        pcd = torch.zeros((), dtype=dtype, device=s_pos.device)
-
+        pcd = torch.zeros((), dtype=dtype, device=s.device)
     return {"total": total, "pos": pos, "neg": neg, "sim": sim, "pcd": pcd, "weight": w.mean().detach()}
 
 

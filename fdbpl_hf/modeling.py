@@ -1,10 +1,8 @@
 """`FDBPLCLIPModel`: a frozen `transformers.CLIPModel` driven by learnable positive/negative prompts."""
 
 import copy
-import functools
 import itertools
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -14,9 +12,10 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from .acceleration import prepared_text_mask
 from .clip_ops import check_tokenizer, refuse_identical_prompts  # noqa: F401  (evaluation imports them from here)
 from .config import FDBPLConfig
+from .precision import module_dtype, reduced_precision_block
+from .prompt_encoding import ClassPrompts, encode_prompts
 from .prompts import (FDBPLPromptLearner, adapter_tokenizer, hypothesis_template, locate_adapter_config,
                       merged_card, merged_file_owner, save_adapter, superseded_merged_weights)
 from .saving import CARD_NAME, save_files, stamp_card
@@ -66,27 +65,6 @@ def _short_name(name: Optional[str]) -> str:
     return parts[-1]
 
 
-class _ClassPrompts:
-    """Token ids of `[SOS] <ctx slots + class name> . [EOS]` for one class list, padded to its longest."""
-
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx_mask: torch.Tensor):
-        self.input_ids, self.attention_mask, self.ctx_mask = input_ids, attention_mask, ctx_mask
-        self._text_masks: dict = {}
-
-    def text_mask(self, text_model, copies: int) -> Optional[torch.Tensor]:
-        """The text tower's prepared attention mask for `copies` stacked copies of these prompts,
-        built once per (copies, attention implementation, dtype): no host sync per step."""
-        key = (copies, text_model.config._attn_implementation, text_model.embeddings.token_embedding.weight.dtype)
-        if key not in self._text_masks:
-            self._text_masks[key] = prepared_text_mask(text_model, self.attention_mask.repeat(copies, 1))
-        return self._text_masks[key]
-
-    def to(self, device: torch.device) -> "_ClassPrompts":
-        if self.input_ids.device == device:
-            return self
-        return _ClassPrompts(self.input_ids.to(device), self.attention_mask.to(device), self.ctx_mask.to(device))
-
-
 def _modules_of(root: nn.Module):
     """Every module below `root` (itself included), without `named_modules`' prefix strings and
     memo: the per-step checks below run it at each training step."""
@@ -97,9 +75,18 @@ def _modules_of(root: nn.Module):
         stack.extend(m for m in module._modules.values() if m is not None)
 
 
-def _weak_inject(ref, module, args, output):
-    model = ref()
-    return None if model is None else model._inject_context(module, args, output)
+def prompt_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                  copies: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits `[B, copies, C]`, unit image features `[B, P]`, unit text features `[copies * C, P]`)
+    of image features `[B, P]` against the text features of C classes under `copies` contexts
+    (`[copies * C, P]`, context-major as `encode_class_prompts` returns them): logit_scale x cosine,
+    one matmul for all contexts, in float32 with autocast off (bf16 logits near 25 are quantised in
+    steps of 0.125, too coarse for soft labels)."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_unit = F.normalize(image_features.float(), dim=-1)
+        text_unit = F.normalize(text_features.float(), dim=-1)
+        logits = (logit_scale.float() * image_unit) @ text_unit.t()
+    return logits.view(image_features.shape[0], copies, -1), image_unit, text_unit
 
 
 class FDBPLCLIPModel(nn.Module):
@@ -108,9 +95,11 @@ class FDBPLCLIPModel(nn.Module):
     Build one with `get_fdbpl_model(clip, config, tokenizer)` or load a trained adapter with
     `FDBPLCLIPModel.from_pretrained(clip, adapter_id, tokenizer=tokenizer)`.
 
-    The learnable context is injected by a forward hook on the text token embedding, at fixed
-    positions: CLIP's own forward (and its EOS pooling) runs unchanged, and CLIP called directly
-    (e.g. as a teacher) is unaffected.
+    The learnable contexts go into prepared embeddings of the class prompts (token + position
+    embeddings computed once per class list), at fixed positions, by a one-hot matmul; CLIP's own
+    encoder layers, final layer norm and projection then run on them, pooling where CLIP pools
+    (`fdbpl_hf.prompt_encoding`). The CLIP model is not modified: called directly (e.g. as a
+    teacher) it is unaffected.
     """
 
     # Trainer reads this on checkpoint reload; the wrapper is not a PreTrainedModel.
@@ -134,13 +123,7 @@ class FDBPLCLIPModel(nn.Module):
         self.tokenizer = tokenizer
         self.class_names: Optional[list[str]] = None
         self._placeholder_id = _single_token_id(tokenizer, prompts.config.placeholder_token)
-        self._prompt_cache: dict[tuple[str, ...], _ClassPrompts] = {}
-        self._active: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        embedding = clip_model.text_model.embeddings.token_embedding
-        # The hook holds the wrapper weakly, and goes away with it: wrapping one CLIP many times
-        # (several adapters, a loop over seeds) leaves no dead wrappers alive on the backbone.
-        self._hook = embedding.register_forward_hook(functools.partial(_weak_inject, weakref.ref(self)))
-        weakref.finalize(self, self._hook.remove)
+        self._prompt_cache: dict[tuple[str, ...], ClassPrompts] = {}
 
     # ---- properties ------------------------------------------------------------------------
     @property
@@ -190,7 +173,7 @@ class FDBPLCLIPModel(nn.Module):
         self._tokenize(class_names)  # validates now rather than at the first batch
         self.class_names = list(class_names)
 
-    def _tokenize(self, class_names: Sequence[str]) -> _ClassPrompts:
+    def _tokenize(self, class_names: Sequence[str]) -> ClassPrompts:
         if isinstance(class_names, (str, bytes)):  # the hot path: the full check runs once per class list
             check_class_names("class_names", class_names)
         key = tuple(class_names)
@@ -203,7 +186,7 @@ class FDBPLCLIPModel(nn.Module):
             self._prompt_cache[key] = cached
         return cached
 
-    def _build_prompts(self, class_names: tuple[str, ...]) -> _ClassPrompts:
+    def _build_prompts(self, class_names: tuple[str, ...]) -> ClassPrompts:
         # identical names are refused below with the other identical prompts
         check_class_names("class_names", class_names, unique=False)
         cfg, tok = self.fdbpl_config, self.tokenizer
@@ -238,23 +221,15 @@ class FDBPLCLIPModel(nn.Module):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention[i, : len(ids)] = 1
             ctx_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
-        return _ClassPrompts(input_ids, attention, ctx_mask)
+        # context row j fills the j-th slot of every prompt (CoOp's order, for every class position)
+        slot_index = (ctx_mask.long().cumsum(dim=1) - 1).clamp_min(0) * ctx_mask
+        return ClassPrompts(input_ids, attention, ctx_mask, slot_index)
 
     def __deepcopy__(self, memo) -> "FDBPLCLIPModel":
-        # The backbone's hook points at this wrapper: a plain deep copy would give the copy a hook
-        # that injects nothing (its prompts silently ignored). Copy the backbone without our hook,
-        # then wrap the copies again, which hooks the new backbone to the new wrapper.
+        # A copy of backbone and prompts wrapped again (the prepared prompts are rebuilt on use).
         if getattr(self, "_unloaded", False):
             raise RuntimeError("this FDBPLCLIPModel was unloaded: deep-copy the CLIP model unload() returned")
-        embedding = self.clip.text_model.embeddings.token_embedding
-        hooks = embedding._forward_hooks
-        saved = dict(hooks)
-        hooks.pop(self._hook.id, None)
-        try:
-            clip = copy.deepcopy(self.clip, memo)
-        finally:
-            hooks.clear()
-            hooks.update(saved)  # same hooks, same order
+        clip = copy.deepcopy(self.clip, memo)
         new = type(self)(clip, copy.deepcopy(self.prompts, memo), self.tokenizer, check_base_model=False)
         memo[id(self)] = new
         new.class_names = copy.copy(self.class_names)
@@ -264,35 +239,16 @@ class FDBPLCLIPModel(nn.Module):
     def unload(self) -> CLIPModel:
         """Detach the prompts and return the plain CLIP model (like `peft`'s `unload()`); the
         wrapper is unusable afterwards. The backbone stays frozen (`requires_grad=False`)."""
-        self._hook.remove()
         self._unloaded = True
+        self._prompt_cache.clear()
         return self.clip
 
-    def _inject_context(self, module, args, output):
-        if self._active is None:
-            return None
-        ctx, mask = self._active
-        input_ids = args[0]
-        if input_ids.shape != mask.shape:
-            raise RuntimeError("FDBPL context injection got token ids it did not prepare")
-        rows = ctx.to(output.dtype).reshape(-1, output.shape[-1])
-        return output.masked_scatter(mask.unsqueeze(-1), rows)
-
-    def _encode(self, prompts: _ClassPrompts, contexts: torch.Tensor) -> torch.Tensor:
+    def _encode(self, prompts: ClassPrompts, contexts: torch.Tensor) -> torch.Tensor:
         """Text features `[len(contexts) * C, P]`: every class under each context in `contexts`."""
         if getattr(self, "_unloaded", False):
             raise RuntimeError("this FDBPLCLIPModel was unloaded: wrap the CLIP model again "
                                "(get_fdbpl_model or FDBPLCLIPModel.from_pretrained)")
-        n_ctx_sets, num_classes = contexts.shape[0], prompts.input_ids.shape[0]
-        ids = prompts.input_ids.repeat(n_ctx_sets, 1)
-        attention = prompts.text_mask(self.clip.text_model, n_ctx_sets)
-        mask = prompts.ctx_mask.repeat(n_ctx_sets, 1)
-        per_row = contexts.repeat_interleave(num_classes, dim=0)
-        self._active = (per_row, mask)
-        try:
-            return self.clip.get_text_features(input_ids=ids, attention_mask=attention).pooler_output
-        finally:
-            self._active = None
+        return encode_prompts(self.clip, prompts, contexts)
 
     def get_text_features(self, class_names: Sequence[str], negative: bool = False) -> torch.Tensor:
         """Projected (not normalised) text features `[C, projection_dim]` of the prompted classes."""
@@ -300,9 +256,12 @@ class FDBPLCLIPModel(nn.Module):
         return self._encode(self._tokenize(class_names), ctx.unsqueeze(0))
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features `[B, projection_dim]`; no gradient (the image tower is frozen)."""
-        with torch.no_grad():
-            return self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+        """Projected image features `[B, projection_dim]`; no gradient (the image tower is frozen).
+        The tower computes in its weights' dtype (`fdbpl_hf.precision`)."""
+        vision = self.clip.vision_model
+        dtype = module_dtype(vision)
+        with torch.no_grad(), reduced_precision_block(vision, dtype):
+            return self.clip.get_image_features(pixel_values=pixel_values.to(dtype)).pooler_output
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, class_names: Optional[Sequence[str]] = None,
                 image_features: Optional[torch.Tensor] = None) -> FDBPLOutput:
@@ -317,15 +276,31 @@ class FDBPLCLIPModel(nn.Module):
             if pixel_values is None:
                 raise ValueError("give pixel_values or image_features")
             image_features = self.get_image_features(pixel_values)
-        prompts = self._tokenize(names)
-        text = self._encode(prompts, self.prompts.contexts())
-        pos_text, neg_text = text.chunk(2, dim=0)
+        text = self._encode(self._tokenize(names), self.prompts.contexts())
         scale = self.logit_scale
-        image_n = F.normalize(image_features.float(), dim=-1)
-        pos_logits = scale * image_n @ F.normalize(pos_text.float(), dim=-1).t()
-        neg_logits = scale * image_n @ F.normalize(neg_text.float(), dim=-1).t()
-        return FDBPLOutput(pos_logits=pos_logits, neg_logits=neg_logits, image_features=image_features,
+        logits, _, _ = prompt_logits(image_features, text, scale)
+        pos_text, neg_text = text.chunk(2, dim=0)
+        return FDBPLOutput(pos_logits=logits[:, 0], neg_logits=logits[:, 1], image_features=image_features,
                            pos_text_features=pos_text, neg_text_features=neg_text, logit_scale=scale)
+
+    def class_prompts(self, class_names: Optional[Sequence[str]] = None) -> ClassPrompts:
+        """The prepared prompts of `class_names` (default: those of `set_class_names`), on the
+        model's device; made once per class list and kept."""
+        names = class_names if class_names is not None else self.class_names
+        if names is None:
+            raise ValueError("no class names: pass class_names= or call set_class_names() first")
+        return self._tokenize(names)
+
+    def encode_class_prompts(self, prompts: ClassPrompts, contexts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Text features `[S * C, P]` of prepared prompts under contexts `[S, n_ctx, D]` (default:
+        the positive then the negative context), in the text tower's dtype."""
+        return self._encode(prompts, self.prompts.contexts() if contexts is None else contexts)
+
+    def frozen_towers(self) -> list[nn.Module]:
+        """The parts of the backbone that compute: both towers and their projections. The trainer
+        casts them once under `--bf16`/`--fp16` (`fdbpl_hf.precision`); `logit_scale` stays float32."""
+        clip = self.clip
+        return [clip.text_model, clip.vision_model, clip.text_projection, clip.visual_projection]
 
     # ---- persistence (only the adapter, in peft's format) ------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool = True,

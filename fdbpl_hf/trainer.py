@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -16,10 +17,12 @@ from accelerate.utils import DistributedType
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .acceleration import PixelRenormaliser, TeacherRunner, compile_options, compiled
+from .acceleration import (CUDA_GRAPH_MODES, PixelRenormaliser, TeacherRunner, autocast_factory, compile_options,
+                           compiled)
 from .losses import PCD_REDUCTIONS, WEIGHT_MODES, coop_loss, fdbpl_loss
 from .modeling import FDBPLCLIPModel
 from .files import write_json
+from .precision import frozen_weights_in
 from .prompts import (ADAPTER_CARD_HEADINGS, ADAPTER_COMPANION_FILES, ADAPTER_FILES, FDBPLPromptLearner, adapter_card,
                       adapter_file_owner)
 from .ril.features import check_feature_cache
@@ -30,12 +33,12 @@ from .ril.teachers import Teacher
 from .validation import (at_least, between, check_class_order, check_fields, check_value, flag, greater_than,
                          integer, one_of, probability)
 from .saving import refuse_conflicts, save_files, write_card
+from .step import LOGGED_TERMS, STEP_MODES, FusedStep, FusedStepSGD
 
 logger = logging.getLogger(__name__)
 
-# what compute_loss logs (as loss_<term>): the four loss terms, then "weight", the batch's mean
-# information weight, which is not a loss but scales the distillation terms
-LOGGED_TERMS = ("pos", "neg", "sim", "pcd", "weight")
+# what compute_loss logs (as loss_<term>, LOGGED_TERMS): the four loss terms, then "weight", the
+# batch's mean information weight, which is not a loss but scales the distillation terms
 LOSS_TERMS = LOGGED_TERMS  # the pre-0.5 name
 # written last into a checkpoint folder, once everything else in it is saved: a checkpoint without
 # it was interrupted while being written (or comes from fdbpl_hf <= 0.3)
@@ -135,6 +138,17 @@ class FDBPLTrainingArguments(TrainingArguments):
     logging_nan_inf_filter: Annotated[bool, flag()] = field(default=False, metadata={
         "help": "The Trainer's filter replaces a NaN/inf step loss by the running mean in the logged loss: it "
                 "hides a broken step and costs a host sync per step. Off: such a loss shows in the logs."})
+    train_step: Annotated[str, one_of(*STEP_MODES)] = field(default="standard", metadata={
+        "help": "standard: the Trainer's own step. fused: forward, loss, the contexts' gradients, the SGD update "
+                "and the logged sums as one function of tensors (fdbpl_hf.step; any device; with --torch_compile its "
+                "forward and loss compile as one graph). cuda_graph: the fused step captured once as a CUDA graph "
+                "and replayed (CUDA only). fused and cuda_graph need the default SGD, one process, no gradient "
+                "accumulation and no --fp16."})
+    cast_frozen_backbone: Annotated[bool, flag()] = field(default=True, metadata={
+        "help": "With --bf16/--fp16: cast the frozen towers (student, and a CLIP teacher's image tower) once to "
+                "that precision for train/evaluate/predict, run them without autocast, and restore the float32 "
+                "weights afterwards (autocast re-casts every frozen weight at every call). The contexts, their "
+                "gradients, the logits and the loss stay float32. False: autocast as before."})
 
     def replay_epochs(self, num_items: int) -> int:
         """How many epochs of replay a run over `num_items` images starts (`max_steps` included):
@@ -143,6 +157,21 @@ class FDBPLTrainingArguments(TrainingArguments):
             per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps * max(self.world_size, 1)
             return math.ceil(self.max_steps / max(1, math.ceil(num_items / per_step)))
         return max(1, math.ceil(self.num_train_epochs))
+
+    def _check_fused_step(self) -> None:
+        why = None
+        if self.optim != "sgd":
+            optim = getattr(self.optim, "value", self.optim)
+            why = f"optim={optim!r} (the fused step applies the paper's SGD update itself)"
+        elif self.gradient_accumulation_steps != 1:
+            why = f"gradient_accumulation_steps={self.gradient_accumulation_steps} (one update per batch)"
+        elif self.fp16:
+            why = "fp16 (its gradient scaler checks for inf on the host at every step): use bf16"
+        elif self.train_step == "cuda_graph" and self.torch_compile and self.torch_compile_mode in CUDA_GRAPH_MODES:
+            why = (f"torch_compile_mode={self.torch_compile_mode!r}, which captures CUDA graphs of its own inside "
+                   "the step's graph: leave the mode unset")
+        if why:
+            raise ValueError(f"train_step={self.train_step!r} does not support {why}; use train_step='standard'")
 
     def __post_init__(self):
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
@@ -158,11 +187,17 @@ class FDBPLTrainingArguments(TrainingArguments):
         if self.max_steps <= 0:
             check_value("FDBPLTrainingArguments.num_train_epochs (without max_steps)", self.num_train_epochs,
                         greater_than(0))
+        non_blocking_unset = self.accelerator_config is None
         super().__post_init__()
+        if non_blocking_unset and self.dataloader_pin_memory:
+            # pinned batches copied without blocking the host (accelerate's DataLoaderShard); a no-op on CPU
+            self.accelerator_config.non_blocking = True
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: the trainer needs the teacher columns")
         if self.optim == "sgd" and self.optim_args:
             raise ValueError("optim_args is not read by FDBPL's SGD: set --momentum and --weight_decay instead")
+        if self.train_step != "standard":
+            self._check_fused_step()
         if self.warmup_epochs > 0 and self.lr_scheduler_type == "cosine" and (
                 self.warmup_steps or self.lr_scheduler_kwargs):
             raise ValueError("warmup_steps and lr_scheduler_kwargs belong to the Trainer's own schedules, and the "
@@ -293,8 +328,18 @@ class FDBPLTrainer(Trainer):
         # and the teacher runs under the student's autocast (fdbpl_hf.acceleration)
         self._compile_options = compile_options(self.args)
         self._fdbpl_loss = compiled(fdbpl_loss, self._compile_options if self.args.compile_loss else None)
-        self._run_teacher = (TeacherRunner(self.teacher, self.accelerator, self._compile_options)
+        # the fused step compiles the teacher with the rest of its forward (one graph)
+        fused = self.args.train_step != "standard"
+        self._autocast = autocast_factory(self.accelerator, self.args.device.type)
+        self._run_teacher = (TeacherRunner(self.teacher, self._autocast, None if fused else self._compile_options)
                              if self.teacher is not None else None)
+        if self.args.train_step == "cuda_graph" and self.args.device.type != "cuda":
+            raise ValueError("train_step='cuda_graph' captures CUDA graphs, and this run is on "
+                             f"{self.args.device.type}: use train_step='fused' (the same step, not captured) off CUDA")
+        if fused and self.args.world_size > 1:
+            raise ValueError(f"train_step={self.args.train_step!r} runs in one process (its update does not all-reduce "
+                             "gradients): use train_step='standard' under DDP")
+        self._fused: Optional[FusedStep] = None
         self._renormalise = None
         if self.teacher is not None and (tuple(self.teacher.image_mean), tuple(self.teacher.image_std)) != (
                 train_dataset.image_mean, train_dataset.image_std):
@@ -333,8 +378,10 @@ class FDBPLTrainer(Trainer):
             return super().create_optimizer(model)  # the Trainer's optimisers see only the contexts
         if self.optimizer is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.SGD(params, lr=self.args.learning_rate, momentum=self.args.momentum,
-                                             weight_decay=self.args.weight_decay)
+            # the fused step applies the same SGD update itself, on this optimiser's state
+            cls = torch.optim.SGD if self.args.train_step == "standard" else FusedStepSGD
+            self.optimizer = cls(params, lr=self.args.learning_rate, momentum=self.args.momentum,
+                                 weight_decay=self.args.weight_decay)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -368,16 +415,48 @@ class FDBPLTrainer(Trainer):
     # Only the contexts have gradients: hand accelerate those instead of every backbone parameter,
     # which it would walk and type-check at every step. Same norm, same clipping.
     def _clip_grad_norm(self, model):
+        if self._fused is not None:  # clipped inside the fused step
+            return self._fused.grad_norm
         params = self._optimized_parameters()
         if params is None:
             return super()._clip_grad_norm(model)
         return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
+        if self._fused is not None:  # a device tensor the step wrote, valid until the next step
+            return self._fused.grad_norm
         params = self._optimized_parameters()
         if grad_norm is None and params is not None:  # no clipping: the norm is still logged
             grad_norm = self.accelerator.clip_grad_norm_(params, float("inf"))
         return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # ---- the fused step ---------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, or with `train_step` "fused"/"cuda_graph" the whole step as one function
+        (`fdbpl_hf.step`): forward, loss, backward and the SGD update; the Trainer's optimizer.step()
+        call that follows finds the update done."""
+        if self.args.train_step == "standard":
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if self._fused is None:
+            self._fused = self._fused_step()
+        return self._fused(inputs)
+
+    def _fused_step(self) -> FusedStep:
+        args = self.args
+        loss_kwargs = dict(lambda_neg=args.lambda_neg, lambda_sim=args.lambda_sim, lambda_pcd=args.lambda_pcd,
+                           pcd_margin=args.pcd_margin, use_pcd=args.use_pcd, weight_mode=args.weight_mode,
+                           entropy_threshold=args.entropy_threshold, pcd_reduction=args.pcd_reduction)
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        step = FusedStep(
+            self.accelerator.unwrap_model(self.model), optimizer, loss_kwargs=loss_kwargs,
+            teacher_logits=self.teacher_logits, teacher_entropy=self.teacher_entropy,
+            autocast=self._autocast,
+            render=lambda inputs: render_batch(self.train_dataset, inputs), loss_type=args.loss_type,
+            max_grad_norm=args.max_grad_norm, capture=args.train_step == "cuda_graph",
+            compile_options=self._compile_options, live_teacher=self.teacher is not None)
+        self._metric_keys["train"] = set(step.terms)
+        return step
 
     # ---- the loss -----------------------------------------------------------------------------
     def teacher_logits(self, inputs: dict, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
@@ -458,6 +537,8 @@ class FDBPLTrainer(Trainer):
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
         sums = self._metrics[mode]
+        if mode == "train" and self._fused is not None:
+            sums = self._fused.take_sums()
         if sums is None:
             sums = torch.zeros(len(LOGGED_TERMS) + 2, device=self.args.device)
         if self.args.world_size > 1:
@@ -480,17 +561,43 @@ class FDBPLTrainer(Trainer):
     def _reset_metrics(self, mode: Optional[str] = None) -> None:
         for m in ("train", "eval") if mode is None else (mode,):
             self._metrics[m], self._metric_keys[m] = None, set()
+        if mode in (None, "train") and getattr(self, "_fused", None) is not None:
+            self._fused.take_sums()
+            self._metric_keys["train"] = set(self._fused.terms)
+
+    @contextlib.contextmanager
+    def frozen_precision(self):
+        """Under `--bf16`/`--fp16` with `cast_frozen_backbone` (the default): the student's frozen towers and
+        a CLIP teacher's image tower in that precision, cast once for the block and restored after it
+        (`fdbpl_hf.precision.frozen_weights_in`). `train`, `evaluate` and `predict` run inside it."""
+        args = self.args
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        if dtype is None or not args.cast_frozen_backbone:
+            yield
+            return
+        student = self.accelerator.unwrap_model(self.model)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(frozen_weights_in(student.frozen_towers(), dtype))
+            if self.teacher is not None and self.teacher.frozen_modules():
+                stack.enter_context(frozen_weights_in(self.teacher.frozen_modules(), dtype))
+            yield
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete*
         checkpoint (one killed while being written is skipped with a warning)."""
         self._reset_metrics("train")  # nothing left over from an earlier run or evaluation
+        self._fused = None  # built at the first step, over this run's optimiser
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from (a checkpoint is "
                                  f"complete once {CHECKPOINT_COMPLETE} is written into it, last)")
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        with self.frozen_precision():
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self.frozen_precision():
+            return super().evaluate(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -508,7 +615,8 @@ class FDBPLTrainer(Trainer):
     def predict(self, test_dataset, *args, **kwargs):
         self._check_eval_dataset(test_dataset, self.train_dataset)
         try:
-            return super().predict(test_dataset, *args, **kwargs)
+            with self.frozen_precision():
+                return super().predict(test_dataset, *args, **kwargs)
         finally:
             self._reset_metrics("eval")  # predict() never logs: drop its terms
 

@@ -216,3 +216,14 @@ def test_compose_benchmark_smoke(tiny_checkpoints, tmp_path):
     assert all(r["kl_composed"] < 1e-3 for r in records if r["k"] == 50)  # K = C: the joint build, up to fp16
     assert {(r["path"], r["tables"]) for r in out["cost"]["records"]} >= {("pixels", 3), ("feature cache", 2)}
     assert json.loads((tmp_path / "compose.json").read_text())["command"].startswith("python benchmarks/compose.py")
+
+
+def test_step_gpu_smoke(tmp_path):
+    """Issue 20's step-time script (benchmarks/gpu_measurement.sh runs it on CUDA): the fused step on CPU."""
+    report = tmp_path / "step.json"
+    run_script("benchmarks/step_gpu.py", "--device", "cpu", "--size", "small", "--classes", "10", "--batch", "4",
+               "--steps", "1", "--warmup", "1", "--workers", "0", "--variants", "fused", "--json", str(report))
+    result = json.loads(report.read_text())
+    assert result["errors"] == {}
+    assert set(result["step_ms"]) == {"online / fused", "offline / fused", "cached / fused"}
+    assert result["commit"] and result["command"].startswith("python benchmarks/step_gpu.py --device cpu")

@@ -147,14 +147,14 @@ def test_deepcopy_keeps_its_own_prompts(tiny_clip, tokenizer):
     assert not torch.allclose(changed, original)
     torch.testing.assert_close(original, reference_features(tiny_clip, tokenizer, [f"a photo of a {c}." for c in NAMES]),
                                atol=1e-5, rtol=0)
-    twin.unload()  # removes the copy's hook only
+    twin.unload()  # unloads the copy only
     with torch.no_grad():
         torch.testing.assert_close(model.get_text_features(NAMES), original, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="unloaded"):
         copy.deepcopy(twin)
 
 
-def test_hook_is_inert_outside_the_wrapper(tiny_clip, tokenizer):
+def test_the_clip_called_directly_is_unaffected(tiny_clip, tokenizer):
     before = reference_features(tiny_clip, tokenizer, ["X X X X cat."])
     model = get_fdbpl_model(tiny_clip, FDBPLConfig(positive_init=None, negative_init=None), tokenizer)
     model.get_text_features(["cat"])
@@ -191,7 +191,8 @@ def test_bad_input(tiny_clip, tokenizer):
 
 
 def test_wrappers_do_not_leak_and_unload(tiny_clip, tokenizer):
-    """A collected wrapper takes its hook with it; unload() hands back the plain CLIP model."""
+    """Wrapping registers nothing on the backbone (no hook: the contexts go into prepared embeddings),
+    so collected wrappers leave nothing behind; unload() hands back the plain CLIP model."""
     import gc
 
     from fdbpl_hf import get_fdbpl_model

@@ -18,6 +18,7 @@ from ..clip_ops import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_tokenizer,  # c
 from .compose import TEACHER_WEIGHTINGS, fixed_weights, mixing_weights, region_confidence, resolve_weighting
 from ..validation import (check_class_names, check_class_order, check_image_stats, check_templates, check_value,
                           integer, text)
+from ..precision import module_dtype, reduced_precision_block
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, PreTrainedTokenizerBase
@@ -56,6 +57,12 @@ class Teacher:
     def to(self, device) -> "Teacher":
         """Move the teacher to `device`, in place; returns it."""
         return self
+
+    def frozen_modules(self) -> list:
+        """The frozen modules that compute the teacher's logits, which a trainer may cast once to its
+        reduced precision (`fdbpl_hf.precision.frozen_weights_in`); none by default (a callable
+        keeps the dtypes it was given, under the trainer's autocast)."""
+        return []
 
     def weights_fingerprint(self) -> Optional[str]:
         """A content hash of what the teacher computes with (all its weights:
@@ -131,10 +138,19 @@ class CLIPTeacher(Teacher):
 
         return tensor_fingerprint({"clip": self.model})
 
+    def frozen_modules(self) -> list:
+        """The image tower and its projection (the class texts are encoded once, at construction)."""
+        return [self.model.vision_model, self.model.visual_projection]
+
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[B, C]` = logit_scale x cosine(image, class text) for normalised pixels `[B, 3, S, S]`."""
-        image = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.model.dtype)).pooler_output
-        return self.logit_scale * F.normalize(image.float(), dim=-1) @ self.text_features.t()
+        """`[B, C]` = logit_scale x cosine(image, class text) for normalised pixels `[B, 3, S, S]`.
+        The image tower computes in its weights' dtype (`fdbpl_hf.precision`); the cosine in float32."""
+        vision = self.model.vision_model
+        dtype = module_dtype(vision)
+        with reduced_precision_block(vision, dtype):
+            image = self.model.get_image_features(pixel_values=pixel_values.to(self.device, dtype)).pooler_output
+        with torch.autocast(image.device.type, enabled=False):
+            return self.logit_scale * F.normalize(image.float(), dim=-1) @ self.text_features.t()
 
     def describe(self) -> dict:
         return {**super().describe(), "templates": self.templates, "logit_scale": self.logit_scale}
@@ -266,6 +282,9 @@ class EnsembleTeacher(Teacher):
         mix = self.region_weights(member_probs)  # [members, B]
         probs = (mix.unsqueeze(-1) * member_probs).sum(0)
         return probs.clamp_min(1e-12).log()
+
+    def frozen_modules(self) -> list:
+        return [module for member in self.members for module in member.frozen_modules()]
 
     def weights_fingerprint(self) -> Optional[str]:
         prints = [m.weights_fingerprint() for m in self.members]
