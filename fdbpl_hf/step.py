@@ -31,6 +31,7 @@ import torch
 from .losses import coop_loss, fdbpl_objective
 from .modeling import FDBPLCLIPModel, prompt_logits
 from .prompt_encoding import PreparedText, encode_prepared, prepare_text
+from .ril.replay import TEACHER_LOG_PROBS
 from .ril.table import ENTROPY_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ LOGGED_TERMS = ("pos", "neg", "sim", "pcd", "weight")
 # cuBLAS, SDPA and the caching allocator settle (PyTorch's whole-network capture recipe uses 3)
 WARMUP_STEPS = 3
 # the batch keys the step reads (any other key, e.g. image ids, stays out of the graph)
-STEP_INPUTS = ("pixel_values", "image_features", "topk_indices", "topk_logits", "labels", ENTROPY_COLUMN)
+# (teacher_log_probs: composed tables' soft labels, mixed by the dataset)
+STEP_INPUTS = ("pixel_values", "image_features", "topk_indices", "topk_logits", TEACHER_LOG_PROBS, "labels",
+               ENTROPY_COLUMN)
 
 
 class FusedStepSGD(torch.optim.SGD):

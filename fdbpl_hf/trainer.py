@@ -366,12 +366,6 @@ class FDBPLTrainer(Trainer):
                               fix="an evaluation set is scored against the training classes: evaluate other classes "
                                   "with fdbpl_hf.evaluation (evaluate_cross_dataset)")
 
-    def evaluate(self, eval_dataset=None, *args, **kwargs):
-        """`Trainer.evaluate`; an `eval_dataset` given here is checked as the constructor checks one."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            self._check_eval_dataset(eval_dataset, self.train_dataset)
-        return super().evaluate(eval_dataset, *args, **kwargs)
-
     # ---- optimisation -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
         if self.args.optim != "sgd" or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
@@ -595,9 +589,13 @@ class FDBPLTrainer(Trainer):
         with self.frozen_precision():
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        """`Trainer.evaluate`; an `eval_dataset` given here is checked as the constructor checks one,
+        and the frozen towers run at the training precision (`frozen_precision`)."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            self._check_eval_dataset(eval_dataset, self.train_dataset)
         with self.frozen_precision():
-            return super().evaluate(*args, **kwargs)
+            return super().evaluate(eval_dataset, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
