@@ -400,6 +400,41 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(digits_small, tabl
     assert trainer.state.global_step == 6
 
 
+def test_a_kill_right_after_the_checkpoint_rotation_leaves_a_complete_checkpoint(digits_small, table_dir, tokenizer,
+                                                                                  tmp_path, monkeypatch):
+    """save_total_limit=1: the Trainer removes the older checkpoint at the end of each save. Up to 0.7
+    that came before the new one's completion marker, so a kill in between left nothing to resume."""
+    import transformers.trainer
+    import transformers.trainer_utils
+
+    from fdbpl_hf import FDBPLConfig, get_fdbpl_model
+    from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments, last_complete_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    real = transformers.trainer_utils.rotate_checkpoints
+
+    def rotate_then_die(**kwargs):  # the process dies as soon as a rotation has removed a checkpoint
+        before = set(os.listdir(kwargs["output_dir"]))
+        real(**kwargs)
+        if set(os.listdir(kwargs["output_dir"])) < before:
+            raise Killed
+
+    for module in (transformers.trainer, transformers.trainer_utils):
+        monkeypatch.setattr(module, "rotate_checkpoints", rotate_then_die)
+    run = tmp_path / "run"
+    args = FDBPLTrainingArguments(output_dir=str(run), max_steps=4, per_device_train_batch_size=10,
+                                  save_strategy="steps", save_steps=2, save_total_limit=1, use_cpu=True,
+                                  report_to="none", disable_tqdm=True, warmup_epochs=0)
+    model = get_fdbpl_model(make_clip("tiny", seed=2, image_size=16), FDBPLConfig(), tokenizer)
+    trainer = FDBPLTrainer(model=model, args=args, train_dataset=replay(digits_small, load_ril_table(str(table_dir))))
+    with pytest.raises(Killed):
+        trainer.train()
+    assert sorted(os.listdir(run)) == ["checkpoint-4"]  # the rotation ran: checkpoint-2 is gone
+    assert last_complete_checkpoint(str(run)) == str(run / "checkpoint-4")
+
+
 # ---- 8. launch traps ----------------------------------------------------------------------------------
 _WORLD = textwrap.dedent("""
     import os, sys, torch
