@@ -113,9 +113,9 @@ class RILDataset(torch.utils.data.Dataset):
             if meta is not None and not isinstance(meta, dict):
                 raise TypeError(f"RILDataset's metadata must be a dict (ril_metadata(table)), or one per table, got "
                                 f"{type(meta).__name__}")
-        check_image_stats("RILDataset image_mean", image_mean, "RILDataset image_std", image_std)
-        # kept as given (their values go into the feature cache's key)
-        image_mean, image_std = tuple(image_mean), tuple(image_std)
+        # kept as given (their values go into the feature cache's key), numpy values as Python numbers
+        image_mean, image_std = check_image_stats("RILDataset image_mean", image_mean, "RILDataset image_std",
+                                                  image_std)
         check_value("RILDataset image_size", image_size, integer(1, optional=True))
         check_value("RILDataset epoch", epoch, integer(0))
         check_value("RILDataset image_column", image_column, text(optional=True))
