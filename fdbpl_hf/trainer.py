@@ -653,7 +653,11 @@ class FDBPLTrainer(Trainer):
         # The Trainer copies peft's two adapter files from the checkpoint before a mid-training
         # push; the rest of the adapter (our config, the tokenizer with the context tokens, the
         # card) must go with them, or the pushed repo mixes two saves.
-        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+        # The Trainer skips this push while the previous one still uploads output_dir (unless
+        # hub_always_push): then output_dir must not change either, or that upload mixes two saves.
+        pushing = not self.args.hub_always_push and self.push_in_progress is not None and \
+            not self.push_in_progress.is_done()
+        if self.is_world_process_zero() and self.args.hub_strategy != "end" and not pushing:
             def write(staging: str) -> None:
                 for name in ADAPTER_COMPANION_FILES:
                     src = os.path.join(checkpoint_folder, name)
