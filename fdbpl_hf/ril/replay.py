@@ -368,8 +368,26 @@ class RILDataset(torch.utils.data.Dataset):
         if len(store) != len(self.source):
             raise ValueError(f"the image store holds {len(store)} images, the dataset has {len(self.source)}: "
                              "build it with DeviceImageStore.from_dataset(this dataset)")
+        self._check_store_images(store)
         self.image_store = store
         return self
+
+    def _check_store_images(self, store) -> None:
+        """Refuse a store of other images than this dataset's, in its order (e.g. of a shuffled copy):
+        every region would be cut from another image. Compared by the stored images' digests (a store
+        made without them, by hand, is not checked)."""
+        from ..integrity import encoded_image_digest, first_differences
+        from .host_pipeline import source_cells
+
+        if store.image_digests is None:
+            return
+        found = b"".join(encoded_image_digest(cell, row) for row, cell in
+                         source_cells(self.source, self.image_column, range(len(self.source)), 1024))
+        if found != store.image_digests:
+            rows = first_differences(store.image_digests, found, holder="the store", absent="an image the store "
+                                     "does not hold")
+            raise ValueError(f"the image store holds other images than the dataset, or in another order (dataset "
+                             f"{', '.join(rows)}): build it with DeviceImageStore.from_dataset(this RILDataset)")
 
     def set_epoch(self, epoch: int) -> None:
         """Choose which stored region each image replays (Trainer/accelerate call this each epoch)."""
