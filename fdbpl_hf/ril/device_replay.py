@@ -268,16 +268,6 @@ def render_batch(data, inputs: dict) -> torch.Tensor:
                           data.spec, tuple(int(v) for v in inputs["region_pad"]), data.image_mean, data.image_std)
 
 
-class _Done:
-    """A finished `Future` look-alike (the CPU renderer hands out real futures)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 class PreparedChunk:
     """The host half of rendering a chunk: its distinct images' pixels in one flat uint8 `[P, 3]`
     buffer (pinned when the device is CUDA) and every job's image slot, pixel box and flip."""
@@ -309,16 +299,10 @@ class DeviceChunkRenderer:
 
     `prepare(chunk)` is the host half (thread-safe: builders run it in their host pool, ahead of
     the device), `render(prepared)` queues the uploads (non-blocking from pinned memory on CUDA)
-    and the kernel; `submit(chunk)` does both."""
+    and the kernel."""
 
     def __init__(self, spec: RegionSpec, mean, std, device):
         self.spec, self.mean, self.std, self.device = spec, tuple(mean), tuple(std), torch.device(device)
-
-    def __enter__(self) -> "DeviceChunkRenderer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
 
     def prepare(self, chunk: list) -> PreparedChunk:
         return PreparedChunk(chunk, self.device)
@@ -330,6 +314,3 @@ class DeviceChunkRenderer:
             return render_regions(store, to_device(prepared.index, self.device),
                                   to_device(prepared.crops, self.device), to_device(prepared.flips, self.device),
                                   self.spec, prepared.pad, self.mean, self.std)
-
-    def submit(self, chunk: list) -> _Done:
-        return _Done(self.render(self.prepare(chunk)))
