@@ -104,6 +104,25 @@ def test_assembly_removes_only_what_the_build_wrote(digits_small, tmp_path, monk
     assert sorted(os.listdir(work)) == ["notes.txt"]  # the shards went, the user's file stayed
 
 
+def test_a_build_killed_after_its_assembly_leaves_no_second_copy(digits_small, tmp_path, monkeypatch):
+    """The table is renamed into place, then the work folder removed: a kill in between left the shards
+    (a second copy of the table) beside it for good, as every later call returned the finished table."""
+    import fdbpl_hf.ril.sharding as sharding
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sharding, "remove_owned", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build(digits_small, tmp_path / "t", shard_size=16)
+    monkeypatch.undo()
+    work = tmp_path / "t.incomplete"
+    assert (work / "shard-00000").is_dir() and (tmp_path / "t").is_dir()
+    (tmp_path / "other.incomplete").mkdir()  # not this build's: never touched
+    assert len(build(digits_small, tmp_path / "t", shard_size=16)) == 30 * M
+    assert not work.exists() and (tmp_path / "other.incomplete").is_dir()
+
+
 def test_a_feature_cache_work_folder_we_did_not_create_is_refused(digits_small, table_dir, tokenizer, tmp_path):
     from fdbpl_hf import FDBPLConfig, get_fdbpl_model
 
