@@ -131,7 +131,11 @@ def remove_leftover_work(output_dir: str, build_key: str, kind: str) -> None:
     a second copy of the table that nothing reads. Only a folder fdbpl_hf owns, of the same build
     key, on rank 0, and not while a live build holds the lock; what the build did not write stays."""
     work = output_dir + ".incomplete"
-    if dist_info()[0] != 0 or not os.path.isfile(os.path.join(work, OWNER_FILE)):
+    if not os.path.isfile(os.path.join(work, OWNER_FILE)):
+        return
+    # rank 0 only, without starting a process group for it (dist_info would)
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if (torch.distributed.get_rank() if initialized else int(os.environ.get("RANK", "0"))) != 0:
         return
     try:
         previous = read_json(os.path.join(work, BUILD_FILE), "")
