@@ -91,13 +91,14 @@ def _load_test(name: str, split: Optional[str], revision: Optional[str]):
     return info, split, data
 
 
-def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict) -> None:
+def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict, adapter_config=None) -> None:
     """Base, novel and HM accuracy into the adapter card's model-index: the local folder's
-    README.md, and with --push_to_hub the Hub repo's card."""
+    README.md, and with --push_to_hub the Hub repo's card. A local adapter without a README.md gets
+    fdbpl_hf's card of `adapter_config` (its `FDBPLConfig`), with the results."""
     from huggingface_hub import ModelCard
 
-    from fdbpl_hf.prompts import ADAPTER_CARD_HEADINGS, record_eval_results
-    from fdbpl_hf.saving import save_card_file
+    from fdbpl_hf.prompts import ADAPTER_CARD_HEADINGS, adapter_card, record_eval_results
+    from fdbpl_hf.saving import save_card_file, write_card
 
     local = os.path.isdir(args.adapter)
     repo_id = args.hub_model_id or (None if local else args.adapter)
@@ -105,7 +106,12 @@ def _record_on_card(args: EvalArguments, protocol: dict, b2n: dict) -> None:
         raise SystemExit("--push_to_hub with a local --adapter needs --hub_model_id (the adapter's repo)")
     if not local and not args.push_to_hub:
         return
-    card = ModelCard.load(os.path.join(args.adapter, "README.md") if local else repo_id)
+    local_card = os.path.join(args.adapter, "README.md")
+    if local and not os.path.lexists(local_card) and adapter_config is not None:
+        # ModelCard.load would take the missing file's path for a Hub id (HFValidationError)
+        write_card(args.adapter, str(adapter_card(adapter_config, repo_id=repo_id)), ADAPTER_CARD_HEADINGS,
+                   "the adapter")
+    card = ModelCard.load(local_card if local else repo_id)
     common = {"dataset_id": protocol["dataset_id"], "dataset_name": protocol["dataset"], "split": protocol["split"]}
     rows = [{**common, "metric": "base accuracy", "metric_type": "accuracy", "value": b2n["base_acc"]},
             {**common, "metric": "novel accuracy", "metric_type": "accuracy", "value": b2n["novel_acc"]},
@@ -201,7 +207,7 @@ def main(args: EvalArguments | Sequence[str] | None = None) -> Optional[dict]:
         warnings.warn(f"no plots: {err}")
 
     if not zero_shot:
-        _record_on_card(args, protocol, b2n)
+        _record_on_card(args, protocol, b2n, model.fdbpl_config)
 
     print(format_summary_markdown(summarize_runs([{"protocol": protocol, "results": results}])))
     if "ood" in b2n:

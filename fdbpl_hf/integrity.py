@@ -476,6 +476,12 @@ def _class_id(label) -> Optional[int]:
         return int(label) if isinstance(label, float) and label.is_integer() else None
 
 
+def encoded_image_digest(item: dict, row: int) -> bytes:
+    """`IMAGE_DIGEST_BYTES` of sha256 over one undecoded image cell's encoded bytes (no label): what
+    an image store records of each image it holds."""
+    return hashlib.sha256(_encoded(item, row)).digest()[:IMAGE_DIGEST_BYTES]
+
+
 def _encoded(item: dict, row: int) -> bytes:
     if item.get("bytes") is not None:
         return item["bytes"]
@@ -494,9 +500,11 @@ def decode_digests(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"))
 
 
-def first_differences(recorded: bytes, found: bytes, limit: int = 5) -> list[str]:
+def first_differences(recorded: bytes, found: bytes, limit: int = 5, holder: str = "the table",
+                      absent: str = "an image the table was not built on") -> list[str]:
     """Human-readable list of rows whose digest differs, with where the row's image sits in the
-    other list when it was moved (a shuffled or re-ordered dataset)."""
+    other list when it was moved (a shuffled or re-ordered dataset). `holder` names what recorded
+    the digests, `absent` an image it does not have."""
     size = IMAGE_DIGEST_BYTES
     rec = [recorded[i: i + size] for i in range(0, len(recorded), size)]
     got = [found[i: i + size] for i in range(0, len(found), size)]
@@ -505,8 +513,8 @@ def first_differences(recorded: bytes, found: bytes, limit: int = 5) -> list[str
     for i, (a, b) in enumerate(zip(rec, got)):
         if a != b:
             moved = where.get(b)
-            out.append(f"row {i}" + (f" (holds the table's image {moved}: reordered)" if moved is not None
-                                     else " (an image the table was not built on)"))
+            out.append(f"row {i}" + (f" (holds {holder}'s image {moved}: reordered)" if moved is not None
+                                     else f" ({absent})"))
             if len(out) == limit:
                 out.append("...")
                 break

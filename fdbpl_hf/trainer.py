@@ -598,13 +598,34 @@ class FDBPLTrainer(Trainer):
             return super().evaluate(eval_dataset, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # The Trainer removes older checkpoints (save_total_limit) at the end of its save: the new one
+        # must be marked complete first, or a kill in between leaves no complete checkpoint to resume
+        # from. So its rotation is held back and run here, after the marker.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if os.path.isdir(folder):
                 write_json(os.path.join(folder, CHECKPOINT_COMPLETE), {"global_step": self.state.global_step})
+            self._rotate_checkpoints_after_marker(run_dir)
+
+    def _rotate_checkpoints_after_marker(self, run_dir: str) -> None:
+        """The Trainer's own rotation of `run_dir`'s checkpoints, as its `_save_checkpoint` runs it
+        (a method up to transformers 5.x's early releases, a function of `trainer_utils` later)."""
+        if hasattr(Trainer, "_rotate_checkpoints"):
+            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+            return
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def evaluation_loop(self, *args, **kwargs):
         self._reset_metrics("eval")
@@ -632,7 +653,11 @@ class FDBPLTrainer(Trainer):
         # The Trainer copies peft's two adapter files from the checkpoint before a mid-training
         # push; the rest of the adapter (our config, the tokenizer with the context tokens, the
         # card) must go with them, or the pushed repo mixes two saves.
-        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+        # The Trainer skips this push while the previous one still uploads output_dir (unless
+        # hub_always_push): then output_dir must not change either, or that upload mixes two saves.
+        pushing = not self.args.hub_always_push and self.push_in_progress is not None and \
+            not self.push_in_progress.is_done()
+        if self.is_world_process_zero() and self.args.hub_strategy != "end" and not pushing:
             def write(staging: str) -> None:
                 for name in ADAPTER_COMPANION_FILES:
                     src = os.path.join(checkpoint_folder, name)

@@ -291,14 +291,17 @@ def _three_numbers(where: str, value: Any) -> tuple[float, ...]:
                          + (f" ({len(items)} values)" if len(items) != 3 else ""))
     if not all(math.isfinite(float(v)) for v in items):
         raise ValueError(f"{where} must be 3 finite numbers, got {_shown(value)}")
-    return tuple(float(v) for v in items)
+    # numpy / torch scalars as the Python numbers they hold (an int stays an int): the values go into
+    # JSON build and cache keys, which a float32 scalar cannot enter and where 1 and 1.0 differ
+    return tuple(v.item() if hasattr(v, "item") and not isinstance(v, (int, float)) else v for v in items)
 
 
 def check_image_stats(mean_where: str, mean: Any, std_where: str, std: Any) -> tuple[tuple[float, ...],
                                                                               tuple[float, ...]]:
     """Per-channel normalisation of pixels in [0, 1]: `mean` 3 finite numbers in [0, 1], `std` 3
     in (0, 1]. Values on the 0-255 scale are recognised and refused with a hint. Returns both as
-    tuples of floats; `mean_where` / `std_where` name the settings ("RILDataset image_mean")."""
+    tuples of plain Python numbers, each as given (numpy or torch values converted, ints kept): what
+    to keep and record; `mean_where` / `std_where` name the settings ("RILDataset image_mean")."""
     m = _three_numbers(mean_where, mean)
     s = _three_numbers(std_where, std)
     for where, values, ok, accepted in ((mean_where, m, all(0 <= v <= 1 for v in m), "[0, 1]"),

@@ -207,6 +207,8 @@ def test_weightings_and_weights_are_checked(digits_small, dense_tables):
         replay(digits_small, dense_tables, teacher_weighting="best")
     with pytest.raises(ValueError, match=r"weights must be 2 finite non-negative numbers \(one per table\)"):
         replay(digits_small, dense_tables, teacher_weights=[1.0])
+    with pytest.raises(ValueError, match=r"weights must be 2 .*, got 0\.7"):  # a TypeError before ('float' not iterable)
+        replay(digits_small, dense_tables, teacher_weights=0.7)  # e.g. one value for the list in a JSON config
     with pytest.raises(ValueError, match="mix several tables' soft labels: give a list of tables"):
         replay(digits_small, dense_tables[0], teacher_weighting="max_prob")
     old = dense_tables[1].remove_columns("teacher_entropy")

@@ -116,6 +116,12 @@ def test_store_refusals(digits_small, teacher_clip, tokenizer, tmp_path):
         uint8 = build_ril_table(digits_small, teacher_clip, num_regions=2, top_k=3, teacher_tokenizer=tokenizer,
                                 output_dir=str(tmp_path / "u"))
         replay(digits_small, uint8).use_image_store(DeviceImageStore.from_dataset(digits_small.select(range(3))))
+    # a store of the same number of other images (here a shuffled copy) rendered every region from another
+    # image without a word
+    shuffled = DeviceImageStore.from_dataset(digits_small.shuffle(seed=1))
+    with pytest.raises(ValueError, match=r"other images than the dataset, or in another order \(dataset row 0 \(holds "
+                                         r"the store's image 21: reordered\)"):
+        replay(digits_small, uint8).use_image_store(shuffled)
 
 
 def test_kernel_matches_torch_on_a_224px_crop():

@@ -104,6 +104,25 @@ def test_assembly_removes_only_what_the_build_wrote(digits_small, tmp_path, monk
     assert sorted(os.listdir(work)) == ["notes.txt"]  # the shards went, the user's file stayed
 
 
+def test_a_build_killed_after_its_assembly_leaves_no_second_copy(digits_small, tmp_path, monkeypatch):
+    """The table is renamed into place, then the work folder removed: a kill in between left the shards
+    (a second copy of the table) beside it for good, as every later call returned the finished table."""
+    import fdbpl_hf.ril.sharding as sharding
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sharding, "remove_owned", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build(digits_small, tmp_path / "t", shard_size=16)
+    monkeypatch.undo()
+    work = tmp_path / "t.incomplete"
+    assert (work / "shard-00000").is_dir() and (tmp_path / "t").is_dir()
+    (tmp_path / "other.incomplete").mkdir()  # not this build's: never touched
+    assert len(build(digits_small, tmp_path / "t", shard_size=16)) == 30 * M
+    assert not work.exists() and (tmp_path / "other.incomplete").is_dir()
+
+
 def test_a_feature_cache_work_folder_we_did_not_create_is_refused(digits_small, table_dir, tokenizer, tmp_path):
     from fdbpl_hf import FDBPLConfig, get_fdbpl_model
 
@@ -398,6 +417,41 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(digits_small, tabl
         trainer.train(resume_from_checkpoint=True)
     assert "skipping checkpoint" in caplog.text and "checkpoint-6" in caplog.text
     assert trainer.state.global_step == 6
+
+
+def test_a_kill_right_after_the_checkpoint_rotation_leaves_a_complete_checkpoint(digits_small, table_dir, tokenizer,
+                                                                                  tmp_path, monkeypatch):
+    """save_total_limit=1: the Trainer removes the older checkpoint at the end of each save. Up to 0.7
+    that came before the new one's completion marker, so a kill in between left nothing to resume."""
+    import transformers.trainer
+    import transformers.trainer_utils
+
+    from fdbpl_hf import FDBPLConfig, get_fdbpl_model
+    from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments, last_complete_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    real = transformers.trainer_utils.rotate_checkpoints
+
+    def rotate_then_die(**kwargs):  # the process dies as soon as a rotation has removed a checkpoint
+        before = set(os.listdir(kwargs["output_dir"]))
+        real(**kwargs)
+        if set(os.listdir(kwargs["output_dir"])) < before:
+            raise Killed
+
+    for module in (transformers.trainer, transformers.trainer_utils):
+        monkeypatch.setattr(module, "rotate_checkpoints", rotate_then_die)
+    run = tmp_path / "run"
+    args = FDBPLTrainingArguments(output_dir=str(run), max_steps=4, per_device_train_batch_size=10,
+                                  save_strategy="steps", save_steps=2, save_total_limit=1, use_cpu=True,
+                                  report_to="none", disable_tqdm=True, warmup_epochs=0)
+    model = get_fdbpl_model(make_clip("tiny", seed=2, image_size=16), FDBPLConfig(), tokenizer)
+    trainer = FDBPLTrainer(model=model, args=args, train_dataset=replay(digits_small, load_ril_table(str(table_dir))))
+    with pytest.raises(Killed):
+        trainer.train()
+    assert sorted(os.listdir(run)) == ["checkpoint-4"]  # the rotation ran: checkpoint-2 is gone
+    assert last_complete_checkpoint(str(run)) == str(run / "checkpoint-4")
 
 
 # ---- 8. launch traps ----------------------------------------------------------------------------------

@@ -207,6 +207,57 @@ def test_training_into_a_models_folder_is_refused_before_it_starts(tiny_checkpoi
     assert (run / "README.md").read_text() == USER_CARD and (run / "adapter_model.safetensors").is_file()
 
 
+def test_a_push_skipped_while_the_last_one_uploads_leaves_output_dir_alone(fake_hub, tokenizer, digits_small,
+                                                                          tmp_path):
+    """The Trainer skips a mid-training push while the previous upload of output_dir still runs; our
+    copy of the adapter's other files into output_dir ran anyway, under that upload (and left
+    output_dir with one save's config beside another save's weights)."""
+    from fdbpl_hf.trainer import FDBPLTrainer, FDBPLTrainingArguments
+
+    data = RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=MEAN, image_std=STD,
+                             region_spec=RegionSpec(output_size=32), num_regions=2)
+    run = tmp_path / "run"
+    args = FDBPLTrainingArguments(output_dir=str(run), loss_type="coop", max_steps=1, report_to="none", use_cpu=True,
+                                  disable_tqdm=True, warmup_epochs=0, push_to_hub=True, hub_model_id="tester/busy")
+    trainer = FDBPLTrainer(model=trained(tokenizer), args=args, train_dataset=data)
+    trainer.save_model(str(run / "checkpoint-1"), _internal_call=True)
+    before = snapshot(run)
+
+    class Uploading:  # the previous push's upload_folder, still running
+        def is_done(self):
+            return False
+
+    trainer.push_in_progress = Uploading()
+    trainer._push_from_checkpoint(str(run / "checkpoint-1"))
+    assert snapshot(run) == before
+
+
+def test_evaluate_records_results_on_a_local_adapter_without_a_card(context_tokenizer, tmp_path):
+    """examples/evaluate.py read the local adapter's README.md with ModelCard.load, which takes a missing
+    file's path for a Hub id: the run ended in an HFValidationError after its evaluation."""
+    import importlib.util
+    import sys
+
+    from fdbpl_hf.prompts import ADAPTER_CARD_HEADINGS
+    from fdbpl_hf.saving import card_owner
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "evaluate.py")
+    spec = importlib.util.spec_from_file_location("fdbpl_example_evaluate_cards", path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    model = trained(context_tokenizer)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    os.remove(folder / "README.md")
+    args = script.EvalArguments(student="tiny-clip", output_dir=str(tmp_path / "eval"), adapter=str(folder))
+    protocol = {"dataset_id": "digits", "dataset": "digits", "split": "test"}
+    script._record_on_card(args, protocol, {"base_acc": 91.0, "novel_acc": 80.0, "hm": 85.1}, model.fdbpl_config)
+    card = (folder / "README.md").read_text()
+    assert "# FDBPL adapter" in card and "value: 91.0" in card
+    assert card_owner(str(folder / "README.md"), ADAPTER_CARD_HEADINGS) is None  # ours: the next save refreshes it
+
+
 def test_the_demo_clears_only_what_its_runs_wrote(tmp_path):
     import importlib.util
 

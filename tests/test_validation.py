@@ -12,7 +12,7 @@ import torch
 from conftest import make_clip
 
 from fdbpl_hf import (CallableTeacher, CLIPTeacher, EnsembleTeacher, FDBPLConfig, RegionSpec, RILDataset,
-                      RILTableConfig, build_ril_table, get_fdbpl_model)
+                      RILTableConfig, build_feature_cache, build_ril_table, get_fdbpl_model)
 from fdbpl_hf.data import DatasetInfo, few_shot_indices, kept_class_ids, subset_classes
 from fdbpl_hf.evaluation import (ZeroShotCLIP, encode_images, evaluate_base_to_novel, evaluate_cross_dataset,
                                  evaluate_domain_generalization, evaluate_ood, ood_metrics, predict_logits,
@@ -164,6 +164,21 @@ def test_replay_settings(digits_small, table):
     with pytest.raises(TypeError, match="region_spec must be a RegionSpec, got dict"):
         RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=MEAN, image_std=STD,
                           region_spec=spec.to_dict())
+
+
+def test_image_statistics_from_numpy_are_recorded_as_python_numbers(digits_small, clip, tokenizer, tmp_path):
+    """np.float32 statistics passed the checks, then every build and cache failed on its JSON key
+    ("Object of type float32 is not JSON serializable"). Python ints stay ints: earlier keys hold."""
+    mean, std = np.array(MEAN, dtype=np.float32), np.array(STD, dtype=np.float32)
+    teacher = CLIPTeacher(clip, tokenizer, DIGIT_NAMES, image_mean=mean, image_std=list(std))  # array, list of scalars
+    assert teacher.image_mean == tuple(mean.tolist()) and all(type(v) is float for v in teacher.image_std)
+    table = build_ril_table(digits_small.select(range(4)), pooled_teacher(), teacher_image_mean=mean,
+                            teacher_image_std=std, class_names=DIGIT_NAMES, num_regions=1, top_k=2,
+                            output_dir=str(tmp_path / "t"))
+    data = RILDataset(digits_small.select(range(4)), table, image_mean=mean, image_std=std)
+    assert data.image_mean == tuple(mean.tolist())
+    build_feature_cache(data, clip, epochs=1, output_dir=str(tmp_path / "c"), progress=False)
+    assert RILDataset(digits_small.select(range(4)), table, image_mean=MEAN, image_std=[1, 1, 1]).image_std == (1, 1, 1)
 
 
 def test_teacher_settings(clip, tokenizer):

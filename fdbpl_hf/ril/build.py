@@ -23,7 +23,7 @@ from .host_pipeline import (
     DeviceResults, HostPool, check_host_threads, default_host_threads, lagged, ordered, source_cells, to_device,
 )
 from .regions import RegionSpec, image_to_tensor, region_rng, render_jobs, sample_regions
-from .sharding import ShardedBuild, absent_or_empty, default_build_dir
+from .sharding import ShardedBuild, absent_or_empty, default_build_dir, remove_leftover_work
 from .table import (
     ENTROPY_COLUMN, METADATA_FILE, TABLE_FORMAT, build_key, columns_to_arrow, columns_to_dataset, content_differences,
     decode_image, describe_source, library_version, load_ril_table, read_metadata_file, table_features,
@@ -429,5 +429,7 @@ def _existing_table(output_dir: str, metadata: dict) -> Optional[datasets.Datase
         raise ValueError(f"output_dir {output_dir} already holds an RIL table built with other settings (built by "
                          f"fdbpl_hf {existing.get('library_version')}; differs in "
                          f"{', '.join(differences) or 'its build key'}){sampled}; delete it or pick another folder")
-    return load_ril_table(output_dir)
+    table = load_ril_table(output_dir)
+    remove_leftover_work(output_dir, metadata["build_key"], "RIL table")
+    return table
 

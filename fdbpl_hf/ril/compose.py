@@ -47,10 +47,15 @@ def resolve_weighting(weighting: str) -> str:
 def fixed_weights(weights: Optional[Sequence[float]], count: int, what: str = "teachers") -> torch.Tensor:
     """`weights` (default equal) as a float32 tensor summing to 1; refused unless `count` finite
     non-negative numbers with a positive sum."""
-    w = torch.tensor([1.0] * count if weights is None else [float(v) for v in weights], dtype=torch.float32)
+    try:  # a number or a string (e.g. one JSON value for the list) is not a list of weights
+        values = [1.0] * count if weights is None else \
+            None if isinstance(weights, (str, bytes)) else [float(v) for v in weights]
+    except (TypeError, ValueError):
+        values = None
+    w = torch.tensor(values if values is not None else [], dtype=torch.float32)
     if w.shape != (count,) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be {count} finite non-negative numbers (one per {what[:-1]}) with a positive "
-                         f"sum, got {list(weights) if weights is not None else None}")
+                         f"sum, got {weights!r}")
     return w / w.sum()
 
 

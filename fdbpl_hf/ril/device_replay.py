@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..integrity import IMAGE_DIGEST_BYTES, encoded_image_digest
 from ..rows import stored_rows
 from .host_pipeline import (
     HostPool, check_host_threads, default_host_threads, ordered, pinned_empty, source_cells, to_device,
@@ -54,9 +55,12 @@ class DeviceImageStore:
     16-bit scaling and errors), so stored pixels are the pixels replay would decode.
     `heights`/`widths`/`offsets` are kept on the host (numpy, for region geometry without a device
     sync) and on the device (for the gather). `exif_transpose`: whether the images were turned upright
-    by their EXIF orientation (`RegionSpec.exif_transpose`; a table's replay needs the same)."""
+    by their EXIF orientation (`RegionSpec.exif_transpose`; a table's replay needs the same).
+    `image_digests`: 8 bytes of sha256 of each image's encoded bytes, in order (`from_dataset`
+    records them, `RILDataset.use_image_store` compares them with its dataset's); None: not known."""
 
-    def __init__(self, pixels: torch.Tensor, heights: np.ndarray, widths: np.ndarray, exif_transpose: bool = True):
+    def __init__(self, pixels: torch.Tensor, heights: np.ndarray, widths: np.ndarray, exif_transpose: bool = True,
+                 image_digests: Optional[bytes] = None):
         if pixels.dtype != torch.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be uint8 [P, 3], got {pixels.dtype} {tuple(pixels.shape)}")
         self.heights = np.asarray(heights, dtype=np.int64)
@@ -67,6 +71,9 @@ class DeviceImageStore:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.pixels = pixels
         self.exif_transpose = bool(exif_transpose)
+        if image_digests is not None and len(image_digests) != IMAGE_DIGEST_BYTES * len(self.heights):
+            raise ValueError(f"image_digests holds {len(image_digests)} bytes, {IMAGE_DIGEST_BYTES} per image expected")
+        self.image_digests = image_digests
         # pinned and non-blocking on CUDA: a plain copy would wait for all the device's queued work
         self._device_meta = to_device(np.stack([self.offsets, self.widths]), pixels.device)
 
@@ -88,19 +95,22 @@ class DeviceImageStore:
         def decode(item):
             row, cell = item
             image = image_to_tensor(decode_image(cell, row, upright), f"row {row} of the source dataset")  # [3, H, W]
-            return image.permute(1, 2, 0).reshape(-1, 3), image.shape[1], image.shape[2]
+            return image.permute(1, 2, 0).reshape(-1, 3), image.shape[1], image.shape[2], encoded_image_digest(cell,
+                                                                                                               row)
 
-        chunks, heights, widths = [], [], []
+        chunks, heights, widths, digests = [], [], [], []
         with HostPool(threads, single_thread_ops=False) as pool:
-            for pixels, height, width in ordered(pool, decode, source_cells(source, column, range(len(source)), 1024),
-                                                 ahead=2 * threads):
+            for pixels, height, width, digest in ordered(pool, decode, source_cells(source, column,
+                                                                                    range(len(source)), 1024),
+                                                         ahead=2 * threads):
                 heights.append(height)
                 widths.append(width)
                 chunks.append(pixels)
+                digests.append(digest)
         if not chunks:
             raise ValueError("the dataset is empty (0 rows): there is nothing to store")
         pixels = torch.cat(chunks).to(device)
-        return cls(pixels, np.array(heights), np.array(widths), upright)
+        return cls(pixels, np.array(heights), np.array(widths), upright, b"".join(digests))
 
     def __len__(self) -> int:
         return len(self.heights)
@@ -117,7 +127,8 @@ class DeviceImageStore:
     def to(self, device) -> "DeviceImageStore":
         if torch.device(device) == self.device:
             return self
-        return DeviceImageStore(self.pixels.to(device), self.heights, self.widths, self.exif_transpose)
+        return DeviceImageStore(self.pixels.to(device), self.heights, self.widths, self.exif_transpose,
+                                self.image_digests)
 
 
 def pixel_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -257,16 +268,6 @@ def render_batch(data, inputs: dict) -> torch.Tensor:
                           data.spec, tuple(int(v) for v in inputs["region_pad"]), data.image_mean, data.image_std)
 
 
-class _Done:
-    """A finished `Future` look-alike (the CPU renderer hands out real futures)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 class PreparedChunk:
     """The host half of rendering a chunk: its distinct images' pixels in one flat uint8 `[P, 3]`
     buffer (pinned when the device is CUDA) and every job's image slot, pixel box and flip."""
@@ -298,16 +299,10 @@ class DeviceChunkRenderer:
 
     `prepare(chunk)` is the host half (thread-safe: builders run it in their host pool, ahead of
     the device), `render(prepared)` queues the uploads (non-blocking from pinned memory on CUDA)
-    and the kernel; `submit(chunk)` does both."""
+    and the kernel."""
 
     def __init__(self, spec: RegionSpec, mean, std, device):
         self.spec, self.mean, self.std, self.device = spec, tuple(mean), tuple(std), torch.device(device)
-
-    def __enter__(self) -> "DeviceChunkRenderer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
 
     def prepare(self, chunk: list) -> PreparedChunk:
         return PreparedChunk(chunk, self.device)
@@ -319,6 +314,3 @@ class DeviceChunkRenderer:
             return render_regions(store, to_device(prepared.index, self.device),
                                   to_device(prepared.crops, self.device), to_device(prepared.flips, self.device),
                                   self.spec, prepared.pad, self.mean, self.std)
-
-    def submit(self, chunk: list) -> _Done:
-        return _Done(self.render(self.prepare(chunk)))

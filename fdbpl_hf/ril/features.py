@@ -40,7 +40,7 @@ from .host_pipeline import (
 )
 from .regions import image_to_tensor, render_jobs
 from .replay import RILDataset
-from .sharding import ShardedBuild, absent_or_empty, default_build_dir
+from .sharding import ShardedBuild, absent_or_empty, default_build_dir, remove_leftover_work
 from .table import columns_to_dataset, decode_image, library_version, take_rows
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ def _existing_cache(output_dir: str, key: str) -> Optional[datasets.Dataset]:
         raise ValueError(f"output_dir {output_dir} already holds a feature cache built with other settings "
                          "(another table, student checkpoint, epochs or dtype): delete it or pass another "
                          "output_dir")
+    remove_leftover_work(output_dir, key, "student-feature cache")
     return existing
 
 

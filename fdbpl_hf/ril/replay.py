@@ -113,9 +113,9 @@ class RILDataset(torch.utils.data.Dataset):
             if meta is not None and not isinstance(meta, dict):
                 raise TypeError(f"RILDataset's metadata must be a dict (ril_metadata(table)), or one per table, got "
                                 f"{type(meta).__name__}")
-        check_image_stats("RILDataset image_mean", image_mean, "RILDataset image_std", image_std)
-        # kept as given (their values go into the feature cache's key)
-        image_mean, image_std = tuple(image_mean), tuple(image_std)
+        # kept as given (their values go into the feature cache's key), numpy values as Python numbers
+        image_mean, image_std = check_image_stats("RILDataset image_mean", image_mean, "RILDataset image_std",
+                                                  image_std)
         check_value("RILDataset image_size", image_size, integer(1, optional=True))
         check_value("RILDataset epoch", epoch, integer(0))
         check_value("RILDataset image_column", image_column, text(optional=True))
@@ -368,8 +368,26 @@ class RILDataset(torch.utils.data.Dataset):
         if len(store) != len(self.source):
             raise ValueError(f"the image store holds {len(store)} images, the dataset has {len(self.source)}: "
                              "build it with DeviceImageStore.from_dataset(this dataset)")
+        self._check_store_images(store)
         self.image_store = store
         return self
+
+    def _check_store_images(self, store) -> None:
+        """Refuse a store of other images than this dataset's, in its order (e.g. of a shuffled copy):
+        every region would be cut from another image. Compared by the stored images' digests (a store
+        made without them, by hand, is not checked)."""
+        from ..integrity import encoded_image_digest, first_differences
+        from .host_pipeline import source_cells
+
+        if store.image_digests is None:
+            return
+        found = b"".join(encoded_image_digest(cell, row) for row, cell in
+                         source_cells(self.source, self.image_column, range(len(self.source)), 1024))
+        if found != store.image_digests:
+            rows = first_differences(store.image_digests, found, holder="the store", absent="an image the store "
+                                     "does not hold")
+            raise ValueError(f"the image store holds other images than the dataset, or in another order (dataset "
+                             f"{', '.join(rows)}): build it with DeviceImageStore.from_dataset(this RILDataset)")
 
     def set_epoch(self, epoch: int) -> None:
         """Choose which stored region each image replays (Trainer/accelerate call this each epoch)."""

@@ -23,7 +23,7 @@ import datasets
 import torch
 
 from ..files import read_json, write_json
-from ..integrity import BuildLock, claim_workdir, metadata_digest, remove_owned, table_digests
+from ..integrity import OWNER_FILE, BuildLock, claim_workdir, metadata_digest, remove_owned, table_digests
 from ..progress import quiet_progress
 from .table import attach_metadata, load_from_disk_named
 
@@ -123,6 +123,37 @@ def prepare_workdir(work: str, metadata: dict, kind: str = "RIL table") -> None:
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
+
+
+def remove_leftover_work(output_dir: str, build_key: str, kind: str) -> None:
+    """Remove the work folder of the finished build in `output_dir` when a kill after its assembly
+    left it behind (the table is renamed into place, then the work folder removed): its shards are
+    a second copy of the table that nothing reads. Only a folder fdbpl_hf owns, of the same build
+    key, on rank 0, and not while a live build holds the lock; what the build did not write stays."""
+    work = output_dir + ".incomplete"
+    if not os.path.isfile(os.path.join(work, OWNER_FILE)):
+        return
+    # rank 0 only, without starting a process group for it (dist_info would)
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if (torch.distributed.get_rank() if initialized else int(os.environ.get("RANK", "0"))) != 0:
+        return
+    try:
+        previous = read_json(os.path.join(work, BUILD_FILE), "")
+    except (OSError, ValueError):
+        return
+    if not isinstance(previous, dict) or previous.get("build_key") != build_key:
+        return
+    lock = BuildLock(output_dir + ".lock", kind)
+    try:
+        lock.acquire()
+    except RuntimeError:  # a live build holds it
+        return
+    try:
+        shards = [n for n in os.listdir(work) if n.startswith("shard-")]
+        remove_owned(work, shards + [BUILD_FILE, "table"])
+        logger.info("removed %s, left by a %s build killed after it finished", work, kind)
+    finally:
+        lock.release()
 
 
 def assemble(work: str, output_dir: str, num_shards: int, metadata: dict, metadata_file: str) -> None:

@@ -97,8 +97,9 @@ class CLIPTeacher(Teacher):
         self.templates = check_templates("CLIPTeacher templates", templates)
         # identical names are refused below with the other identical prompts
         self.class_names = check_class_names("CLIPTeacher class_names", class_names, unique=False)
-        check_image_stats("CLIPTeacher image_mean", image_mean, "CLIPTeacher image_std", image_std)
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)  # as given: the build key records them
+        # as given (numpy values as Python numbers): the build key records them
+        self.image_mean, self.image_std = check_image_stats("CLIPTeacher image_mean", image_mean, "CLIPTeacher image_std",
+                                                            image_std)
         check_value("CLIPTeacher name", name, text(optional=True))
         check_value("CLIPTeacher revision", revision, text(optional=True))
         self.model = clip_model.eval().requires_grad_(False)
@@ -180,8 +181,9 @@ class CallableTeacher(Teacher):
         self.fn = fn
         self.class_names = class_names
         self.num_classes, self.input_size = int(num_classes), int(input_size)  # numpy ints as JSON-able ints
-        check_image_stats("CallableTeacher image_mean", image_mean, "CallableTeacher image_std", image_std)
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)  # as given: the build key records them
+        # as given (numpy values as Python numbers): the build key records them
+        self.image_mean, self.image_std = check_image_stats("CallableTeacher image_mean", image_mean, "CallableTeacher image_std",
+                                                            image_std)
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.revision = revision
         self._device = torch.device(device)
