@@ -55,7 +55,8 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
                       per_device_train_batch_size: int = 32, learning_rate: float = 0.002,
                       num_regions: Optional[int] = None, top_k: Optional[int] = None,
                       region_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
-                      training_overrides: Optional[dict] = None, progress: bool = False) -> dict[str, Any]:
+                      training_overrides: Optional[dict] = None, progress: bool = False,
+                      print_logs: bool = True) -> dict[str, Any]:
     """Train (unless zero-shot) and evaluate one method; returns the base/novel/HM result with
     `train_seconds` and, for the offline methods, the table's (and the feature cache's) build time and size.
     `region_scale` is the area range of the random regions (paper: (0.08, 1.0)); `flip_prob`
@@ -64,6 +65,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
     `num_regions` defaults to the number of epochs: each image replays one new region per epoch,
     so more regions than epochs are never read. `teacher` is a checkpoint path, or several for an
     equal-weight `EnsembleTeacher` (`teacher_weighting`: "fixed", or per region "max_prob" / "entropy").
+    `print_logs=False` keeps the trainer's per-step loss dictionaries off stdout (`train_prompts`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -109,7 +111,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
         args = FDBPLTrainingArguments(**{**settings, **(training_overrides or {})})
         cache_dir = os.path.join(output_dir, "feature_cache") if method == "fdbpl-cached" else None
         trainer, _, facts = train_prompts(model, args, train_data, teacher=teacher_obj, feature_cache_dir=cache_dir,
-                                          progress=progress)
+                                          progress=progress, print_logs=print_logs)
         extra.update(facts)
         trainer.save_model()
         model.eval()

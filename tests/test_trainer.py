@@ -391,3 +391,22 @@ def test_examples_train_two_processes_over_gloo(fake_hub, digits_small, tiny_che
                                [h["loss"] for h in single_log if "loss" in h], atol=1e-4)
     assert json.load(open(ddp_out / "train_results.json"))["epoch"] == 2
     torch.testing.assert_close(a.prompts.contexts(), b.prompts.contexts(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False])
+def test_train_prompts_print_logs_off_keeps_loss_dicts_off_stdout(digits_small, varied_table, tokenizer, tmp_path,
+                                                                   capsys, disable_tqdm):
+    """The demo's quiet mode: 360 of its 416 lines were the loss dictionaries transformers prints
+    (PrinterCallback without a bar, ProgressCallback's bar.write with one). They stay in log_history."""
+    from fdbpl_hf.pipeline import train_prompts
+
+    data = RILDataset(digits_small, varied_table, image_mean=MEAN, image_std=STD, class_names=DIGIT_NAMES)
+    outputs = {}
+    for print_logs in (True, False):
+        trainer, _, _ = train_prompts(student(tokenizer), train_args(tmp_path / str(print_logs), num_train_epochs=1,
+                                                                     disable_tqdm=disable_tqdm),
+                                      data, print_logs=print_logs)
+        outputs[print_logs] = capsys.readouterr().out
+        assert sum("loss" in h for h in trainer.state.log_history) >= 4  # 30 images, batch 8: 4 steps, each logged
+    assert outputs[True].count("'loss'") >= 4
+    assert "'loss'" not in outputs[False]
