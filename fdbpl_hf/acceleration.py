@@ -11,10 +11,12 @@ student's precision and compilation, and nothing in a training step waits for th
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable, Optional
 
 import torch
+import transformers
 
 logger = logging.getLogger(__name__)
 
@@ -83,5 +85,23 @@ def prepared_text_mask(text_model, attention_mask: torch.Tensor) -> Optional[tor
     # only the shape, dtype and device of the embeddings are read: a stride-0 view, no memory
     embeds = torch.empty((), dtype=weight.dtype, device=weight.device).expand(
         *attention_mask.shape, weight.shape[-1])
-    return create_causal_mask(config=text_model.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                              cache=None)
+    return create_causal_mask(**causal_mask_arguments(create_causal_mask, text_model.config, embeds, attention_mask))
+
+
+def causal_mask_arguments(create_causal_mask: Callable, config, embeds: torch.Tensor,
+                          attention_mask: torch.Tensor) -> dict:
+    """The keyword arguments CLIP's text tower passes to `create_causal_mask` (no cache), spelled as
+    the installed transformers names them: 5.0 takes `input_embeds`, `cache_position` and
+    `past_key_values`; later 5.x `inputs_embeds` and `past_key_values`; 5.2x `inputs_embeds` and `cache`."""
+    names = inspect.signature(create_causal_mask).parameters
+    kwargs = {"config": config, "attention_mask": attention_mask,
+              ("inputs_embeds" if "inputs_embeds" in names else "input_embeds"): embeds}
+    # 5.2x still accepts a deprecated keyword-only past_key_values, with a warning when both are given
+    kwargs["cache" if "cache" in names else "past_key_values"] = None
+    if "cache_position" in names:  # what CLIP's own call passes there: the positions of the whole sequence
+        kwargs["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    unknown = set(kwargs) - set(names)
+    if unknown or not all(p.name in kwargs for p in names.values() if p.default is inspect.Parameter.empty):
+        raise RuntimeError(f"transformers {transformers.__version__}'s create_causal_mask{inspect.signature(create_causal_mask)} "
+                           "is not one fdbpl_hf knows (5.0-5.25): please report it with your transformers version")
+    return kwargs

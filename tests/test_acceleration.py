@@ -211,3 +211,43 @@ def test_an_evaluation_sets_image_store_follows_the_model(digits_small, table, t
     assert type(evaluation.image_store) is DeviceImageStore and evaluation.image_store.device == trainer.args.device
     plain = trainer.evaluate(RILDataset(digits_small, table, image_mean=MEAN, image_std=STD))["eval_loss"]
     assert trainer.evaluate()["eval_loss"] == pytest.approx(plain, rel=1e-5)  # same pixels, same loss
+
+
+def test_prepared_text_mask_speaks_each_transformers_5_signature(tiny_clip):
+    """`create_causal_mask` was renamed twice within transformers 5 (5.0: input_embeds, cache_position,
+    past_key_values; 5.17: inputs_embeds, past_key_values; 5.25: inputs_embeds, cache): fdbpl_hf
+    failed at the first text pass on 5.17. Stand-ins with each signature take the arguments CLIP
+    passes; the installed version's own function gives CLIP's own mask."""
+    from transformers.masking_utils import create_causal_mask
+
+    from fdbpl_hf.acceleration import causal_mask_arguments, prepared_text_mask
+
+    def v5_0(config, input_embeds, attention_mask, cache_position, past_key_values, position_ids=None,
+             or_mask_function=None, and_mask_function=None):
+        pass
+
+    def v5_17(config, inputs_embeds, attention_mask, past_key_values, position_ids=None, or_mask_function=None,
+              and_mask_function=None, block_sequence_ids=None, layer_idx=None, allow_is_causal_skip=True):
+        pass
+
+    def v5_25(config, inputs_embeds, attention_mask, cache, position_ids=None, or_mask_function=None,
+              and_mask_function=None, block_sequence_ids=None, layer_idx=None, allow_is_causal_skip=True, *,
+              past_key_values=None):  # deprecated, warns when given with cache
+        pass
+
+    def unknown(config, inputs_embeds, attention_mask, cache, new_required_argument):
+        pass
+
+    embeds, mask = torch.zeros(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    args = {f.__name__: causal_mask_arguments(f, "config", embeds, mask) for f in (v5_0, v5_17, v5_25)}
+    assert set(args["v5_0"]) == {"config", "input_embeds", "attention_mask", "cache_position", "past_key_values"}
+    assert torch.equal(args["v5_0"]["cache_position"], torch.arange(5))  # as CLIP's own call in 5.0
+    assert set(args["v5_17"]) == {"config", "inputs_embeds", "attention_mask", "past_key_values"}
+    assert set(args["v5_25"]) == {"config", "inputs_embeds", "attention_mask", "cache"}
+    with pytest.raises(RuntimeError, match="is not one fdbpl_hf knows"):
+        causal_mask_arguments(unknown, "config", embeds, mask)
+    # the installed transformers: the mask its CLIP text tower builds from the same padding mask
+    text = tiny_clip.text_model
+    hidden = text.embeddings(input_ids=torch.ones(2, 5, dtype=torch.long))
+    own = create_causal_mask(**causal_mask_arguments(create_causal_mask, text.config, hidden, mask))
+    assert torch.equal(prepared_text_mask(text, mask), own)  # the same op on the same inputs: bit-equal
