@@ -88,6 +88,7 @@ def test_num_proc_gives_the_same_table(digits_small, teacher_clip, tokenizer, tm
     assert a.data.equals(b.data)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("renderer", ["uint8", "float"])
 def test_replay_reproduces_the_teacher(digits_small, teacher_clip, tokenizer, tmp_path, renderer):
     table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t",
@@ -166,6 +167,7 @@ def test_clip_teacher_refuses_identical_prompts_and_another_tokenizer(teacher_cl
         CLIPTeacher(teacher_clip, other, ["cat", "dog"])
 
 
+@pytest.mark.numerics
 def test_dense_teacher_logits():
     idx = torch.tensor([[2, 0], [1, 3]])
     val = torch.tensor([[-0.1, -2.5], [-0.3, -1.0]])
@@ -359,6 +361,7 @@ def test_module_teacher_runs_where_its_weights_are():
     assert as_teacher(lambda x: x, DIGIT_NAMES, input_size=16).device == torch.device("cpu")
 
 
+@pytest.mark.numerics
 def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_path):
     t1 = CLIPTeacher(make_clip("tiny", seed=1), tokenizer, DIGIT_NAMES)
     t2 = CLIPTeacher(make_clip("tiny", seed=2), tokenizer, DIGIT_NAMES)
@@ -621,6 +624,7 @@ def test_class_names_must_cover_the_label_columns_classes(tmp_path):
     assert ril_metadata(table)["class_names"] == ["a cat", "a dog", "a fox"]
 
 
+@pytest.mark.numerics
 def test_regions_are_cut_from_the_upright_image_that_datasets_decodes(tmp_path):
     """A JPEG with an EXIF orientation (phone photos): `datasets.Image`, and so evaluation, turns it
     upright; the table and its replay cropped the stored (sideways) pixels, so training saw other

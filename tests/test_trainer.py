@@ -154,6 +154,7 @@ def test_epochs_replay_new_regions(digits_small, dense_table, tokenizer, tmp_pat
     assert sorted(set(epochs)) == [0, 1, 2] and epochs == sorted(epochs) and data.epoch == 2
 
 
+@pytest.mark.numerics
 def test_checkpoints_hold_only_the_adapter_and_resume_exactly(digits_small, dense_table, tokenizer, tmp_path):
     data = RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD)
     full = student(tokenizer)
@@ -168,9 +169,13 @@ def test_checkpoints_hold_only_the_adapter_and_resume_exactly(digits_small, dens
     FDBPLTrainer(model=resumed, args=train_args(tmp_path / "b", num_train_epochs=3),
                  train_dataset=RILDataset(digits_small, dense_table, image_mean=MEAN, image_std=STD),
                  ).train(resume_from_checkpoint=str(ckpt))
+    # the resumed steps run the same ops in this process, but on an optimiser state and contexts that went
+    # through a save and load, and the learning rate is recomputed: a few float32 ulps of contexts of size
+    # ~1 (2^-24 each, ~8 steps); a step lost or replayed twice moves them by 1e-3 or more
     torch.testing.assert_close(resumed.prompts.contexts(), full.prompts.contexts(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_online_baseline_matches_offline_dense_table(digits_small, dense_table, teacher_clip, tokenizer, tmp_path):
     offline_model, online_model = student(tokenizer), student(tokenizer)
     offline = FDBPLTrainer(model=offline_model, args=train_args(tmp_path / "off"),
@@ -193,6 +198,7 @@ def _terms(trainer, key):
     return np.array([h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h])
 
 
+@pytest.mark.numerics
 def test_offline_at_k_below_c_weights_regions_like_the_online_teacher(digits_small, teacher_clip, tokenizer,
                                                                       tmp_path):
     """K = 3 of C = 10: the table's stored full-distribution entropy gives the region weights the live
@@ -233,6 +239,7 @@ def test_bf16_mixed_precision_on_cpu(digits_small, dense_table, tokenizer, tmp_p
     assert model.prompts.ctx_pos.dtype == torch.float32
 
 
+@pytest.mark.numerics
 @pytest.mark.skipif(not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")),
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_torch_compile_trains_the_same_prompts(digits_small, varied_table, tokenizer, tmp_path):
