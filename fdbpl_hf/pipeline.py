@@ -13,7 +13,7 @@ from .ril.feature_cache import feature_cache_metadata
 from .trainer import FDBPLTrainer, FDBPLTrainingArguments
 
 
-class BarOnlyProgressCallback(ProgressCallback):
+class _BarOnlyProgressCallback(ProgressCallback):
     """transformers' training progress bar without the log dictionaries it writes under the bar."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -50,7 +50,7 @@ def train_prompts(model, args: FDBPLTrainingArguments, train_data: RILDataset, *
         # transformers prints every log with PrinterCallback (no bar) or under ProgressCallback's bar
         trainer.remove_callback(PrinterCallback)
         if trainer.pop_callback(ProgressCallback) is not None:
-            trainer.add_callback(BarOnlyProgressCallback)
+            trainer.add_callback(_BarOnlyProgressCallback)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     facts.update(train_seconds=round(time.perf_counter() - start, 2), train_steps=trainer.state.global_step)
