@@ -27,28 +27,16 @@ atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 atexit.register(FAKE_HUB.stop)
 
 
-def _route_card_validation_to_the_fake_hub() -> None:
-    """huggingface_hub before 2.2 (all that transformers < 5.2x accepts) posts a card's YAML to
-    https://huggingface.co/api/validate-yaml whatever HF_ENDPOINT says; 2.2 and later post it to the
-    endpoint. Send that request to the loopback Hub, as the newer releases do (this process only)."""
-    from huggingface_hub import repocard
+# huggingface_hub < 2.2 validates cards against huggingface.co whatever HF_ENDPOINT says (tests/hub_site):
+# routed to the loopback Hub here and, through hub_site/sitecustomize.py on PYTHONPATH, in child processes
+# (tests that set PYTHONPATH for a child add HUB_SITE).
+HUB_SITE = str(Path(__file__).resolve().parent / "hub_site")
+sys.path.insert(0, HUB_SITE)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HUB_SITE, os.environ.get("PYTHONPATH")]))
+import card_validation  # noqa: E402
 
-    session_factory = repocard.get_session
-
-    class ToLoopback:
-        def __init__(self, session):
-            self.session = session
-
-        def post(self, url, *args, **kwargs):
-            return self.session.post(url.replace("https://huggingface.co", FAKE_HUB.url, 1), *args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(self.session, name)
-
-    repocard.get_session = lambda: ToLoopback(session_factory())
-
-
-_route_card_validation_to_the_fake_hub()
+if card_validation.needed():
+    card_validation.route_card_validation_to_endpoint()
 
 import pytest  # noqa: E402
 

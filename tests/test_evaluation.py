@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip
+from conftest import HUB_SITE, make_clip
 
 from fdbpl_hf import FDBPLConfig, get_fdbpl_model
 from fdbpl_hf.data import make_base_novel_test
@@ -205,7 +205,7 @@ def test_evaluate_script(fake_hub, tiny_checkpoints, tokenizer, tmp_path):
                                                 "loss_sim": 0.1, "loss_pcd": 0.0} for s in range(1, 6)]}))
     out = tmp_path / "eval"
     # the loopback Hub (not offline): --push_to_hub records the results on the adapter's Hub card
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE]))
     run = subprocess.run([sys.executable, os.path.join(REPO, "examples", "evaluate.py"), "--student", student,
                           "--adapter", str(adapter_dir), "--dataset", "digits", "--max_eval_samples", "40",
                           "--num_shots", "4", "--split_seed", "2", "--train_log", str(log), "--output_dir", str(out),

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip
+from conftest import HUB_SITE, make_clip
 
 from fdbpl_hf import (CallableTeacher, FDBPLConfig, RILDataset, build_feature_cache, build_ril_table,
                       get_fdbpl_model, load_feature_cache)
@@ -250,7 +250,7 @@ def test_examples_train_with_a_feature_cache(tiny_checkpoints, tmp_path):
                           data["class_names"], data["template"])
     build_ril_table(data["dataset"], teacher, num_regions=3, output_dir=str(tmp_path / "table"))
     out, cache_dir = tmp_path / "run", tmp_path / "cache"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE]))
     subprocess.run([sys.executable, os.path.join(REPO, "examples", "train.py"), "--student", tiny_checkpoints["student"],
                     "--dataset", "digits", "--num_shots", "4", "--split_seed", "1", "--table", str(tmp_path / "table"),
                     "--feature_cache", str(cache_dir), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip, odd_images, run_ok, torchrun_command
+from conftest import HUB_SITE, make_clip, odd_images, run_ok, torchrun_command
 from PIL import Image
 
 from fdbpl_hf import (
@@ -273,7 +273,7 @@ def test_publish_round_trip(fake_hub, digits_small, teacher_clip, tokenizer, tmp
     replay(digits_small, loaded, class_names=DIGIT_NAMES)[0]  # usable for training as is
     offline = run_ok([sys.executable, "-c", "from fdbpl_hf import load_ril_table; print(len(load_ril_table("
                       f"'tester/digits-ril', '{name2}', cache_dir={str(tmp_path / 'c2')!r})))"],
-                     env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO), timeout=120)
+                     env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE])), timeout=120)
     assert offline.stdout.strip() == str(len(table2))  # the cached table loads without the network
     card = fake_hub.read_file("tester/digits-ril", "README.md", repo_type="dataset").decode()
     assert f"Config `{name}`" in card and f"Config `{name2}`" in card
@@ -389,7 +389,7 @@ def test_examples_build_table_two_processes(fake_hub, tiny_checkpoints, tmp_path
     processor.save_pretrained(str(teacher))
     common = ["--teacher", str(teacher), "--dataset", "digits", "--num_shots", "2", "--classes", "all",
               "--num_regions", "2", "--top_k", "3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE]))
     run_ok(torchrun_command(os.path.join(REPO, "examples", "build_table.py"), *common, "--output_dir",
                             str(tmp_path / "two"), "--push_to_hub", "--hub_dataset_id", "tester/table2"), env=env, timeout=300)
     run_ok([sys.executable, os.path.join(REPO, "examples", "build_table.py"), *common,
