@@ -7,8 +7,10 @@ folder on PYTHONPATH so that `sitecustomize.py` calls it in every child process 
 import os
 
 
-def route_card_validation_to_endpoint() -> None:
-    from huggingface_hub import repocard
+def route_card_validation_to_endpoint(repocard=None) -> None:
+    """Patch `huggingface_hub.repocard` (imported now unless given) to post to HF_ENDPOINT."""
+    if repocard is None:
+        from huggingface_hub import repocard
 
     if getattr(repocard.get_session, "routes_to_endpoint", False):
         return
