@@ -411,6 +411,9 @@ _WORLD = textwrap.dedent("""
     os.makedirs(sys.argv[1], exist_ok=True)
     with open(os.path.join(sys.argv[1], f"rank{args.process_index}.txt"), "w") as f:
         f.write(f"rank {args.process_index} world_size {args.world_size} all_reduce {int(total)}")
+    # a group left to the interpreter's exit: gloo's threads were torn down mid-use now and then, and a
+    # rank aborted ("terminate called without an active exception") after its file was written
+    torch.distributed.destroy_process_group()
 """)
 
 
