@@ -10,6 +10,7 @@
 
     python examples/demo.py            # the full protocol
     python examples/demo.py --quick    # one seed, fewer epochs
+    python examples/demo.py --verbose  # also the trainer's loss dictionary every 5 steps
 """
 
 import argparse
@@ -67,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict]]:
     parser.add_argument("--region_scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
                         help="area range of the random regions (all trained methods)")
     parser.add_argument("--quick", action="store_true", help="one seed, 10 epochs")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the trainer's loss dictionary every 5 steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 10
@@ -90,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[dict]]:
             result = run_base_to_novel(method, student=zoo["student"], teacher=zoo["teacher"], seed=seed,
                                        num_shots=16, output_dir=out, num_train_epochs=args.epochs,
                                        learning_rate=args.learning_rate, region_scale=tuple(args.region_scale),
-                                       flip_prob=0.0)  # a mirrored digit is another digit or none
+                                       flip_prob=0.0,  # a mirrored digit is another digit or none
+                                       print_logs=args.verbose)
             write_results(os.path.join(out, "results.json"), result,
                           {"dataset": "digits", "method": method, "seed": seed, "num_shots": 16, "classes": "base",
                            "epochs": args.epochs, "learning_rate": args.learning_rate,

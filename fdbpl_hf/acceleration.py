@@ -19,6 +19,7 @@ import logging
 from typing import Callable, Optional
 
 import torch
+import transformers
 
 logger = logging.getLogger(__name__)
 

@@ -6,14 +6,24 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
+from transformers import PrinterCallback, ProgressCallback
+
 from .ril import RILDataset, build_feature_cache
 from .ril.feature_cache import feature_cache_metadata
 from .trainer import FDBPLTrainer, FDBPLTrainingArguments
 
 
+class _BarOnlyProgressCallback(ProgressCallback):
+    """transformers' training progress bar without the log dictionaries it writes under the bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
 def train_prompts(model, args: FDBPLTrainingArguments, train_data: RILDataset, *, teacher=None,
                   feature_cache_dir: Optional[str] = None, progress: bool = True,
-                  cache_device: Optional[str] = None) -> tuple[FDBPLTrainer, Any, dict[str, Any]]:
+                  cache_device: Optional[str] = None, print_logs: bool = True,
+                  ) -> tuple[FDBPLTrainer, Any, dict[str, Any]]:
     """Train `model`'s prompts on `train_data` (an offline `RILDataset`, or an online one with a
     `teacher`); returns `(trainer, train output, facts)`.
 
@@ -21,6 +31,8 @@ def train_prompts(model, args: FDBPLTrainingArguments, train_data: RILDataset, *
     are built there first (or loaded, when that folder already holds them) and training reads them
     instead of images. `facts` holds `train_seconds`, `train_steps` and, with a cache,
     `cache_build_seconds` and `cache_bytes`. Training resumes from `args.resume_from_checkpoint`.
+    `print_logs=False` keeps the per-step loss dictionaries out of stdout (they stay in
+    `trainer.state.log_history`); a progress bar, when `args.disable_tqdm` is off, still shows.
     """
     facts: dict[str, Any] = {}
     if feature_cache_dir is not None:
@@ -34,6 +46,11 @@ def train_prompts(model, args: FDBPLTrainingArguments, train_data: RILDataset, *
                      cache_bytes=feature_cache_metadata(cache)["stats"]["disk_bytes"])
         train_data = train_data.with_feature_cache(cache)
     trainer = FDBPLTrainer(model=model, args=args, train_dataset=train_data, teacher=teacher)
+    if not print_logs:
+        # transformers prints every log with PrinterCallback (no bar) or under ProgressCallback's bar
+        trainer.remove_callback(PrinterCallback)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_BarOnlyProgressCallback)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     facts.update(train_seconds=round(time.perf_counter() - start, 2), train_steps=trainer.state.global_step)

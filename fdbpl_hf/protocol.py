@@ -63,7 +63,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
                       num_regions: Optional[int] = None, top_k: Optional[int] = None,
                       region_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
                       training_overrides: Optional[dict] = None, progress: bool = False,
-                      compose: bool = False) -> dict[str, Any]:
+                      compose: bool = False, print_logs: bool = True) -> dict[str, Any]:
     """Train (unless zero-shot) and evaluate one method; returns the base/novel/HM result with
     `train_seconds` and, for the offline methods, the table's (and the feature cache's) build time and size.
     `region_scale` is the area range of the random regions (paper: (0.08, 1.0)); `flip_prob`
@@ -75,6 +75,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
     With `compose` (offline methods, several teachers) each teacher gets its own table over the same
     regions and training mixes them per region (`RILDataset(dataset, tables, teacher_weighting=...)`)
     instead of one table of the `EnsembleTeacher`.
+    `print_logs=False` keeps the trainer's per-step loss dictionaries off stdout (`train_prompts`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -133,7 +134,7 @@ def run_base_to_novel(method: str, *, student: str, teacher: "Optional[str | Seq
         args = FDBPLTrainingArguments(**{**settings, **(training_overrides or {})})
         cache_dir = os.path.join(output_dir, "feature_cache") if method == "fdbpl-cached" else None
         trainer, _, facts = train_prompts(model, args, train_data, teacher=teacher_obj, feature_cache_dir=cache_dir,
-                                          progress=progress)
+                                          progress=progress, print_logs=print_logs)
         extra.update(facts)
         trainer.save_model()
         model.eval()

@@ -26,6 +26,18 @@ configure_env(FAKE_HUB.url, _HF_HOME)
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 atexit.register(FAKE_HUB.stop)
 
+
+# huggingface_hub < 2.2 validates cards against huggingface.co whatever HF_ENDPOINT says (tests/hub_site):
+# routed to the loopback Hub here and, through hub_site/sitecustomize.py on PYTHONPATH, in child processes
+# (tests that set PYTHONPATH for a child add HUB_SITE).
+HUB_SITE = str(Path(__file__).resolve().parent / "hub_site")
+sys.path.insert(0, HUB_SITE)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HUB_SITE, os.environ.get("PYTHONPATH")]))
+import card_validation  # noqa: E402
+
+if card_validation.needed():
+    card_validation.route_card_validation_to_endpoint()
+
 import pytest  # noqa: E402
 
 

@@ -170,6 +170,7 @@ def test_the_online_teacher_runs_at_the_students_precision(digits_small, tokeniz
             assert all(dtype == torch.bfloat16 for _, dtype in seen)
 
 
+@pytest.mark.numerics
 def test_compiled_online_run_trains_the_same_contexts(digits_small, teacher_clip, tokenizer, tmp_path):
     """`torch_compile` compiles the student (transformers/accelerate), the FDBPL loss and the online
     teacher's forward with the same backend. Backend aot_eager: the graphs are captured (dynamo +
@@ -201,6 +202,7 @@ def test_cuda_graph_modes_are_refused_off_cuda(digits_small, table, tokenizer, t
                      args=train_args(tmp_path, torch_compile=True, torch_compile_mode="reduce-overhead"))
 
 
+@pytest.mark.numerics
 def test_device_replay_trains_the_same_contexts(digits_small, table, teacher_clip, tokenizer, tmp_path):
     """A store-backed dataset (regions rendered in the step, batched) trains exactly what the CPU
     replay trains, on the CPU: same pixels, so the same contexts bit for bit; the online baseline too
@@ -230,6 +232,7 @@ def test_device_replay_refuses_workers(digits_small, table, tokenizer, tmp_path)
                      train_dataset=data)
 
 
+@pytest.mark.numerics
 def test_an_evaluation_sets_image_store_follows_the_model(digits_small, table, tokenizer, tmp_path):
     """Only the training set's store was moved to the training device, and the device-replay collation
     was set only for it: an evaluation set with a store (its regions rendered in the step) failed on a

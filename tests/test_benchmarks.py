@@ -6,13 +6,13 @@ import re
 import sys
 
 import pytest
-from conftest import run_ok
+from conftest import HUB_SITE, run_ok
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(*args: str, timeout: int = 300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE]))
     return run_ok([sys.executable, *args], env=env, timeout=timeout, cwd=REPO).stdout
 
 

@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip, run_ok, torchrun_command
+from conftest import HUB_SITE, make_clip, run_ok, torchrun_command
 from PIL import Image
 
 from fdbpl_hf import RILDataset, build_feature_cache, build_ril_table, load_ril_table, push_ril_table, ril_metadata
@@ -487,7 +487,7 @@ def _free_port() -> str:
 def test_shipped_two_process_config_runs_two_processes(tmp_path):
     script = tmp_path / "world.py"
     script.write_text(_WORLD)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE]))
     config = os.path.join(REPO, "examples", "accelerate_configs", "multi_cpu_2proc.yaml")
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     run_ok([launcher, "launch", "--config_file", config, "--main_process_port", _free_port(), str(script),
@@ -499,7 +499,7 @@ def test_shipped_two_process_config_runs_two_processes(tmp_path):
 def test_torchrun_on_cpu_without_use_cpu_is_one_training(tmp_path):
     script = tmp_path / "world.py"
     script.write_text(_WORLD)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE]))
     run_ok(torchrun_command(str(script), str(tmp_path / "o")), env=env, timeout=300)
     # 0.3: two trainings of world size 1
     assert _rank_reports(tmp_path / "o") == ["rank 0 world_size 2 all_reduce 2", "rank 1 world_size 2 all_reduce 2"]

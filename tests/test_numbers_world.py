@@ -70,6 +70,7 @@ def _fixed(logits: torch.Tensor, name: str) -> CallableTeacher:
                            image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("weighting", ["max_prob", "entropy"])
 def test_confidence_weighted_ensemble_trusts_the_sure_member_per_region(weighting):
     sure = torch.tensor([[8.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # region 0: sure of class 0; region 1: uniform
@@ -93,6 +94,7 @@ def test_confidence_weighted_ensemble_trusts_the_sure_member_per_region(weightin
     assert EnsembleTeacher(members, weighting=weighting).describe()["weighting"] == weighting
 
 
+@pytest.mark.numerics
 def test_entropy_weighted_ensemble_falls_back_to_fixed_weights_when_no_member_is_sure():
     flat = torch.zeros(1, 5)
     ensemble = EnsembleTeacher([_fixed(flat, "a"), _fixed(flat, "b")], weights=[3, 1], weighting="entropy")

@@ -48,6 +48,7 @@ def test_template_tokenises_like_the_model(tiny_clip, tokenizer, position):
     assert len(tokenizer) == 49408  # the caller's tokenizer is not changed
 
 
+@pytest.mark.numerics
 def test_adapters_saved_by_0_3_still_load(tmp_path, tokenizer):
     # tests/fixtures/adapter_v0.3 was written by 0.3's code (tests/fixtures/make_adapter_v0_3.py at 186ff20)
     old = FIXTURES / "adapter_v0.3"

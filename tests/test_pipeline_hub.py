@@ -13,7 +13,7 @@ import sys
 from unittest import mock
 
 import datasets
-from conftest import run_ok
+from conftest import HUB_SITE, run_ok
 from huggingface_hub import HfApi, ModelCard
 
 from fdbpl_hf.testing.worlds import DIGIT_NAMES, load_digits
@@ -25,7 +25,7 @@ TRAIN_FLAGS = ["--num_train_epochs", "1", "--per_device_train_batch_size", "4", 
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE]))
 
 
 def _pipeline(tmp_path, teacher, student, dataset, *, push: bool, in_process: bool = False) -> dict:

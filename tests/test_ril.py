@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip, odd_images, run_ok, torchrun_command
+from conftest import HUB_SITE, make_clip, odd_images, run_ok, torchrun_command
 from PIL import Image
 
 from fdbpl_hf import (
@@ -89,6 +89,7 @@ def test_num_proc_gives_the_same_table(digits_small, teacher_clip, tokenizer, tm
     assert a.data.equals(b.data)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("renderer", ["uint8", "float"])
 def test_replay_reproduces_the_teacher(digits_small, teacher_clip, tokenizer, tmp_path, renderer):
     table = build(digits_small, teacher_clip, tokenizer, tmp_path / "t",
@@ -167,6 +168,7 @@ def test_clip_teacher_refuses_identical_prompts_and_another_tokenizer(teacher_cl
         CLIPTeacher(teacher_clip, other, ["cat", "dog"])
 
 
+@pytest.mark.numerics
 def test_dense_teacher_logits():
     idx = torch.tensor([[2, 0], [1, 3]])
     val = torch.tensor([[-0.1, -2.5], [-0.3, -1.0]])
@@ -272,7 +274,7 @@ def test_publish_round_trip(fake_hub, digits_small, teacher_clip, tokenizer, tmp
     replay(digits_small, loaded, class_names=DIGIT_NAMES)[0]  # usable for training as is
     offline = run_ok([sys.executable, "-c", "from fdbpl_hf import load_ril_table; print(len(load_ril_table("
                       f"'tester/digits-ril', '{name2}', cache_dir={str(tmp_path / 'c2')!r})))"],
-                     env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO), timeout=120)
+                     env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE])), timeout=120)
     assert offline.stdout.strip() == str(len(table2))  # the cached table loads without the network
     card = fake_hub.read_file("tester/digits-ril", "README.md", repo_type="dataset").decode()
     assert f"Config `{name}`" in card and f"Config `{name2}`" in card
@@ -360,6 +362,7 @@ def test_module_teacher_runs_where_its_weights_are():
     assert as_teacher(lambda x: x, DIGIT_NAMES, input_size=16).device == torch.device("cpu")
 
 
+@pytest.mark.numerics
 def test_ensemble_teacher_averages_distributions(digits_small, tokenizer, tmp_path):
     t1 = CLIPTeacher(make_clip("tiny", seed=1), tokenizer, DIGIT_NAMES)
     t2 = CLIPTeacher(make_clip("tiny", seed=2), tokenizer, DIGIT_NAMES)
@@ -387,7 +390,7 @@ def test_examples_build_table_two_processes(fake_hub, tiny_checkpoints, tmp_path
     processor.save_pretrained(str(teacher))
     common = ["--teacher", str(teacher), "--dataset", "digits", "--num_shots", "2", "--classes", "all",
               "--num_regions", "2", "--top_k", "3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, HUB_SITE]))
     run_ok(torchrun_command(os.path.join(REPO, "examples", "build_table.py"), *common, "--output_dir",
                             str(tmp_path / "two"), "--push_to_hub", "--hub_dataset_id", "tester/table2"), env=env, timeout=300)
     run_ok([sys.executable, os.path.join(REPO, "examples", "build_table.py"), *common,
@@ -625,6 +628,7 @@ def test_class_names_must_cover_the_label_columns_classes(tmp_path):
     assert ril_metadata(table)["class_names"] == ["a cat", "a dog", "a fox"]
 
 
+@pytest.mark.numerics
 def test_regions_are_cut_from_the_upright_image_that_datasets_decodes(tmp_path):
     """A JPEG with an EXIF orientation (phone photos): `datasets.Image`, and so evaluation, turns it
     upright; the table and its replay cropped the stored (sideways) pixels, so training saw other

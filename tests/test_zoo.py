@@ -63,6 +63,7 @@ def test_pretrain_checks_its_inputs(tokenizer, digits60):
                           class_names=DIGIT_NAMES[:5])
 
 
+@pytest.mark.numerics
 def test_random_resized_crop_keeps_shape_and_identity_at_full_scale():
     x = torch.rand(4, 3, 28, 28)
     g = torch.Generator().manual_seed(0)
@@ -98,7 +99,19 @@ def test_save_and_load_round_trip_from_a_local_directory(tmp_path, tokenizer, di
     loaded = CLIPModel.from_pretrained(path, local_files_only=True).eval()
     loaded_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     loaded_proc = CLIPImageProcessorPil.from_pretrained(path, local_files_only=True)
-    auto_proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    processors = [loaded_proc]
+    try:
+        processors.append(AutoImageProcessor.from_pretrained(path, local_files_only=True))
+    except ImportError as error:
+        # transformers 5.17 (the floor) refuses AutoImageProcessor without torchvision, even for a PIL
+        # processor; the tested release (constraints/tested.txt) loads it, and must
+        from packaging.version import Version
+        from transformers import __version__ as transformers_version
+        from transformers.utils import is_torchvision_available
+
+        if "Torchvision" not in str(error) or is_torchvision_available() or Version(transformers_version) >= Version(
+                "5.25"):
+            raise
     assert fake_hub.requests == []  # everything came from the directory, nothing from a Hub
 
     for key, value in model.state_dict().items():
@@ -108,7 +121,7 @@ def test_save_and_load_round_trip_from_a_local_directory(tmp_path, tokenizer, di
     assert len(loaded_tok) == 49408
     images = digits60["image"][:4]
     ref = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-    for proc in (loaded_proc, auto_proc):
+    for proc in processors:
         got = proc(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         assert torch.allclose(got, ref)
     # Training pixels (mean/std path) are the processor's pixels, so both evaluations agree.
