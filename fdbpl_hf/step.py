@@ -70,6 +70,11 @@ def check_fused_sgd(optimizer: torch.optim.Optimizer) -> None:
     if not isinstance(optimizer, FusedStepSGD):
         raise ValueError(f"the fused training step applies the SGD update itself; got {type(optimizer).__name__}: "
                          "use the default optim='sgd' with train_step='fused' or 'cuda_graph'")
+    if len(optimizer.param_groups) != 1:
+        # the update reads one group's settings for both contexts: a second group's would be ignored
+        raise ValueError(f"the fused training step applies one SGD update, with one parameter group's settings, to "
+                         f"both contexts; the optimiser has {len(optimizer.param_groups)} parameter groups: put both "
+                         "contexts in one group, or use train_step='standard'")
     for group in optimizer.param_groups:
         for key in ("maximize", "differentiable"):
             if group.get(key):
@@ -128,7 +133,8 @@ class FusedStep:
         self._static: dict = {}
         self._outputs: tuple = ()
         self._captured_state: tuple = ()
-        self._told_eager = False
+        self._captured_settings: tuple = ()
+        self._told_eager: set = set()
 
     # ---- the step as tensor work -----------------------------------------------------------
     def _forward_loss(self, batch: dict, prepared: PreparedText, contexts: torch.Tensor):
@@ -212,6 +218,10 @@ class FusedStep:
                                    "the CUDA graph would read stale memory")
             if _shapes(batch) != _shapes(self._static):
                 return self._eager_once(batch, prepared, "a batch of another shape than the captured one")
+            if self._settings() != self._captured_settings:
+                # the graph holds the SGD settings of the capture as constants: an eager step reads the current ones
+                return self._eager_once(batch, prepared, "the optimiser's momentum, dampening, weight decay or "
+                                        "nesterov changed since the capture (each such step runs eagerly)", warn=True)
             for key, value in batch.items():
                 self._static[key].copy_(value, non_blocking=True)
             self._graph.replay()
@@ -223,15 +233,22 @@ class FusedStep:
         static = self._static
         self._graph, self._outputs = capture_cuda_graph(lambda: self._step(static, prepared))
         self._captured_state = self._state(prepared)
+        self._captured_settings = self._settings()
         logger.info("fused training step captured as one CUDA graph after %d eager steps", self._eager_steps)
         self._graph.replay()  # the capture recorded this step's work without running it
         return self._outputs
 
-    def _eager_once(self, batch: dict, prepared: PreparedText, why: str):
-        if not self._told_eager:
-            logger.info("training step run eagerly, not replayed: %s (the same computation)", why)
-            self._told_eager = True
+    def _eager_once(self, batch: dict, prepared: PreparedText, why: str, warn: bool = False):
+        if why not in self._told_eager:
+            (logger.warning if warn else logger.info)("training step run eagerly, not replayed: %s (the same "
+                                                      "computation)", why)
+            self._told_eager.add(why)
         return self._step(batch, prepared)
+
+    def _settings(self) -> tuple:
+        """The SGD settings `_update` reads as Python numbers (a captured graph keeps those of the capture)."""
+        group = self.optimizer.param_groups[0]
+        return tuple(group[key] for key in ("momentum", "dampening", "weight_decay", "nesterov"))
 
     def _state(self, prepared: PreparedText) -> tuple:
         """The tensors a captured graph reads by address (kept alive here, compared by identity)."""

@@ -478,3 +478,70 @@ def test_deepcopy_of_a_model_prepared_for_training(tokenizer):
     with torch.no_grad():
         twin.prompts.ctx_pos.add_(1.0)
         assert not torch.allclose(twin.get_text_features(NAMES), model.get_text_features(NAMES))
+
+
+# ---- review of 0.7's merged step: settings the fused update cannot honour -------------------------
+
+def random_table_batch(g, size=6):
+    return {"image_features": torch.randn(size, 16, generator=g),
+            "topk_indices": torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(size)]),
+            "topk_logits": torch.randn(size, 4, generator=g).sort(-1, descending=True).values,
+            "teacher_entropy": torch.rand(size, generator=g)}
+
+
+def test_a_captured_step_follows_sgd_settings_changed_after_the_capture(tokenizer, monkeypatch):
+    """A CUDA graph keeps the SGD settings of its capture (momentum, weight decay, ... read as Python
+    numbers) as kernel constants: a change afterwards (a momentum schedule, a callback) would be ignored
+    by every replay. Such a step runs eagerly with the new settings. The stand-in graph here replays with
+    the settings of its capture, as a real one does; the uncaptured fused step is the oracle (same
+    kernels in the same order: exact)."""
+    import fdbpl_hf.step as step_module
+
+    monkeypatch.setattr(step_module, "on_side_stream", lambda fn: fn())
+    g = torch.Generator().manual_seed(1)
+    batches = [random_table_batch(g) for _ in range(7)]
+    runs = {}
+    for captured in (False, True):
+        model = student(tokenizer)
+        model.set_class_names(DIGIT_NAMES)
+        step = tiny_fused_step(model)
+        group = step.optimizer.param_groups[0]
+
+        def capture(fn, group=group):
+            baked = {key: group[key] for key in ("momentum", "weight_decay")}
+            graph = FakeGraph(fn)
+            replay = graph.replay
+
+            def replay_with_the_captured_settings():
+                current = {key: group[key] for key in baked}
+                group.update(baked)
+                try:
+                    replay()
+                finally:
+                    group.update(current)
+
+            graph.replay = replay_with_the_captured_settings
+            return graph, graph.outputs
+
+        monkeypatch.setattr(step_module, "capture_cuda_graph", capture)
+        step.capture = captured  # past FusedStep's CUDA check, for the stand-in graph
+        for i, b in enumerate(batches):
+            if i == 5:  # after the capture (3 warm-up steps, the capture at step 4)
+                group["momentum"], group["weight_decay"] = 0.5, 0.01
+            step(b)
+            step.optimizer.step()
+        runs[captured] = model.prompts.contexts().detach()
+    torch.testing.assert_close(runs[True], runs[False], atol=0, rtol=0)
+    assert step._graph is not None and step._graph.replays == 2  # the capture's own replay and step 5; then eager
+
+
+def test_the_fused_step_refuses_several_parameter_groups(tokenizer):
+    """The fused update applies the first group's learning rate and settings to both contexts: a second
+    group's (another learning rate for the negative context) was silently ignored."""
+    model = student(tokenizer)
+    model.set_class_names(DIGIT_NAMES)
+    optimizer = FusedStepSGD([{"params": [model.prompts.ctx_pos], "lr": 0.1},
+                              {"params": [model.prompts.ctx_neg], "lr": 0.0}])
+    with pytest.raises(ValueError, match="the optimiser has 2 parameter groups: put both contexts in one group"):
+        FusedStep(model, optimizer, loss_kwargs={}, teacher_logits=None, teacher_entropy=None,
+                  autocast=contextlib.nullcontext)
