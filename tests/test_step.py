@@ -545,3 +545,22 @@ def test_the_fused_step_refuses_several_parameter_groups(tokenizer):
     with pytest.raises(ValueError, match="the optimiser has 2 parameter groups: put both contexts in one group"):
         FusedStep(model, optimizer, loss_kwargs={}, teacher_logits=None, teacher_entropy=None,
                   autocast=contextlib.nullcontext)
+
+
+def test_contexts_go_in_exactly_under_autocast(tokenizer):
+    """Under an enclosing autocast with float32 towers (--bf16 with cast_frozen_backbone=False) the one-hot
+    injection ran in bf16: the contexts reached the float32 embeddings rounded to 3 significant digits
+    (0.6's hook injected them in float32). The encoder's input must be what it is without autocast: the
+    same float32 ops on both sides, so exact."""
+    model = student(tokenizer)
+    seen = []
+    hook = model.clip.text_model.encoder.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model.get_text_features(NAMES)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.get_text_features(NAMES)
+    hook.remove()
+    reference, under_autocast = seen
+    assert reference.dtype == under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, reference, atol=0, rtol=0)
