@@ -564,3 +564,37 @@ def test_contexts_go_in_exactly_under_autocast(tokenizer):
     reference, under_autocast = seen
     assert reference.dtype == under_autocast.dtype == torch.float32
     torch.testing.assert_close(under_autocast, reference, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def second_table(digits_small, tokenizer, tmp_path_factory):
+    """A second teacher's table of the same regions (composable with `table`)."""
+    return build_ril_table(digits_small, make_clip("tiny", seed=5), teacher_tokenizer=tokenizer, num_regions=5,
+                           top_k=3, output_dir=str(tmp_path_factory.mktemp("tables") / "t2"))
+
+
+@pytest.mark.parametrize("options", [dict(weight_entropy="topk", max_grad_norm=0.3), dict(loss_type="coop")],
+                         ids=["topk-clipped", "coop"])
+def test_the_fused_step_trains_the_same_contexts_from_composed_tables(digits_small, table, second_table, tokenizer,
+                                                                      tmp_path, options):
+    """Composed tables (soft labels mixed by the dataset, `teacher_log_probs`) and options the mode test
+    leaves at their defaults: top-K entropy weights with gradient clipping (the steps clipped), and CoOp.
+    `table`'s teacher predicts one class for every region, so PCD is 0 in the mode test; the mixture has
+    regions of several teacher classes and PCD a value (asserted), so the fused step's PCD inputs are
+    compared too. Logs (every term, gradient norm) as the Trainer's step logs them. Tolerances as in
+    `test_the_fused_step_trains_the_same_contexts`."""
+    data = RILDataset(digits_small, [table, second_table], image_mean=MEAN, image_std=STD,
+                      teacher_weighting="max_prob")
+    reference, standard = run(tmp_path / "standard", tokenizer, data, None, logging_steps=3, **options)
+    contexts, fused = run(tmp_path / "fused", tokenizer, data, None, logging_steps=3, train_step="fused", **options)
+    torch.testing.assert_close(contexts, reference, atol=2e-6, rtol=0)
+    a = [h for h in standard.state.log_history if "loss" in h]
+    b = [h for h in fused.state.log_history if "loss" in h]
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for key in x:
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), key
+    if options.get("loss_type") != "coop":
+        assert all(h["loss_pcd"] > 0 for h in a)
+        assert all(h["grad_norm"] > 0.3 for h in a)  # the logged steps' norms (before clipping): clipped
