@@ -598,3 +598,22 @@ def test_the_fused_step_trains_the_same_contexts_from_composed_tables(digits_sma
     if options.get("loss_type") != "coop":
         assert all(h["loss_pcd"] > 0 for h in a)
         assert all(h["grad_norm"] > 0.3 for h in a)  # the logged steps' norms (before clipping): clipped
+
+
+def test_prepared_prompts_follow_a_new_tokenizer(tokenizer):
+    """The prepared prompts were kept per class list whatever the tokenizer: after `model.tokenizer =
+    other` the class names kept the old tokenizer's ids (silently the old features). Assigning a
+    tokenizer drops them and checks it like the constructor."""
+    model = student(tokenizer)
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["cat"])  # "cat" now one added token of its own
+    assert other("cat", add_special_tokens=False)["input_ids"] != tokenizer("cat", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        before = model.get_text_features(NAMES)
+        model.tokenizer = other
+        after = model.get_text_features(NAMES)
+        fresh = get_fdbpl_model(make_clip("tiny", seed=2), FDBPLConfig(), other).get_text_features(NAMES)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, fresh, atol=0, rtol=0)  # the same model and tokens: the same ops
+    with pytest.raises(ValueError, match="a tokenizer is required"):
+        model.tokenizer = None
