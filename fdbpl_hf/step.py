@@ -24,7 +24,7 @@ step's, and its logs read the step's sums.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -99,12 +99,14 @@ class FusedStep:
         capture: capture the step as a CUDA graph (the contexts must be on a CUDA device).
         compile_options: `torch.compile` keyword arguments for the forward + loss, or None.
         live_teacher: whether the teacher logits come from a live teacher (its finiteness is counted).
+        class_names: the classes scored (the teacher logits' columns); default: the model's `set_class_names`.
     """
 
     def __init__(self, model: FDBPLCLIPModel, optimizer: FusedStepSGD, *, loss_kwargs: dict,
                  teacher_logits: Callable, teacher_entropy: Callable, autocast: Callable,
                  render: Optional[Callable] = None, loss_type: str = "fdbpl", max_grad_norm: float = 0.0,
-                 capture: bool = False, compile_options: Optional[dict] = None, live_teacher: bool = False):
+                 capture: bool = False, compile_options: Optional[dict] = None, live_teacher: bool = False,
+                 class_names: Optional[Sequence[str]] = None):
         check_fused_sgd(optimizer)
         self.model, self.optimizer = model, optimizer
         self.params = [model.prompts.ctx_pos, model.prompts.ctx_neg]
@@ -121,7 +123,7 @@ class FusedStep:
             raise ValueError(f"train_step='cuda_graph' captures CUDA graphs, and the contexts are on {device.type}: "
                              "use train_step='fused' (the same step, not captured) off CUDA")
         self.capture = capture
-        self.class_prompts = model.class_prompts()
+        self.class_prompts = model.class_prompts(class_names)
         self.terms = () if loss_type == "coop" else LOGGED_TERMS
         self.sums = torch.zeros(len(LOGGED_TERMS) + 2, device=device)  # accumulated in place, read by the logs
         self.lr = torch.zeros((), device=device)  # the schedule's rate, written before each step

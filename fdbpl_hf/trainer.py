@@ -479,7 +479,8 @@ class FDBPLTrainer(Trainer):
             autocast=self._autocast,
             render=lambda inputs: render_batch(self.train_dataset, inputs), loss_type=args.loss_type,
             max_grad_norm=args.max_grad_norm, capture=args.train_step == "cuda_graph",
-            compile_options=self._compile_options, live_teacher=self.teacher is not None)
+            compile_options=self._compile_options, live_teacher=self.teacher is not None,
+            class_names=self.train_dataset.class_names)
         self._metric_keys["train"] = set(step.terms)
         return step
 
@@ -513,7 +514,9 @@ class FDBPLTrainer(Trainer):
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None and "region_crop" in inputs:  # device-resident replay: render here, batched
             pixel_values = render_batch(self._store_dataset(model), inputs)
-        outputs = model(pixel_values=pixel_values, image_features=inputs.get("image_features"))
+        # the training classes, whatever set_class_names() was called with since (the soft labels' columns)
+        outputs = model(pixel_values=pixel_values, image_features=inputs.get("image_features"),
+                        class_names=self.train_dataset.class_names)
         args = self.args
         if args.loss_type == "coop":
             losses = {"total": coop_loss(outputs.pos_logits, inputs["labels"])}

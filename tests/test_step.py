@@ -617,3 +617,20 @@ def test_prepared_prompts_follow_a_new_tokenizer(tokenizer):
     torch.testing.assert_close(after, fresh, atol=0, rtol=0)  # the same model and tokens: the same ops
     with pytest.raises(ValueError, match="a tokenizer is required"):
         model.tokenizer = None
+
+
+def test_training_scores_the_training_classes_whatever_the_model_was_set_to(digits_small, table, tokenizer,
+                                                                           tmp_path):
+    """The trainer set the model's class names once, at construction, and the step scored whatever they
+    were at each step: a `set_class_names` in between (the same model scoring other classes between two
+    runs) trained the contexts against the table's soft labels in another class order, without a word.
+    Tolerances as in `test_the_fused_step_trains_the_same_contexts`."""
+    data = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD)
+    reference, _ = run(tmp_path / "reference", tokenizer, data, None)
+    for train_step in ("standard", "fused"):
+        model = student(tokenizer)
+        trainer = FDBPLTrainer(model=model, args=train_args(tmp_path / train_step, train_step=train_step),
+                               train_dataset=data)
+        model.set_class_names(DIGIT_NAMES[::-1])
+        trainer.train()
+        torch.testing.assert_close(model.prompts.contexts().detach(), reference, atol=2e-6, rtol=0, msg=train_step)
