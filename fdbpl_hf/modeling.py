@@ -112,18 +112,13 @@ class FDBPLCLIPModel(nn.Module):
             hint = (": merge its adapters into the CLIP first (clip = peft_model.merge_and_unload())"
                     if hasattr(clip_model, "merge_and_unload") else "")
             raise TypeError(f"expected a transformers.CLIPModel, got {type(clip_model).__name__}{hint}")
-        if tokenizer is None:
-            raise ValueError("a tokenizer is required (the one of the base CLIP model)")
         _check_compatible(clip_model, prompts.config, check_base_model)
-        check_tokenizer(clip_model, tokenizer)
         self.clip = clip_model
         self.clip.requires_grad_(False)
         self.clip.eval()
         self.prompts = prompts.to(clip_model.device)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # checked, and the prepared prompts keyed to it (the setter below)
         self.class_names: Optional[list[str]] = None
-        self._placeholder_id = _single_token_id(tokenizer, prompts.config.placeholder_token)
-        self._prompt_cache: dict[tuple[str, ...], ClassPrompts] = {}
 
     # ---- properties ------------------------------------------------------------------------
     @property
@@ -133,6 +128,22 @@ class FDBPLCLIPModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.prompts.ctx_pos.device
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer of the class prompts. Assigning another one checks it and drops the prompts
+        prepared with the old one (they hold its token ids); a tokenizer changed in place (`add_tokens`)
+        is not noticed: assign it again."""
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required (the one of the base CLIP model)")
+        check_tokenizer(self.clip, tokenizer)
+        self._placeholder_id = _single_token_id(tokenizer, self.prompts.config.placeholder_token)
+        self._tokenizer = tokenizer
+        self._prompt_cache: dict[tuple[str, ...], ClassPrompts] = {}
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -179,7 +179,10 @@ def encode_prepared(clip, prepared: PreparedText, contexts: torch.Tensor) -> tor
     copies, _, width = contexts.shape
     num_classes, length = prepared.base.shape[0], prepared.base.shape[1]
     dtype = prepared.base.dtype
-    rows = torch.matmul(prepared.onehot, contexts)  # [S, C * L, D]
+    # autocast off: an enclosing one (--bf16 without cast_frozen_backbone) would run this matmul in bf16,
+    # rounding the contexts before they reach a float32 embedding, and their gradient on the way back
+    with torch.autocast(contexts.device.type, enabled=False):
+        rows = torch.matmul(prepared.onehot, contexts)  # [S, C * L, D]
     embeds = (prepared.base.reshape(1, -1, width) + rows.to(dtype)).reshape(copies * num_classes, length, width)
     with reduced_precision_block(text, dtype):
         hidden = text.encoder(inputs_embeds=embeds, attention_mask=prepared.attention_mask,

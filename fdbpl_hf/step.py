@@ -24,7 +24,7 @@ step's, and its logs read the step's sums.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -70,6 +70,11 @@ def check_fused_sgd(optimizer: torch.optim.Optimizer) -> None:
     if not isinstance(optimizer, FusedStepSGD):
         raise ValueError(f"the fused training step applies the SGD update itself; got {type(optimizer).__name__}: "
                          "use the default optim='sgd' with train_step='fused' or 'cuda_graph'")
+    if len(optimizer.param_groups) != 1:
+        # the update reads one group's settings for both contexts: a second group's would be ignored
+        raise ValueError(f"the fused training step applies one SGD update, with one parameter group's settings, to "
+                         f"both contexts; the optimiser has {len(optimizer.param_groups)} parameter groups: put both "
+                         "contexts in one group, or use train_step='standard'")
     for group in optimizer.param_groups:
         for key in ("maximize", "differentiable"):
             if group.get(key):
@@ -94,12 +99,14 @@ class FusedStep:
         capture: capture the step as a CUDA graph (the contexts must be on a CUDA device).
         compile_options: `torch.compile` keyword arguments for the forward + loss, or None.
         live_teacher: whether the teacher logits come from a live teacher (its finiteness is counted).
+        class_names: the classes scored (the teacher logits' columns); default: the model's `set_class_names`.
     """
 
     def __init__(self, model: FDBPLCLIPModel, optimizer: FusedStepSGD, *, loss_kwargs: dict,
                  teacher_logits: Callable, teacher_entropy: Callable, autocast: Callable,
                  render: Optional[Callable] = None, loss_type: str = "fdbpl", max_grad_norm: float = 0.0,
-                 capture: bool = False, compile_options: Optional[dict] = None, live_teacher: bool = False):
+                 capture: bool = False, compile_options: Optional[dict] = None, live_teacher: bool = False,
+                 class_names: Optional[Sequence[str]] = None):
         check_fused_sgd(optimizer)
         self.model, self.optimizer = model, optimizer
         self.params = [model.prompts.ctx_pos, model.prompts.ctx_neg]
@@ -116,7 +123,7 @@ class FusedStep:
             raise ValueError(f"train_step='cuda_graph' captures CUDA graphs, and the contexts are on {device.type}: "
                              "use train_step='fused' (the same step, not captured) off CUDA")
         self.capture = capture
-        self.class_prompts = model.class_prompts()
+        self.class_prompts = model.class_prompts(class_names)
         self.terms = () if loss_type == "coop" else LOGGED_TERMS
         self.sums = torch.zeros(len(LOGGED_TERMS) + 2, device=device)  # accumulated in place, read by the logs
         self.lr = torch.zeros((), device=device)  # the schedule's rate, written before each step
@@ -128,7 +135,8 @@ class FusedStep:
         self._static: dict = {}
         self._outputs: tuple = ()
         self._captured_state: tuple = ()
-        self._told_eager = False
+        self._captured_settings: tuple = ()
+        self._told_eager: set = set()
 
     # ---- the step as tensor work -----------------------------------------------------------
     def _forward_loss(self, batch: dict, prepared: PreparedText, contexts: torch.Tensor):
@@ -212,6 +220,10 @@ class FusedStep:
                                    "the CUDA graph would read stale memory")
             if _shapes(batch) != _shapes(self._static):
                 return self._eager_once(batch, prepared, "a batch of another shape than the captured one")
+            if self._settings() != self._captured_settings:
+                # the graph holds the SGD settings of the capture as constants: an eager step reads the current ones
+                return self._eager_once(batch, prepared, "the optimiser's momentum, dampening, weight decay or "
+                                        "nesterov changed since the capture (each such step runs eagerly)", warn=True)
             for key, value in batch.items():
                 self._static[key].copy_(value, non_blocking=True)
             self._graph.replay()
@@ -223,15 +235,22 @@ class FusedStep:
         static = self._static
         self._graph, self._outputs = capture_cuda_graph(lambda: self._step(static, prepared))
         self._captured_state = self._state(prepared)
+        self._captured_settings = self._settings()
         logger.info("fused training step captured as one CUDA graph after %d eager steps", self._eager_steps)
         self._graph.replay()  # the capture recorded this step's work without running it
         return self._outputs
 
-    def _eager_once(self, batch: dict, prepared: PreparedText, why: str):
-        if not self._told_eager:
-            logger.info("training step run eagerly, not replayed: %s (the same computation)", why)
-            self._told_eager = True
+    def _eager_once(self, batch: dict, prepared: PreparedText, why: str, warn: bool = False):
+        if why not in self._told_eager:
+            (logger.warning if warn else logger.info)("training step run eagerly, not replayed: %s (the same "
+                                                      "computation)", why)
+            self._told_eager.add(why)
         return self._step(batch, prepared)
+
+    def _settings(self) -> tuple:
+        """The SGD settings `_update` reads as Python numbers (a captured graph keeps those of the capture)."""
+        group = self.optimizer.param_groups[0]
+        return tuple(group[key] for key in ("momentum", "dampening", "weight_decay", "nesterov"))
 
     def _state(self, prepared: PreparedText) -> tuple:
         """The tensors a captured graph reads by address (kept alive here, compared by identity)."""

@@ -194,6 +194,14 @@ class FDBPLTrainingArguments(TrainingArguments):
             self.accelerator_config.non_blocking = True
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: the trainer needs the teacher columns")
+        for flag_name in ("bf16_full_eval", "fp16_full_eval"):
+            if getattr(self, flag_name):
+                # transformers casts the whole model for a standalone evaluate() and leaves it so: the learned
+                # contexts would be rounded to half precision for the rest of the user's session
+                raise ValueError(f"{flag_name}=True makes the Trainer cast the whole model to half precision, the "
+                                 "learned contexts and logit scale included, and leave it so: use --bf16 (or --fp16) "
+                                 "instead, under which evaluate() and predict() run the frozen towers in that "
+                                 "precision and give the float32 weights back (cast_frozen_backbone)")
         if self.optim == "sgd" and self.optim_args:
             raise ValueError("optim_args is not read by FDBPL's SGD: set --momentum and --weight_decay instead")
         if self.train_step != "standard":
@@ -203,6 +211,11 @@ class FDBPLTrainingArguments(TrainingArguments):
             raise ValueError("warmup_steps and lr_scheduler_kwargs belong to the Trainer's own schedules, and the "
                              "default one is CoOp's constant warm-up (warmup_epochs at warmup_lr, then cosine): "
                              "pass warmup_epochs=0 to use them")
+
+
+def _stats(data: RILDataset) -> tuple:
+    """A dataset's pixel statistics as comparable numbers (they are kept as given: lists or tuples)."""
+    return tuple(float(v) for v in data.image_mean), tuple(float(v) for v in data.image_std)
 
 
 def _has_accelerator() -> bool:
@@ -310,7 +323,7 @@ class FDBPLTrainer(Trainer):
                          "the trained adapter (FDBPLTrainer saves it into output_dir)")
         eval_data = kwargs.get("eval_dataset")
         if eval_data is not None:
-            self._check_eval_dataset(eval_data, train_dataset)
+            self._check_eval_dataset(eval_data, train_dataset, teacher, args.loss_type)
         stores = [d for d in (train_dataset, eval_data) if isinstance(d, RILDataset) and d.image_store is not None]
         if stores:
             if args.dataloader_num_workers > 0:
@@ -351,9 +364,12 @@ class FDBPLTrainer(Trainer):
         self._reset_metrics()
 
     @staticmethod
-    def _check_eval_dataset(eval_data, train_dataset: RILDataset) -> None:
+    def _check_eval_dataset(eval_data, train_dataset: RILDataset, teacher: Optional[Teacher] = None,
+                            loss_type: str = "fdbpl") -> None:
         """An evaluation set is replayed and scored like the training set: an RILDataset over the
-        training classes, in their order (the model scores every batch against them)."""
+        training classes, in their order (the model scores every batch against them), with soft labels
+        where the loss needs them: a table's without a teacher; pixels normalised as the training
+        data's with a live one (its renormalisation is made for the training data's statistics)."""
         named = eval_data.items() if isinstance(eval_data, dict) else [(None, eval_data)]
         for name, data in named:
             what = "eval_dataset" if name is None else f"eval_dataset[{name!r}]"
@@ -365,6 +381,21 @@ class FDBPLTrainer(Trainer):
             check_class_order("the training data", train_dataset.class_names, what, data.class_names,
                               fix="an evaluation set is scored against the training classes: evaluate other classes "
                                   "with fdbpl_hf.evaluation (evaluate_cross_dataset)")
+            if loss_type != "fdbpl":
+                continue
+            if teacher is None and data.is_online:
+                raise ValueError(f"{what} is an online RILDataset (no RIL table), so its regions have no soft labels, "
+                                 "and this trainer has no teacher to score them: evaluate on an RILDataset over an RIL "
+                                 "table of the evaluation images")
+            if teacher is not None and data.feature_cache is not None:
+                raise ValueError(f"{what} reads a student-feature cache, which holds no pixels for the online "
+                                 "teacher: evaluate on the same RILDataset without the cache")
+            if teacher is not None and _stats(data) != _stats(train_dataset):
+                raise ValueError(f"{what} normalises its regions with image_mean/image_std {_stats(data)}, the "
+                                 f"training data with {_stats(train_dataset)}; the online teacher's pixels are "
+                                 "renormalised from the training data's statistics, so its soft labels would be "
+                                 "computed on wrongly normalised pixels: build the evaluation set with the training "
+                                 "data's image_mean and image_std")
 
     # ---- optimisation -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -448,7 +479,8 @@ class FDBPLTrainer(Trainer):
             autocast=self._autocast,
             render=lambda inputs: render_batch(self.train_dataset, inputs), loss_type=args.loss_type,
             max_grad_norm=args.max_grad_norm, capture=args.train_step == "cuda_graph",
-            compile_options=self._compile_options, live_teacher=self.teacher is not None)
+            compile_options=self._compile_options, live_teacher=self.teacher is not None,
+            class_names=self.train_dataset.class_names)
         self._metric_keys["train"] = set(step.terms)
         return step
 
@@ -482,7 +514,9 @@ class FDBPLTrainer(Trainer):
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None and "region_crop" in inputs:  # device-resident replay: render here, batched
             pixel_values = render_batch(self._store_dataset(model), inputs)
-        outputs = model(pixel_values=pixel_values, image_features=inputs.get("image_features"))
+        # the training classes, whatever set_class_names() was called with since (the soft labels' columns)
+        outputs = model(pixel_values=pixel_values, image_features=inputs.get("image_features"),
+                        class_names=self.train_dataset.class_names)
         args = self.args
         if args.loss_type == "coop":
             losses = {"total": coop_loss(outputs.pos_logits, inputs["labels"])}
@@ -593,7 +627,7 @@ class FDBPLTrainer(Trainer):
         """`Trainer.evaluate`; an `eval_dataset` given here is checked as the constructor checks one,
         and the frozen towers run at the training precision (`frozen_precision`)."""
         if eval_dataset is not None and not isinstance(eval_dataset, str):
-            self._check_eval_dataset(eval_dataset, self.train_dataset)
+            self._check_eval_dataset(eval_dataset, self.train_dataset, self.teacher, self.args.loss_type)
         with self.frozen_precision():
             return super().evaluate(eval_dataset, *args, **kwargs)
 
@@ -632,7 +666,7 @@ class FDBPLTrainer(Trainer):
         return super().evaluation_loop(*args, **kwargs)
 
     def predict(self, test_dataset, *args, **kwargs):
-        self._check_eval_dataset(test_dataset, self.train_dataset)
+        self._check_eval_dataset(test_dataset, self.train_dataset, self.teacher, self.args.loss_type)
         try:
             with self.frozen_precision():
                 return super().predict(test_dataset, *args, **kwargs)

@@ -478,3 +478,159 @@ def test_deepcopy_of_a_model_prepared_for_training(tokenizer):
     with torch.no_grad():
         twin.prompts.ctx_pos.add_(1.0)
         assert not torch.allclose(twin.get_text_features(NAMES), model.get_text_features(NAMES))
+
+
+# ---- review of 0.7's merged step: settings the fused update cannot honour -------------------------
+
+def random_table_batch(g, size=6):
+    return {"image_features": torch.randn(size, 16, generator=g),
+            "topk_indices": torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(size)]),
+            "topk_logits": torch.randn(size, 4, generator=g).sort(-1, descending=True).values,
+            "teacher_entropy": torch.rand(size, generator=g)}
+
+
+def test_a_captured_step_follows_sgd_settings_changed_after_the_capture(tokenizer, monkeypatch):
+    """A CUDA graph keeps the SGD settings of its capture (momentum, weight decay, ... read as Python
+    numbers) as kernel constants: a change afterwards (a momentum schedule, a callback) would be ignored
+    by every replay. Such a step runs eagerly with the new settings. The stand-in graph here replays with
+    the settings of its capture, as a real one does; the uncaptured fused step is the oracle (same
+    kernels in the same order: exact)."""
+    import fdbpl_hf.step as step_module
+
+    monkeypatch.setattr(step_module, "on_side_stream", lambda fn: fn())
+    g = torch.Generator().manual_seed(1)
+    batches = [random_table_batch(g) for _ in range(7)]
+    runs = {}
+    for captured in (False, True):
+        model = student(tokenizer)
+        model.set_class_names(DIGIT_NAMES)
+        step = tiny_fused_step(model)
+        group = step.optimizer.param_groups[0]
+
+        def capture(fn, group=group):
+            baked = {key: group[key] for key in ("momentum", "weight_decay")}
+            graph = FakeGraph(fn)
+            replay = graph.replay
+
+            def replay_with_the_captured_settings():
+                current = {key: group[key] for key in baked}
+                group.update(baked)
+                try:
+                    replay()
+                finally:
+                    group.update(current)
+
+            graph.replay = replay_with_the_captured_settings
+            return graph, graph.outputs
+
+        monkeypatch.setattr(step_module, "capture_cuda_graph", capture)
+        step.capture = captured  # past FusedStep's CUDA check, for the stand-in graph
+        for i, b in enumerate(batches):
+            if i == 5:  # after the capture (3 warm-up steps, the capture at step 4)
+                group["momentum"], group["weight_decay"] = 0.5, 0.01
+            step(b)
+            step.optimizer.step()
+        runs[captured] = model.prompts.contexts().detach()
+    torch.testing.assert_close(runs[True], runs[False], atol=0, rtol=0)
+    assert step._graph is not None and step._graph.replays == 2  # the capture's own replay and step 5; then eager
+
+
+def test_the_fused_step_refuses_several_parameter_groups(tokenizer):
+    """The fused update applies the first group's learning rate and settings to both contexts: a second
+    group's (another learning rate for the negative context) was silently ignored."""
+    model = student(tokenizer)
+    model.set_class_names(DIGIT_NAMES)
+    optimizer = FusedStepSGD([{"params": [model.prompts.ctx_pos], "lr": 0.1},
+                              {"params": [model.prompts.ctx_neg], "lr": 0.0}])
+    with pytest.raises(ValueError, match="the optimiser has 2 parameter groups: put both contexts in one group"):
+        FusedStep(model, optimizer, loss_kwargs={}, teacher_logits=None, teacher_entropy=None,
+                  autocast=contextlib.nullcontext)
+
+
+def test_contexts_go_in_exactly_under_autocast(tokenizer):
+    """Under an enclosing autocast with float32 towers (--bf16 with cast_frozen_backbone=False) the one-hot
+    injection ran in bf16: the contexts reached the float32 embeddings rounded to 3 significant digits
+    (0.6's hook injected them in float32). The encoder's input must be what it is without autocast: the
+    same float32 ops on both sides, so exact."""
+    model = student(tokenizer)
+    seen = []
+    hook = model.clip.text_model.encoder.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model.get_text_features(NAMES)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.get_text_features(NAMES)
+    hook.remove()
+    reference, under_autocast = seen
+    assert reference.dtype == under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, reference, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def second_table(digits_small, tokenizer, tmp_path_factory):
+    """A second teacher's table of the same regions (composable with `table`)."""
+    return build_ril_table(digits_small, make_clip("tiny", seed=5), teacher_tokenizer=tokenizer, num_regions=5,
+                           top_k=3, output_dir=str(tmp_path_factory.mktemp("tables") / "t2"))
+
+
+@pytest.mark.parametrize("options", [dict(weight_entropy="topk", max_grad_norm=0.3), dict(loss_type="coop")],
+                         ids=["topk-clipped", "coop"])
+def test_the_fused_step_trains_the_same_contexts_from_composed_tables(digits_small, table, second_table, tokenizer,
+                                                                      tmp_path, options):
+    """Composed tables (soft labels mixed by the dataset, `teacher_log_probs`) and options the mode test
+    leaves at their defaults: top-K entropy weights with gradient clipping (the steps clipped), and CoOp.
+    `table`'s teacher predicts one class for every region, so PCD is 0 in the mode test; the mixture has
+    regions of several teacher classes and PCD a value (asserted), so the fused step's PCD inputs are
+    compared too. Logs (every term, gradient norm) as the Trainer's step logs them. Tolerances as in
+    `test_the_fused_step_trains_the_same_contexts`."""
+    data = RILDataset(digits_small, [table, second_table], image_mean=MEAN, image_std=STD,
+                      teacher_weighting="max_prob")
+    reference, standard = run(tmp_path / "standard", tokenizer, data, None, logging_steps=3, **options)
+    contexts, fused = run(tmp_path / "fused", tokenizer, data, None, logging_steps=3, train_step="fused", **options)
+    torch.testing.assert_close(contexts, reference, atol=2e-6, rtol=0)
+    a = [h for h in standard.state.log_history if "loss" in h]
+    b = [h for h in fused.state.log_history if "loss" in h]
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for key in x:
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), key
+    if options.get("loss_type") != "coop":
+        assert all(h["loss_pcd"] > 0 for h in a)
+        assert all(h["grad_norm"] > 0.3 for h in a)  # the logged steps' norms (before clipping): clipped
+
+
+def test_prepared_prompts_follow_a_new_tokenizer(tokenizer):
+    """The prepared prompts were kept per class list whatever the tokenizer: after `model.tokenizer =
+    other` the class names kept the old tokenizer's ids (silently the old features). Assigning a
+    tokenizer drops them and checks it like the constructor."""
+    model = student(tokenizer)
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["cat"])  # "cat" now one added token of its own
+    assert other("cat", add_special_tokens=False)["input_ids"] != tokenizer("cat", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        before = model.get_text_features(NAMES)
+        model.tokenizer = other
+        after = model.get_text_features(NAMES)
+        fresh = get_fdbpl_model(make_clip("tiny", seed=2), FDBPLConfig(), other).get_text_features(NAMES)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, fresh, atol=0, rtol=0)  # the same model and tokens: the same ops
+    with pytest.raises(ValueError, match="a tokenizer is required"):
+        model.tokenizer = None
+
+
+def test_training_scores_the_training_classes_whatever_the_model_was_set_to(digits_small, table, tokenizer,
+                                                                           tmp_path):
+    """The trainer set the model's class names once, at construction, and the step scored whatever they
+    were at each step: a `set_class_names` in between (the same model scoring other classes between two
+    runs) trained the contexts against the table's soft labels in another class order, without a word.
+    Tolerances as in `test_the_fused_step_trains_the_same_contexts`."""
+    data = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD)
+    reference, _ = run(tmp_path / "reference", tokenizer, data, None)
+    for train_step in ("standard", "fused"):
+        model = student(tokenizer)
+        trainer = FDBPLTrainer(model=model, args=train_args(tmp_path / train_step, train_step=train_step),
+                               train_dataset=data)
+        model.set_class_names(DIGIT_NAMES[::-1])
+        trainer.train()
+        torch.testing.assert_close(model.prompts.contexts().detach(), reference, atol=2e-6, rtol=0, msg=train_step)

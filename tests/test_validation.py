@@ -482,3 +482,54 @@ def test_validation_messages_are_finite_safe():
     with pytest.raises(ValueError, match=re.escape("RegionSpec.flip_prob must be a finite number in [0, 1], got "
                                                    "'0.5'")):
         RegionSpec(flip_prob="0.5")
+
+
+# ---- review of 0.7's merged trainer: evaluation sets and precision flags ---------------------------
+
+def test_evaluation_sets_the_loss_cannot_score_are_refused(digits_small, table, tokenizer, tmp_path):
+    """Evaluation sets whose soft labels the loss cannot get: an online set without a teacher (a bare
+    `KeyError: 'topk_indices'` at evaluate), a feature-cache set with a live teacher (`AttributeError`
+    on the missing pixels), and a set normalised otherwise than the training data with a live teacher
+    (silently another loss: the teacher's pixels are renormalised from the training data's statistics)."""
+    from fdbpl_hf import build_feature_cache
+
+    model = get_fdbpl_model(make_clip("tiny", seed=2), FDBPLConfig(), tokenizer)
+    offline = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD)
+
+    def online(mean=MEAN, std=STD):
+        return RILDataset.online(digits_small, class_names=DIGIT_NAMES, image_mean=mean, image_std=std,
+                                 region_spec=RegionSpec(output_size=SIZE), num_regions=2)
+
+    with pytest.raises(ValueError, match=re.escape("eval_dataset is an online RILDataset (no RIL table), so its "
+                                                   "regions have no soft labels, and this trainer has no teacher")):
+        FDBPLTrainer(model=model, args=args(tmp_path), train_dataset=offline, eval_dataset=online())
+    trainer = FDBPLTrainer(model=model, args=args(tmp_path), train_dataset=offline)
+    with pytest.raises(ValueError, match=re.escape("eval_dataset['o'] is an online RILDataset")):
+        trainer.evaluate(eval_dataset={"o": online()})
+    # CoOp scores labels: an online evaluation set serves
+    FDBPLTrainer(model=model, args=args(tmp_path, loss_type="coop"), train_dataset=offline, eval_dataset=online())
+
+    cache = build_feature_cache(offline, model, epochs=1, dtype="float32", output_dir=str(tmp_path / "cache"),
+                                progress=False)
+    cached = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD, feature_cache=cache)
+    with pytest.raises(ValueError, match=re.escape("eval_dataset reads a student-feature cache, which holds no "
+                                                   "pixels for the online teacher")):
+        FDBPLTrainer(model=model, args=args(tmp_path), train_dataset=online(), teacher=pooled_teacher(DIGIT_NAMES),
+                     eval_dataset=cached)
+    half = (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match=re.escape("eval_dataset normalises its regions with image_mean/image_std "
+                                                   "((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), the training data with")):
+        FDBPLTrainer(model=model, args=args(tmp_path), train_dataset=online(), teacher=pooled_teacher(DIGIT_NAMES),
+                     eval_dataset=online(half, half))
+    trainer = FDBPLTrainer(model=model, args=args(tmp_path), train_dataset=online(list(MEAN), list(STD)),
+                           teacher=pooled_teacher(DIGIT_NAMES), eval_dataset=online())  # as lists: the same numbers
+    with pytest.raises(ValueError, match="normalises its regions with image_mean/image_std"):
+        trainer.predict(online(half, half))
+
+
+@pytest.mark.parametrize("flag_name", ["bf16_full_eval", "fp16_full_eval"])
+def test_half_precision_full_evaluation_is_refused(tmp_path, flag_name):
+    """transformers casts the whole model for a standalone evaluate() under these flags and leaves it so:
+    the trained contexts came back in bf16 (rounded) after `trainer.evaluate()`."""
+    with pytest.raises(ValueError, match=re.escape(f"{flag_name}=True makes the Trainer cast the whole model")):
+        args(tmp_path, **{flag_name: True})
