@@ -14,6 +14,7 @@ from transformers.utils import ModelOutput
 
 from .clip_ops import check_tokenizer, refuse_identical_prompts  # noqa: F401  (evaluation imports them from here)
 from .config import FDBPLConfig
+from .frozen_layers import clip_image_features
 from .precision import module_dtype, reduced_precision_block
 from .prompt_encoding import ClassPrompts, encode_prompts
 from .prompts import (FDBPLPromptLearner, adapter_tokenizer, hypothesis_template, locate_adapter_config,
@@ -272,7 +273,7 @@ class FDBPLCLIPModel(nn.Module):
         vision = self.clip.vision_model
         dtype = module_dtype(vision)
         with torch.no_grad(), reduced_precision_block(vision, dtype):
-            return self.clip.get_image_features(pixel_values=pixel_values.to(dtype)).pooler_output
+            return clip_image_features(self.clip, pixel_values.to(dtype))
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, class_names: Optional[Sequence[str]] = None,
                 image_features: Optional[torch.Tensor] = None) -> FDBPLOutput:

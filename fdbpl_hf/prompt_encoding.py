@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .frozen_layers import frozen_encoder
 from .precision import reduced_precision_block
 
 # transformers' attention implementations that read `is_causal` (no mask tensor needed)
@@ -185,8 +186,12 @@ def encode_prepared(clip, prepared: PreparedText, contexts: torch.Tensor) -> tor
         rows = torch.matmul(prepared.onehot, contexts)  # [S, C * L, D]
     embeds = (prepared.base.reshape(1, -1, width) + rows.to(dtype)).reshape(copies * num_classes, length, width)
     with reduced_precision_block(text, dtype):
-        hidden = text.encoder(inputs_embeds=embeds, attention_mask=prepared.attention_mask,
-                              is_causal=True).last_hidden_state
+        layers = frozen_encoder(text.encoder)
+        if layers is not None:
+            hidden = layers(embeds, causal=True)
+        else:
+            hidden = text.encoder(inputs_embeds=embeds, attention_mask=prepared.attention_mask,
+                                  is_causal=True).last_hidden_state
         pooled = text.final_layer_norm(hidden.reshape(-1, width).index_select(0, prepared.pool_index))
         projection = clip.text_projection
         return projection(pooled.to(projection.weight.dtype))

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .frozen_layers import prepared_encoder
 from .losses import coop_loss, fdbpl_objective
 from .modeling import FDBPLCLIPModel, prompt_logits
 from .prompt_encoding import PreparedText, encode_prepared, prepare_text
@@ -216,7 +217,7 @@ class FusedStep:
         if self._graph is not None:
             if not _same_objects(self._state(prepared), self._captured_state):
                 raise RuntimeError("a tensor the captured training step reads was replaced since the capture (the "
-                                   "contexts, the optimiser's momentum buffers or the backbone's embeddings): "
+                                   "contexts, the optimiser's momentum buffers or the backbone's weights): "
                                    "the CUDA graph would read stale memory")
             if _shapes(batch) != _shapes(self._static):
                 return self._eager_once(batch, prepared, "a batch of another shape than the captured one")
@@ -255,7 +256,9 @@ class FusedStep:
     def _state(self, prepared: PreparedText) -> tuple:
         """The tensors a captured graph reads by address (kept alive here, compared by identity)."""
         buffers = tuple(self.optimizer.state[p].get("momentum_buffer") for p in self.params)
-        return (*self.params, *buffers, self.sums, self.lr, *prepared)
+        clip = self.model.clip  # the encoders' prepared weights (the graph reads their memory)
+        layers = (prepared_encoder(clip.text_model.encoder), prepared_encoder(clip.vision_model.encoder))
+        return (*self.params, *buffers, self.sums, self.lr, *prepared, *layers)
 
     def take_sums(self) -> torch.Tensor:
         """The logged sums since the last call (a copy), and zero them (device work, no sync)."""

@@ -369,7 +369,16 @@ def test_the_captured_steps_bookkeeping(tokenizer, monkeypatch):
     torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
     torch.testing.assert_close(graphed_buf, eager_buf, atol=0, rtol=0)
     assert graphed_loss == eager_loss
-    step.optimizer.state[step.params[0]]["momentum_buffer"] = torch.zeros_like(step.params[0])  # e.g. a reload
+    state = step.optimizer.state[step.params[0]]
+    kept = state["momentum_buffer"]
+    state["momentum_buffer"] = torch.zeros_like(step.params[0])  # e.g. a reload
+    with pytest.raises(RuntimeError, match="was replaced since the capture"):
+        step(batches[0])
+    state["momentum_buffer"] = kept
+    step(batches[0])  # the same tensors again: replayed
+    assert step._graph.replays == len(batches) - 3
+    with torch.no_grad():  # a frozen weight edited in place (as a load_state_dict does): the prepared layers are stale
+        step.model.clip.text_model.encoder.layers[0].mlp.fc1.weight.mul_(1.0)
     with pytest.raises(RuntimeError, match="was replaced since the capture"):
         step(batches[0])
 
@@ -475,9 +484,11 @@ def test_deepcopy_of_a_model_prepared_for_training(tokenizer):
     model.set_class_names(NAMES)
     model.get_text_features(NAMES)  # prepared tensors exist
     twin = copy.deepcopy(model)
+    # a random change: a constant added to every entry is removed by the layer norms (up to rounding)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        twin.prompts.ctx_pos.add_(1.0)
-        assert not torch.allclose(twin.get_text_features(NAMES), model.get_text_features(NAMES))
+        twin.prompts.ctx_pos.copy_(torch.randn(twin.prompts.ctx_pos.shape, generator=g))
+        assert not torch.allclose(twin.get_text_features(NAMES), model.get_text_features(NAMES), atol=1e-2)
 
 
 # ---- review of 0.7's merged step: settings the fused update cannot honour -------------------------

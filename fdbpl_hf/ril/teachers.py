@@ -18,6 +18,7 @@ from ..clip_ops import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_tokenizer,  # c
 from .compose import TEACHER_WEIGHTINGS, fixed_weights, mixing_weights, region_confidence, resolve_weighting
 from ..validation import (check_class_names, check_class_order, check_image_stats, check_templates, check_value,
                           integer, text)
+from ..frozen_layers import clip_image_features
 from ..precision import module_dtype, reduced_precision_block
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ class CLIPTeacher(Teacher):
         vision = self.model.vision_model
         dtype = module_dtype(vision)
         with reduced_precision_block(vision, dtype):
-            image = self.model.get_image_features(pixel_values=pixel_values.to(self.device, dtype)).pooler_output
+            image = clip_image_features(self.model, pixel_values.to(self.device, dtype))
         with torch.autocast(image.device.type, enabled=False):
             return self.logit_scale * F.normalize(image.float(), dim=-1) @ self.text_features.t()
 
