@@ -71,23 +71,27 @@ def test_a_causal_text_tower_stays_causal():
 @pytest.mark.numerics
 def test_bf16_layers_are_as_close_to_float32_as_transformers_bf16_layers():
     """With the tower cast to bf16 once (`frozen_weights_in`), the scaled MLP weights round once more in
-    bf16: the tolerance is transformers' own bf16 error against float32, plus a quarter."""
+    bf16. Measured over 4 seeds, native and portable kernels: RMS error against float32 1.00-1.06x
+    transformers' own bf16 layers', largest error 0.66-1.51x (one element). Tolerance: RMS 1.15x, max 2x."""
     clip = frozen_clip()
     text, image = inputs(clip)
+
+    def rms(t):
+        return t.float().pow(2).mean().sqrt().item()
+
     with torch.no_grad():
         exact_text = transformers_text(clip.text_model.encoder, text)
         exact_image = transformers_image(clip.vision_model.encoder, image)
         with frozen_weights_in([clip.text_model, clip.vision_model], torch.bfloat16):
-            errors = {}
             for name, encoder, x, exact, causal, run in (
                     ("text", clip.text_model.encoder, text, exact_text, True, transformers_text),
                     ("image", clip.vision_model.encoder, image, exact_image, False, transformers_image)):
                 ours = frozen_encoder(encoder)(x.bfloat16(), causal=causal)
                 assert ours.dtype == torch.bfloat16
                 theirs = run(encoder, x.bfloat16())
-                errors[name] = ((ours.float() - exact).abs().max().item(), (theirs.float() - exact).abs().max().item())
-    for name, (ours, theirs) in errors.items():
-        assert 0 < ours <= 1.25 * theirs, (name, ours, theirs)
+                ours, theirs = ours.float() - exact, theirs.float() - exact
+                assert 0 < rms(ours) <= 1.15 * rms(theirs), (name, rms(ours), rms(theirs))
+                assert ours.abs().max() <= 2 * theirs.abs().max(), name
 
 
 def test_other_activations_run_unfolded():
