@@ -134,7 +134,8 @@ class FDBPLTrainingArguments(TrainingArguments):
         "help": "fdbpl (distillation) or coop (labels, baseline)."})
     compile_loss: Annotated[bool, flag()] = field(default=True, metadata={
         "help": "With --torch_compile: compile the FDBPL loss with the student's backend and mode too (the online "
-                "teacher always is). False: a shorter compile, more kernel launches per step."})
+                "teacher always is). False: a shorter compile, more kernel launches per step (standard step only: "
+                "the fused step compiles its forward and loss as one graph)."})
     logging_nan_inf_filter: Annotated[bool, flag()] = field(default=False, metadata={
         "help": "The Trainer's filter replaces a NaN/inf step loss by the running mean in the logged loss: it "
                 "hides a broken step and costs a host sync per step. Off: such a loss shows in the logs."})
@@ -167,6 +168,8 @@ class FDBPLTrainingArguments(TrainingArguments):
             why = f"gradient_accumulation_steps={self.gradient_accumulation_steps} (one update per batch)"
         elif self.fp16:
             why = "fp16 (its gradient scaler checks for inf on the host at every step): use bf16"
+        elif self.torch_compile and not self.compile_loss:
+            why = "compile_loss=False (with torch_compile the step's forward and loss compile as one graph)"
         elif self.train_step == "cuda_graph" and self.torch_compile and self.torch_compile_mode in CUDA_GRAPH_MODES:
             why = (f"torch_compile_mode={self.torch_compile_mode!r}, which captures CUDA graphs of its own inside "
                    "the step's graph: leave the mode unset")

@@ -168,7 +168,7 @@ def test_evaluate_modules_load_offline_and_match_functional(tmp_path):
         assert card.startswith("---\n") and "- evaluate" in card and "- metric" in card and "evaluate.load(" in card
     proc = subprocess.run(
         [sys.executable, "-c", _BLOCK_FDBPL + _OFFLINE_SCRIPT], env=env, cwd=tmp_path, capture_output=True,
-        text=True, timeout=120
+        text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

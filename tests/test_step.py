@@ -290,6 +290,9 @@ def test_fused_and_captured_steps_refuse_what_they_cannot_do(digits_small, table
         train_args(tmp_path, train_step="fused", optim="adamw_torch")
     with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
         train_args(tmp_path, train_step="fused", gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="compile_loss=False"):  # it would be ignored: one graph
+        train_args(tmp_path, train_step="fused", torch_compile=True, compile_loss=False)
+    train_args(tmp_path, train_step="fused", compile_loss=False)  # without torch_compile it means nothing either way
     with pytest.raises(ValueError, match="captures CUDA graphs, and this run is on cpu"):
         FDBPLTrainer(model=student(tokenizer), args=train_args(tmp_path, train_step="cuda_graph"), train_dataset=data)
     model = student(tokenizer)

@@ -52,6 +52,11 @@ class RegionSpec:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        # numpy numbers (np.float32(0.08)) as the Python numbers of the same value: the spec is stored as JSON
+        for name, cast in (("output_size", int), ("flip_prob", float)):
+            object.__setattr__(self, name, cast(getattr(self, name)))
+        for name in ("scale", "ratio"):
+            object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
         if self.renderer == "uint8" and not self.antialias:
             raise ValueError("the uint8 renderer resizes with antialiased filters only: use renderer='float' for "
                              "antialias=False")
