@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .clip_ops import check_tokenizer, refuse_identical_prompts  # noqa: F401  (evaluation imports them from here)
 from .config import FDBPLConfig
-from .frozen_layers import clip_image_features
+from .frozen_layers import clip_image_features, forget
 from .precision import module_dtype, reduced_precision_block
 from .prompt_encoding import ClassPrompts, encode_prompts
 from .prompts import (FDBPLPromptLearner, adapter_tokenizer, hypothesis_template, locate_adapter_config,
@@ -117,6 +117,7 @@ class FDBPLCLIPModel(nn.Module):
         self.clip = clip_model
         self.clip.requires_grad_(False)
         self.clip.eval()
+        forget(clip_model)  # prepared layers from before (e.g. a peft merge's .data edits since): made anew
         self.prompts = prompts.to(clip_model.device)
         self.tokenizer = tokenizer  # checked, and the prepared prompts keyed to it (the setter below)
         self.class_names: Optional[list[str]] = None

@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from .frozen_layers import forget
+
 logger = logging.getLogger(__name__)
 
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
@@ -85,3 +87,5 @@ def frozen_weights_in(modules: Iterable[nn.Module], dtype: torch.dtype) -> Itera
     finally:
         for t, original in reversed(swapped):
             t.data = original
+        for module in cast:  # the encoders' prepared bf16 copies (fdbpl_hf.frozen_layers): free them now
+            forget(module)

@@ -42,6 +42,13 @@ def pooling_index(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (ids == eos_token_id).int().argmax(dim=-1)
 
 
+def _for_training():
+    """Where tensors kept for later steps are made: outside `torch.inference_mode` even when first
+    needed by an evaluation inside it (an inference tensor cannot be saved for a training step's
+    backward)."""
+    return torch.inference_mode(False)
+
+
 def _stamp(*weights: torch.Tensor) -> tuple:
     """What identifies the current contents of frozen weights: storage, in-place version, dtype,
     device and shape. A load_state_dict, a cast or a resize changes it (an edit through `.data`
@@ -84,8 +91,9 @@ class ClassPrompts:
         (1 * x + 0 * y + ... = x in floating point), and its backward is a matmul too."""
         onehot = self._onehot.get(dtype)
         if onehot is None or onehot.shape[1] != n_ctx:
-            hot = torch.nn.functional.one_hot(self.slot_index.reshape(-1), n_ctx).to(dtype)
-            onehot = hot * self.ctx_mask.reshape(-1, 1).to(dtype)
+            with _for_training():
+                hot = torch.nn.functional.one_hot(self.slot_index.reshape(-1), n_ctx).to(dtype)
+                onehot = hot * self.ctx_mask.reshape(-1, 1).to(dtype)
             self._onehot[dtype] = onehot
         return onehot
 
@@ -94,9 +102,10 @@ class ClassPrompts:
         key = (copies, eos_token_id)
         index = self._pool.get(key)
         if index is None:
-            eos = pooling_index(self.input_ids, eos_token_id).to(torch.long)
-            rows = torch.arange(copies * self.num_classes, device=eos.device)
-            index = rows * self.length + eos.repeat(copies)
+            with _for_training():
+                eos = pooling_index(self.input_ids, eos_token_id).to(torch.long)
+                rows = torch.arange(copies * self.num_classes, device=eos.device)
+                index = rows * self.length + eos.repeat(copies)
             self._pool[key] = index
         return index
 
@@ -107,9 +116,10 @@ class ClassPrompts:
         mask = self._masks.get(key)
         if mask is None:
             length = self.length
-            upper = torch.ones(length, length, dtype=torch.bool, device=self.input_ids.device).triu(1)
-            mask = torch.zeros(length, length, dtype=dtype, device=upper.device).masked_fill(
-                upper, torch.finfo(dtype).min).view(1, 1, length, length)
+            with _for_training():
+                upper = torch.ones(length, length, dtype=torch.bool, device=self.input_ids.device).triu(1)
+                mask = torch.zeros(length, length, dtype=dtype, device=upper.device).masked_fill(
+                    upper, torch.finfo(dtype).min).view(1, 1, length, length)
             self._masks[key] = mask
         return mask
 
@@ -123,7 +133,7 @@ class ClassPrompts:
             return self._embed(embeddings)
         stamp = _stamp(token, position)
         if self._frozen is None or self._frozen[0] != stamp:
-            with torch.no_grad():
+            with _for_training(), torch.no_grad():
                 self._frozen = (stamp, self._embed(embeddings))
         return self._frozen[1]
 

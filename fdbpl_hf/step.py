@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .frozen_layers import prepared_encoder
+from .frozen_layers import prepared_encoder, recording_encoders
 from .losses import coop_loss, fdbpl_objective
 from .modeling import FDBPLCLIPModel, prompt_logits
 from .prompt_encoding import PreparedText, encode_prepared, prepare_text
@@ -136,6 +136,7 @@ class FusedStep:
         self._static: dict = {}
         self._outputs: tuple = ()
         self._captured_state: tuple = ()
+        self._graph_encoders: dict = {}  # (an ordered set) encoders run from prepared weights in the step
         self._captured_settings: tuple = ()
         self._told_eager: set = set()
 
@@ -231,10 +232,15 @@ class FusedStep:
             return self._outputs
         if self._eager_steps < WARMUP_STEPS:
             self._eager_steps += 1
-            return on_side_stream(lambda: self._step(batch, prepared))
+            with recording_encoders() as used:  # the capture runs the same Python: the same encoders
+                out = on_side_stream(lambda: self._step(batch, prepared))
+            self._graph_encoders.update(dict.fromkeys(used))
+            return out
         self._static = {key: value.clone() for key, value in batch.items()}
         static = self._static
-        self._graph, self._outputs = capture_cuda_graph(lambda: self._step(static, prepared))
+        with recording_encoders() as used:
+            self._graph, self._outputs = capture_cuda_graph(lambda: self._step(static, prepared))
+        self._graph_encoders.update(dict.fromkeys(used))  # those whose prepared weights the graph reads
         self._captured_state = self._state(prepared)
         self._captured_settings = self._settings()
         logger.info("fused training step captured as one CUDA graph after %d eager steps", self._eager_steps)
@@ -256,8 +262,9 @@ class FusedStep:
     def _state(self, prepared: PreparedText) -> tuple:
         """The tensors a captured graph reads by address (kept alive here, compared by identity)."""
         buffers = tuple(self.optimizer.state[p].get("momentum_buffer") for p in self.params)
-        clip = self.model.clip  # the encoders' prepared weights (the graph reads their memory)
-        layers = (prepared_encoder(clip.text_model.encoder), prepared_encoder(clip.vision_model.encoder))
+        # the prepared weights of the encoders the graph runs (student towers, a live CLIP teacher's image tower):
+        # held here, so their memory stays the graph's, and compared by identity (a rebuild means changed weights)
+        layers = tuple(prepared_encoder(encoder) for encoder in self._graph_encoders)
         return (*self.params, *buffers, self.sums, self.lr, *prepared, *layers)
 
     def take_sums(self) -> torch.Tensor:

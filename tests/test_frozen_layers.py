@@ -148,8 +148,9 @@ def _lora(clip):
     return peft.get_peft_model(clip, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
 
 
-@pytest.mark.parametrize("change", ["trainable weight", "forward hook", "encoder hook", "lora", "dropout in training",
-                                    "gradient checkpointing"])
+@pytest.mark.parametrize("change", ["trainable weight", "forward hook", "encoder hook", "backward hook",
+                                    "activation hook", "replaced forward", "lora", "dropout in training",
+                                    "gradient checkpointing", "DataParallel replica"])
 def test_layers_it_does_not_run_are_left_to_transformers(change, caplog):
     """Anything the prepared weights would bypass: the layers run as transformers' own (None here), and
     the reason is logged once."""
@@ -163,6 +164,15 @@ def test_layers_it_does_not_run_are_left_to_transformers(change, caplog):
         encoder.layers[0].mlp.fc2.register_forward_hook(lambda *args: called.append(1))
     elif change == "encoder hook":
         encoder.register_forward_pre_hook(lambda *args: called.append(1))
+    elif change == "backward hook":
+        encoder.layers[1].self_attn.register_full_backward_hook(lambda *args: called.append(1))
+    elif change == "activation hook":  # quick-GELU is folded into the weights: its module is never called
+        encoder.layers[0].mlp.activation_fn.register_forward_hook(lambda *args: called.append(1))
+    elif change == "replaced forward":  # what accelerate's offloading hooks do (module._hf_hook, module.forward)
+        fc1 = encoder.layers[0].mlp.fc1
+        fc1.forward = fc1.forward
+    elif change == "DataParallel replica":
+        encoder._is_replica = True
     elif change == "lora":
         clip = _lora(clip).base_model.model
         encoder = clip.text_model.encoder
@@ -193,3 +203,63 @@ def test_image_features_equal_clips_own():
         clip.vision_model.register_forward_hook(lambda *args: called.append(1))
         clip_image_features(clip, pixels)  # a hook on the tower: transformers' forward runs, and the hook
     assert called == [1]
+
+
+def test_prepared_in_inference_mode_then_trained():
+    """An evaluation (`torch.inference_mode`) may prepare the weights first: a training step's
+    backward afterwards must not meet inference tensors."""
+    clip = frozen_clip()
+    text, _ = inputs(clip)
+    with torch.inference_mode():
+        frozen_encoder(clip.text_model.encoder)(text, causal=True)
+    x = text.clone().requires_grad_(True)
+    frozen_encoder(clip.text_model.encoder)(x, causal=True).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_swapped_activation_is_run_not_folded():
+    """Folding follows the activation module, not the config's name for it."""
+    clip = frozen_clip()
+    encoder = clip.text_model.encoder
+    assert frozen_encoder(encoder).folded[0]
+    encoder.layers[0].mlp.activation_fn = torch.nn.GELU()
+    layers = frozen_encoder(encoder)
+    assert not layers.folded[0] and layers.folded[1]
+    text, _ = inputs(clip)
+    with torch.no_grad():
+        torch.testing.assert_close(layers(text, causal=True), transformers_text(encoder, text), atol=1e-5, rtol=1e-5)
+
+
+def test_forget_after_an_edit_no_version_counter_sees():
+    """`.data` edits (peft's merge_and_unload) bypass the version counters: `forget` makes the layers
+    anew, and wrapping the CLIP in an FDBPL model does it."""
+    from fdbpl_hf import FDBPLConfig, get_fdbpl_model
+    from fdbpl_hf.frozen_layers import forget
+    from fdbpl_hf.testing.worlds import clip_tokenizer
+
+    clip = frozen_clip()
+    encoder = clip.text_model.encoder
+    text, _ = inputs(clip)
+    with torch.no_grad():
+        frozen_encoder(encoder)(text, causal=True)
+        encoder.layers[0].mlp.fc1.weight.data.add_(0.02 * torch.randn_like(encoder.layers[0].mlp.fc1.weight))
+        assert not torch.allclose(frozen_encoder(encoder)(text, causal=True), transformers_text(encoder, text),
+                                  atol=1e-3)  # stale: what forget is for
+        forget(clip)
+        torch.testing.assert_close(frozen_encoder(encoder)(text, causal=True), transformers_text(encoder, text),
+                                   atol=1e-5, rtol=1e-5)
+        encoder.layers[1].mlp.fc2.weight.data.add_(0.02 * torch.randn_like(encoder.layers[1].mlp.fc2.weight))
+        get_fdbpl_model(clip, FDBPLConfig(), clip_tokenizer())
+        torch.testing.assert_close(frozen_encoder(encoder)(text, causal=True), transformers_text(encoder, text),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_the_bf16_copy_is_freed_when_the_cast_ends():
+    from fdbpl_hf.frozen_layers import prepared_encoder
+
+    clip = frozen_clip()
+    text, _ = inputs(clip)
+    with frozen_weights_in([clip.text_model], torch.bfloat16), torch.no_grad():
+        frozen_encoder(clip.text_model.encoder)(text.bfloat16(), causal=True)
+        assert prepared_encoder(clip.text_model.encoder) is not None
+    assert prepared_encoder(clip.text_model.encoder) is None

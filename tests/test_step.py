@@ -380,6 +380,10 @@ def test_the_captured_steps_bookkeeping(tokenizer, monkeypatch):
     state["momentum_buffer"] = kept
     step(batches[0])  # the same tensors again: replayed
     assert step._graph.replays == len(batches) - 3
+    size = step.model.clip.config.vision_config.image_size
+    step.model.get_image_features(torch.randn(2, 3, size, size))  # the image tower, which this graph does not run
+    step(batches[0])
+    assert step._graph.replays == len(batches) - 2
     with torch.no_grad():  # a frozen weight edited in place (as a load_state_dict does): the prepared layers are stale
         step.model.clip.text_model.encoder.layers[0].mlp.fc1.weight.mul_(1.0)
     with pytest.raises(RuntimeError, match="was replaced since the capture"):

@@ -18,7 +18,7 @@ from ..clip_ops import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_tokenizer,  # c
 from .compose import TEACHER_WEIGHTINGS, fixed_weights, mixing_weights, region_confidence, resolve_weighting
 from ..validation import (check_class_names, check_class_order, check_image_stats, check_templates, check_value,
                           integer, text)
-from ..frozen_layers import clip_image_features
+from ..frozen_layers import clip_image_features, forget
 from ..precision import module_dtype, reduced_precision_block
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class CLIPTeacher(Teacher):
         check_value("CLIPTeacher name", name, text(optional=True))
         check_value("CLIPTeacher revision", revision, text(optional=True))
         self.model = clip_model.eval().requires_grad_(False)
+        forget(clip_model)  # prepared layers from before (e.g. a peft merge's .data edits since): made anew
         self.num_classes = len(self.class_names)
         self.input_size = clip_model.config.vision_config.image_size
         self.name = name or getattr(clip_model.config, "_name_or_path", "") or "CLIPModel"
