@@ -176,7 +176,8 @@ def test_compiled_online_run_trains_the_same_contexts(digits_small, teacher_clip
     teacher's forward with the same backend. Backend aot_eager: the graphs are captured (dynamo +
     AOTAutograd, forward and backward) without inductor's C++ build, which costs minutes on CPU (the
     inductor run of the student is test_trainer.py's test_torch_compile_trains_the_same_prompts).
-    Tolerance: 1e-5 absolute on the contexts after 6 SGD steps (measured difference: 0)."""
+    Tolerance: 1e-5 absolute on the contexts after 6 SGD steps (measured: 3.9e-7; eager runs the
+    frozen towers from prepared weights, fdbpl_hf.frozen_layers, compiled runs transformers' layers)."""
     runs = {}
     for name, extra in (("eager", {}), ("compiled", {"torch_compile": True, "torch_compile_backend": "aot_eager"})):
         model = student(tokenizer)
