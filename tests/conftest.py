@@ -99,6 +99,21 @@ def digits_small():
     return load_digits(num_per_class=3)
 
 
+@pytest.fixture(scope="module")
+def teacher_clip():
+    """The tiny teacher CLIP (seed 1), one per test module (a module may cast or edit it)."""
+    return make_clip("tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def table(digits_small, teacher_clip, tokenizer, tmp_path_factory):
+    """`teacher_clip`'s RIL table of `digits_small`: 5 regions, top-4 (modules with other needs define their own)."""
+    from fdbpl_hf import build_ril_table
+
+    return build_ril_table(digits_small, teacher_clip, teacher_tokenizer=tokenizer, num_regions=5, top_k=4,
+                           output_dir=str(tmp_path_factory.mktemp("tables") / "t"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory, tokenizer):
     """A tiny teacher and student CLIP saved like Hub checkpoints (model, tokenizer, processor)."""

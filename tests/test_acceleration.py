@@ -21,17 +21,6 @@ from transformers import TrainerCallback
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
-@pytest.fixture(scope="module")
-def teacher_clip():
-    return make_clip("tiny", seed=1)
-
-
-@pytest.fixture(scope="module")
-def table(digits_small, teacher_clip, tokenizer, tmp_path_factory):
-    return build_ril_table(digits_small, teacher_clip, teacher_tokenizer=tokenizer, num_regions=5, top_k=4,
-                           output_dir=str(tmp_path_factory.mktemp("tables") / "t"))
-
-
 def train_args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8, logging_steps=1,
                 save_strategy="no", use_cpu=True, report_to="none", disable_tqdm=True, seed=3, warmup_epochs=0.5,

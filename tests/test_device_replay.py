@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_clip, odd_images
-from PIL import Image
+from conftest import odd_images
 
 from fdbpl_hf import RegionSpec, RILDataset, build_ril_table
-from fdbpl_hf.testing.worlds import DIGIT_NAMES
 from fdbpl_hf.ril.device_replay import (
     DeviceImageStore, collate_device_replay, padded_size, pixel_boxes, render_batch, render_regions,
 )
@@ -21,11 +19,6 @@ from fdbpl_hf.ril.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 # construction (integer weights, products and sums held exactly in float64; fdbpl_hf/ril/device_replay.py),
 # and the claim that most depends on the CPU, so it runs again under ATen's default kernels.
 pytestmark = pytest.mark.numerics
-
-
-@pytest.fixture(scope="module")
-def teacher_clip():
-    return make_clip("tiny", seed=1)
 
 
 def replay(ds, table, **kw):

@@ -31,11 +31,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M, K = 6, 4
 
 
-@pytest.fixture(scope="module")
-def teacher_clip():
-    return make_clip("tiny", seed=1)
-
-
 def build(ds, teacher_clip, tokenizer, out, **kw):
     kw = {"num_regions": M, "top_k": K, "teacher_tokenizer": tokenizer, "output_dir": str(out), **kw}
     return build_ril_table(ds, teacher_clip, **kw)

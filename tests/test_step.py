@@ -25,17 +25,6 @@ from transformers import TrainerCallback
 NAMES = ["cat", "golden retriever", "x-ray", "St. Bernard's dog"]
 
 
-@pytest.fixture(scope="module")
-def teacher_clip():
-    return make_clip("tiny", seed=1)
-
-
-@pytest.fixture(scope="module")
-def table(digits_small, teacher_clip, tokenizer, tmp_path_factory):
-    return build_ril_table(digits_small, teacher_clip, teacher_tokenizer=tokenizer, num_regions=5, top_k=4,
-                           output_dir=str(tmp_path_factory.mktemp("tables") / "t"))
-
-
 def student(tokenizer, **config):
     return get_fdbpl_model(make_clip("tiny", seed=2), FDBPLConfig(**config), tokenizer)
 
@@ -268,11 +257,8 @@ def test_the_fused_step_trains_the_same_contexts(digits_small, table, teacher_cl
         torch.testing.assert_close(contexts, reference, atol=2e-6, rtol=0, msg=name)
 
 
-def test_the_fused_step_logs_what_the_trainers_step_logs(digits_small, table, tokenizer, tmp_path):
-    """Loss terms, gradient norm and learning rate in the logs, as the Trainer's step logs them."""
-    data = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD)
-    _, standard = run(tmp_path / "s", tokenizer, data, None, logging_steps=3)
-    _, fused = run(tmp_path / "f", tokenizer, data, None, logging_steps=3, train_step="fused")
+def assert_same_logs(standard, fused) -> list:
+    """The two trainers logged the same keys and values (2 logged steps each); returns the first's logs."""
     a = [h for h in standard.state.log_history if "loss" in h]
     b = [h for h in fused.state.log_history if "loss" in h]
     assert len(a) == len(b) == 2
@@ -280,6 +266,15 @@ def test_the_fused_step_logs_what_the_trainers_step_logs(digits_small, table, to
         assert set(x) == set(y)
         for key in x:
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), key
+    return a
+
+
+def test_the_fused_step_logs_what_the_trainers_step_logs(digits_small, table, tokenizer, tmp_path):
+    """Loss terms, gradient norm and learning rate in the logs, as the Trainer's step logs them."""
+    data = RILDataset(digits_small, table, image_mean=MEAN, image_std=STD)
+    _, standard = run(tmp_path / "s", tokenizer, data, None, logging_steps=3)
+    _, fused = run(tmp_path / "f", tokenizer, data, None, logging_steps=3, train_step="fused")
+    assert_same_logs(standard, fused)
 
 
 def test_fused_and_captured_steps_refuse_what_they_cannot_do(digits_small, table, tokenizer, tmp_path):
@@ -606,13 +601,7 @@ def test_the_fused_step_trains_the_same_contexts_from_composed_tables(digits_sma
     reference, standard = run(tmp_path / "standard", tokenizer, data, None, logging_steps=3, **options)
     contexts, fused = run(tmp_path / "fused", tokenizer, data, None, logging_steps=3, train_step="fused", **options)
     torch.testing.assert_close(contexts, reference, atol=2e-6, rtol=0)
-    a = [h for h in standard.state.log_history if "loss" in h]
-    b = [h for h in fused.state.log_history if "loss" in h]
-    assert len(a) == len(b) == 2
-    for x, y in zip(a, b):
-        assert set(x) == set(y)
-        for key in x:
-            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), key
+    a = assert_same_logs(standard, fused)
     if options.get("loss_type") != "coop":
         assert all(h["loss_pcd"] > 0 for h in a)
         assert all(h["grad_norm"] > 0.3 for h in a)  # the logged steps' norms (before clipping): clipped

@@ -22,11 +22,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def teacher_clip():
-    return make_clip("tiny", seed=1)
-
-
-@pytest.fixture(scope="module")
 def dense_table(digits_small, teacher_clip, tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("tables") / "dense"
     return build_ril_table(digits_small, teacher_clip, teacher_tokenizer=tokenizer, num_regions=5, top_k=10,
