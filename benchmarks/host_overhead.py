@@ -189,6 +189,22 @@ def device_op_counts(classes: int, batch: int) -> dict:
             with precision(bf16):
                 step(inputs)
                 results[f"fused {mode} step, {'bf16' if bf16 else 'float32'}"] = device_ops(lambda: step(inputs))
+    # the towers' share of the bf16 step: what no loss or update can go below
+    from fdbpl_hf.prompt_encoding import encode_prepared, prepare_text
+
+    contexts = torch.stack([p.detach() for p in params]).requires_grad_(True)
+
+    def text_tower():
+        text = encode_prepared(student.clip, prepared, contexts)
+        torch.autograd.grad(text, [contexts], grad_outputs=torch.ones_like(text))
+
+    with precision(True):
+        prepared = prepare_text(student.clip, student.class_prompts(), 2, contexts.shape[1])  # bf16 embeddings
+        student.get_image_features(batch_data["pixel_values"])
+        text_tower()
+        results["image tower forward (of the offline step), bf16"] = device_ops(
+            lambda: student.get_image_features(batch_data["pixel_values"]))
+        results["text tower forward + backward (2C prompts), bf16"] = device_ops(text_tower)
     return results
 
 
